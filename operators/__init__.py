@@ -1,0 +1,27 @@
+"""Named Rx operators for agent event streams, one per module.
+
+Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
+``source.pipe(...)``, except the creation functions :func:`sequence`,
+:func:`merge_panel` and :func:`from_async_iterable`.
+"""
+
+from operators._chat_chunks import ChatChunk, to_chat_chunks
+from operators._from_async_iterable import from_async_iterable
+from operators._numbering import number_events
+from operators._panel import alongside, merge_panel
+from operators._sequence import sequence, then
+from operators._turn_envelope import turn_envelope
+from operators._visibility import visible
+
+__all__ = [
+    "ChatChunk",
+    "alongside",
+    "from_async_iterable",
+    "merge_panel",
+    "number_events",
+    "sequence",
+    "then",
+    "to_chat_chunks",
+    "turn_envelope",
+    "visible",
+]

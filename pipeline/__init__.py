@@ -1,0 +1,1 @@
+"""Agent-stream pipeline: events, harnesses, providers, orchestrator, config."""

@@ -1,0 +1,47 @@
+"""Settings: every limit and knob, from the environment (pydantic-settings) or flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All settings, read from environment variables of the same name (upper case).
+
+    Only ``OPENAI_*`` keep their usual names; the rest are plain upper-case names too,
+    e.g. ``DB_PATH``, ``FLUSH_INTERVAL_MS``. See the README's settings table.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    # Server
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    max_body_bytes: int = Field(default=1_048_576, ge=1024, description="over it → 413")
+    shutdown_grace_s: float = Field(default=10.0, ge=0, description="running turns get this long on SIGTERM")
+    client_buffer_events: int = Field(default=4096, ge=1, description="events a slow SSE client may lag")
+
+    # Model provider (any OpenAI-compatible endpoint)
+    openai_base_url: str | None = None
+    openai_api_key: str | None = None
+    default_model: str = "offline"
+    models: list[str] = Field(default_factory=list, description="models to offer; default: ask the provider")
+    model_timeout_s: float = Field(default=60.0, gt=0)
+    model_max_retries: int = Field(default=1, ge=0)
+
+    # Offline model, started when neither OPENAI_BASE_URL nor OPENAI_API_KEY is set
+    offline_token_delay_ms: float = Field(default=20.0, ge=0)
+
+    # Store
+    db_path: Path = Path("./data/events.duckdb")
+    flush_interval_ms: float = Field(default=250.0, gt=0, description="max age of an unflushed event")
+    flush_max_rows: int = Field(default=2048, ge=1, description="flush when this many rows wait")
+    history_max_messages: int = Field(default=200, ge=0, description="earlier messages memory loads")
+
+    @property
+    def offline(self) -> bool:
+        """True when the bundled offline model serves the model calls."""
+        return not self.openai_base_url and not self.openai_api_key

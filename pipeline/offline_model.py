@@ -1,0 +1,541 @@
+"""The project's offline model: an OpenAI-compatible chat server for tests and demos.
+
+Harnesses reach it over HTTP with the official ``openai`` client exactly as they would reach a
+real provider, with no network and no API key. It serves:
+
+* ``GET /v1/models``: the configured model ids in OpenAI's list shape.
+* ``POST /v1/chat/completions``: ``stream: true`` sends SSE ``data:`` frames only (the openai
+  SDK's decoder breaks on ``id:``/``retry:``/comment lines), one token per content delta after a
+  ``token_delay_ms`` sleep, then ``data: [DONE]``; ``stream: false`` returns one
+  ``chat.completion`` object at once (no delay: nobody observes per-token timing there).
+
+Answer rule (a pure function of the model and the full messages list, see `compose_answer`):
+
+1. ``You said: "<last user message>".`` (first 8 words), then, when there is an earlier user
+   message, ``Earlier you said: "<previous user message>".`` (first 6 words), then
+   ``This is turn <number of user messages>.``
+2. Filler words from a small vocabulary, picked by sha256 of the model and messages, up to a
+   total length of 12..40 tokens (also picked by the hash).
+3. With ``max_tokens`` / ``max_completion_tokens`` = N the answer is exactly N tokens (truncated,
+   or extended with more hashed filler) and ``finish_reason`` is ``"length"``; otherwise
+   ``"stop"``. N < 5 therefore streams fewer than five content deltas.
+
+Each token is one word; every token but the first starts with a space, so ``"".join(tokens)``
+is the text. ``usage.prompt_tokens`` is the number of words in all message contents plus 3 per
+message; ``usage.completion_tokens`` is the number of answer tokens.
+
+Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}``: invalid
+JSON or body gives 400, an unknown model gives 404 with code ``model_not_found``.
+
+Run it alone with ``python -m pipeline.offline_model --port 8081``; it prints the base URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import signal
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Annotated, Any, Self
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "MAX_TOKENS_CAP",
+    "STATS_KEY",
+    "OfflineModelServer",
+    "OfflineStats",
+    "compose_answer",
+    "count_prompt_tokens",
+    "create_offline_app",
+    "main",
+]
+
+MAX_TOKENS_CAP = 100_000
+"""Largest accepted ``max_tokens``; larger values get a 400 like a real provider's limit."""
+
+_VOCABULARY = (
+    "stream", "event", "token", "river", "signal", "window", "buffer", "quiet",
+    "steady", "offline", "model", "answer", "pipeline", "operator", "batch", "flush",
+    "merge", "filter", "scan", "replay", "store", "query", "light", "calm",
+)  # fmt: skip
+_LAST_QUOTE_WORDS = 8
+_EARLIER_QUOTE_WORDS = 6
+_MIN_NATURAL = 12
+_MAX_NATURAL = 40
+_MODELS_CREATED = 1_700_000_000  # fixed so /v1/models is deterministic too
+
+
+@dataclass(slots=True)
+class OfflineStats:
+    """Counters kept on the app, for tests and for the ``/metrics`` of whoever embeds it.
+
+    Attributes:
+        requests: Chat completion requests received (valid or not).
+        completed: Completions answered in full (streamed to ``[DONE]`` or returned whole).
+        disconnected: Streams the client dropped before they finished.
+        active_streams: Streams being sent right now.
+    """
+
+    requests: int = 0
+    completed: int = 0
+    disconnected: int = 0
+    active_streams: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class _Config:
+    token_delay_ms: float
+    models: tuple[str, ...]
+
+
+STATS_KEY: web.AppKey[OfflineStats] = web.AppKey("offline_stats", OfflineStats)
+"""Where `create_offline_app` keeps the app's `OfflineStats`."""
+_CONFIG_KEY: web.AppKey[_Config] = web.AppKey("offline_config", _Config)
+
+
+# -- request body ---------------------------------------------------------------------------
+
+# Strict ints: JSON ``true`` or ``"7"`` is a client bug, not a token budget.
+_TokenBudget = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_CAP)]
+
+
+class _ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[_ContentPart] | None = None
+
+
+class _StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class _ChatRequest(BaseModel):
+    # Real clients send many fields we ignore (temperature, tools, user, ...).
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[_Message] = Field(min_length=1)
+    stream: Annotated[bool, Field(strict=True)] = False
+    stream_options: _StreamOptions | None = None
+    max_tokens: _TokenBudget | None = None
+    max_completion_tokens: _TokenBudget | None = None
+
+
+# -- the answer -----------------------------------------------------------------------------
+
+
+def _flatten(content: Any) -> str:
+    """Text of a message content: a string, a list of ``{"type": "text"}`` parts, or None."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    texts: list[str] = []
+    for part in content:
+        # Non-text parts (images, audio) carry no words for the answer.
+        if isinstance(part, Mapping) and part.get("type") == "text":
+            text = part.get("text")
+            if isinstance(text, str):
+                texts.append(text)
+    return " ".join(texts)
+
+
+def _seed(model: str, messages: Sequence[Mapping[str, Any]]) -> bytes:
+    # Flatten content first so a string and the same text as parts give the same answer; keep
+    # every other field (name, tool_calls, ...) since the answer depends on the whole list.
+    normalized = [{**m, "content": _flatten(m.get("content"))} for m in messages]
+    blob = json.dumps(
+        {"model": model, "messages": normalized}, sort_keys=True, ensure_ascii=False, default=str
+    )
+    return hashlib.sha256(blob.encode()).digest()
+
+
+def _hashed_int(seed: bytes, index: int) -> int:
+    # Counter-mode sha256 rather than `random`: stable across Python versions by construction.
+    return int.from_bytes(hashlib.sha256(seed + index.to_bytes(8, "big")).digest()[:8], "big")
+
+
+def _filler(seed: bytes, index: int) -> str:
+    return " " + _VOCABULARY[_hashed_int(seed, index) % len(_VOCABULARY)]
+
+
+def _quote(text: str, limit: int) -> list[str]:
+    words = text.split()
+    if not words:
+        return [" (nothing)."]
+    shown = words[:limit]
+    if len(words) > limit:
+        shown[-1] += "…"
+    shown[0] = '"' + shown[0]
+    shown[-1] += '".'
+    return [" " + w for w in shown]
+
+
+def compose_answer(
+    model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None
+) -> list[str]:
+    """Compose the offline model's answer as tokens: a pure function of its arguments.
+
+    Args:
+        model: The requested model id (part of the hash seed).
+        messages: The full chat messages, as sent (``content`` a string, text parts or None).
+        max_tokens: If given, the answer has exactly this many tokens (truncated or extended
+            with hashed filler); otherwise its natural 12..40 tokens.
+
+    Returns:
+        The tokens; each is one word, all but the first start with a space.
+
+    Example:
+        >>> "".join(compose_answer("offline", [{"role": "user", "content": "hi"}]))[:15]
+        'You said: "hi".'
+    """
+    seed = _seed(model, messages)
+    users = [_flatten(m.get("content")) for m in messages if m.get("role") == "user"]
+    tokens = ["You", " said:"]
+    tokens += _quote(users[-1] if users else "", _LAST_QUOTE_WORDS)
+    if len(users) >= 2:
+        tokens += [" Earlier", " you", " said:", *_quote(users[-2], _EARLIER_QUOTE_WORDS)]
+    tokens += [" This", " is", " turn", f" {len(users)}."]
+    # The header is at most 23 tokens, so the natural length always fits in 12..40.
+    spread = _MAX_NATURAL - _MIN_NATURAL + 1
+    natural = max(_MIN_NATURAL + int.from_bytes(seed[:4], "big") % spread, len(tokens) + 3)
+    while len(tokens) < natural:
+        tokens.append(_filler(seed, len(tokens)))
+    tokens[-1] += "."
+    if max_tokens is None:
+        return tokens
+    while len(tokens) < max_tokens:
+        tokens.append(_filler(seed, len(tokens)))
+    return tokens[:max_tokens]
+
+
+def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    """Deterministic prompt size: words in all message contents plus 3 per message."""
+    return sum(len(_flatten(m.get("content")).split()) + 3 for m in messages)
+
+
+# -- HTTP -----------------------------------------------------------------------------------
+
+
+def _error(status: int, message: str, *, code: str | None, err_type: str) -> web.Response:
+    body = {"error": {"message": message, "type": err_type, "code": code, "param": None}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    # aiohttp's own 404/405/413 are text/plain; clients expect OpenAI's JSON error shape.
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _error(exc.status, exc.reason, code=None, err_type="invalid_request_error")
+
+
+async def _list_models(request: web.Request) -> web.Response:
+    config = request.app[_CONFIG_KEY]
+    data = [
+        {"id": m, "object": "model", "created": _MODELS_CREATED, "owned_by": "offline"}
+        for m in config.models
+    ]
+    return web.json_response({"object": "list", "data": data})
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    return "Invalid request body: " + "; ".join(parts)
+
+
+async def _chat_completions(request: web.Request) -> web.StreamResponse:
+    stats = request.app[STATS_KEY]
+    config = request.app[_CONFIG_KEY]
+    stats.requests += 1
+    try:
+        raw = json.loads(await request.read())
+    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+        return _error(
+            400, f"Invalid JSON body: {exc}", code="invalid_json", err_type="invalid_request_error"
+        )
+    try:
+        body = _ChatRequest.model_validate(raw)
+    except ValidationError as exc:
+        return _error(
+            400, _validation_message(exc), code="invalid_body", err_type="invalid_request_error"
+        )
+    if body.model not in config.models:
+        return _error(
+            404,
+            f"The model `{body.model}` does not exist or you do not have access to it.",
+            code="model_not_found",
+            err_type="invalid_request_error",
+        )
+    # Hash the messages exactly as sent (validated above), not pydantic's re-dump with defaults.
+    messages: list[dict[str, Any]] = raw["messages"]
+    budget = body.max_completion_tokens or body.max_tokens
+    tokens = compose_answer(body.model, messages, max_tokens=budget)
+    usage = {
+        "prompt_tokens": count_prompt_tokens(messages),
+        "completion_tokens": len(tokens),
+        "total_tokens": count_prompt_tokens(messages) + len(tokens),
+    }
+    finish_reason = "stop" if budget is None else "length"
+    completion_id = "chatcmpl-" + _seed(body.model, messages).hex()[:24]
+    created = int(time.time())
+
+    if not body.stream:
+        stats.completed += 1
+        return web.json_response(
+            {
+                "id": completion_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": None,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(tokens)},
+                        "logprobs": None,
+                        "finish_reason": finish_reason,
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        payload: dict[str, Any] = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": body.model,
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    response.content_type = "text/event-stream"
+    await response.prepare(request)
+    stats.active_streams += 1
+    try:
+        await response.write(chunk({"role": "assistant", "content": ""}, None))
+        for token in tokens:
+            await asyncio.sleep(config.token_delay_ms / 1000)
+            await response.write(chunk({"content": token}, None))
+        await response.write(chunk({}, finish_reason))
+        if include_usage:
+            final = {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": body.model,
+                "system_fingerprint": None,
+                "choices": [],
+                "usage": usage,
+            }
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except asyncio.CancelledError:
+        # handler_cancellation=True: aiohttp cancels us as soon as the client goes away.
+        # (A server shutdown mid-stream is counted here too.)
+        stats.disconnected += 1
+        raise
+    except ConnectionResetError:
+        # Without handler_cancellation the drop shows up only on the next write.
+        stats.disconnected += 1
+        return response
+    finally:
+        stats.active_streams -= 1
+    stats.completed += 1
+    return response
+
+
+def create_offline_app(
+    *, token_delay_ms: float = 20.0, models: Sequence[str] = ("offline",)
+) -> web.Application:
+    """Build the offline model's aiohttp application.
+
+    Serve it with ``web.AppRunner(app, handler_cancellation=True)`` so dropped clients are
+    noticed at once (aiohttp's default notices them only on the next write).
+
+    Args:
+        token_delay_ms: Sleep before each streamed token (the project's
+            ``OFFLINE_TOKEN_DELAY_MS``).
+        models: Model ids served; others get 404 ``model_not_found``.
+
+    Returns:
+        The application, with its `OfflineStats` under `STATS_KEY`.
+
+    Raises:
+        ValueError: If ``token_delay_ms`` is negative or ``models`` is empty.
+    """
+    if token_delay_ms < 0:
+        raise ValueError(f"offline model: token_delay_ms must be >= 0, got {token_delay_ms}")
+    if not models:
+        raise ValueError("offline model: models must name at least one model")
+    app = web.Application(middlewares=[_json_errors])
+    app[STATS_KEY] = OfflineStats()
+    app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models))
+    app.router.add_get("/v1/models", _list_models)
+    app.router.add_post("/v1/chat/completions", _chat_completions)
+    return app
+
+
+@dataclass(slots=True)
+class _Running:
+    runner: web.AppRunner
+    port: int
+    app: web.Application = field(repr=False)
+
+
+class OfflineModelServer:
+    """Run the offline model on a loopback port for the duration of an ``async with``.
+
+    Example:
+        >>> async with OfflineModelServer(token_delay_ms=1) as server:  # doctest: +SKIP
+        ...     client = openai.AsyncOpenAI(base_url=server.base_url, api_key="offline")
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        token_delay_ms: float = 20.0,
+        models: Sequence[str] = ("offline",),
+        shutdown_timeout: float = 1.0,
+    ) -> None:
+        """Configure the server; nothing starts before ``__aenter__``.
+
+        Args:
+            host: Interface to bind.
+            port: Port to bind; 0 picks a free ephemeral port.
+            token_delay_ms: Sleep before each streamed token.
+            models: Model ids served.
+            shutdown_timeout: Seconds ``__aexit__`` lets running streams finish before they
+                are cancelled (aiohttp's default of 60 s would hold tests up).
+        """
+        self._host = host
+        self._port = port
+        self._token_delay_ms = token_delay_ms
+        self._models = tuple(models)
+        self._shutdown_timeout = shutdown_timeout
+        self._running: _Running | None = None
+
+    def _require(self) -> _Running:
+        if self._running is None:
+            raise RuntimeError("offline model: server is not running (use `async with`)")
+        return self._running
+
+    @property
+    def port(self) -> int:
+        """The bound port."""
+        return self._require().port
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI base URL, e.g. ``http://127.0.0.1:8081/v1``."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}/v1"
+
+    @property
+    def app(self) -> web.Application:
+        """The running application."""
+        return self._require().app
+
+    @property
+    def stats(self) -> OfflineStats:
+        """The live `OfflineStats` of the running application."""
+        return self.app[STATS_KEY]
+
+    async def __aenter__(self) -> Self:
+        """Start the server; the port is known when this returns."""
+        app = create_offline_app(token_delay_ms=self._token_delay_ms, models=self._models)
+        runner = web.AppRunner(
+            app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self._host, self._port)
+            await site.start()
+            # runner.addresses reads the sockname of the site's listening sockets.
+            port = int(runner.addresses[0][1])
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._running = _Running(runner=runner, port=port, app=app)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the server and close its connections."""
+        running, self._running = self._running, None
+        if running is not None:
+            await running.runner.cleanup()
+
+
+# -- command line ---------------------------------------------------------------------------
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Not available on Windows; there Ctrl-C still raises KeyboardInterrupt.
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with OfflineModelServer(
+        host=args.host, port=args.port, token_delay_ms=args.token_delay_ms, models=args.model
+    ) as server:
+        print(server.base_url, flush=True)
+        await stop.wait()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point: serve until SIGINT or SIGTERM."""
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline.offline_model", description="Serve the offline OpenAI model."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8081, help="0 picks a free port")
+    parser.add_argument("--token-delay-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--model", action="append", help="model id to serve (repeatable; default: offline)"
+    )
+    args = parser.parse_args(argv)
+    args.model = tuple(args.model or ("offline",))
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(_serve(args))
+
+
+if __name__ == "__main__":
+    main()

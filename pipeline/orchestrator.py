@@ -1,0 +1,177 @@
+"""The streaming orchestrator: router → memory → response as one ordered, shared stream.
+
+The flow of one turn (DESIGN.md "The flow")::
+
+    sequence(router, memory, response)       each harness a cold Observable (concat)
+      .pipe(turn_envelope(...),              request_received … done, streams closed
+            number_events(request_id),       one seq per request, assigned here only
+            ops.replay())                    one hot stream per request, replayed to late
+                                             subscribers
+      ├──► TurnRecorder                      every event → DuckDB; request and messages
+      │      └──► result                     the final TurnState → Turn.result
+      └──► clients: .pipe(visible(trace=…)) → SSE frames or chat chunks
+
+``run`` starts the turn at once; it runs to its end whether or not anyone listens,
+unless :meth:`Turn.cancel` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Sequence
+
+from reactivex import Observable
+from reactivex import operators as ops
+from reactivex.subject import Subject
+
+from operators import from_async_iterable, number_events, sequence, turn_envelope, visible
+from pipeline.events import Event
+from pipeline.harnesses import Archivist, Harness, MemoryHarness, ResponseHarness, RouterHarness
+from pipeline.providers import ChatProvider
+from pipeline.turn import TurnContext, TurnInput, TurnResult, new_id
+from sinks.async_iter import to_async_iterator
+from sinks.recorder import TurnRecorder
+from sinks.store import EventStore
+
+log = logging.getLogger(__name__)
+
+
+class Turn:
+    """A running turn: its hot event stream and the awaitable final result.
+
+    Attributes:
+        request_id: The request's id (``X-Request-Id``).
+        conversation_id: The conversation it belongs to.
+        stream: Every event of the turn, trace included, from ``request_received`` to
+            ``done``; a late subscriber first gets what it missed.
+        result: Resolves to the final :class:`TurnResult` (never raises for a failed
+            turn: look at ``status``).
+    """
+
+    def __init__(
+        self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
+        cancel: Subject[None],
+    ) -> None:
+        self.ctx = ctx
+        self.request_id = ctx.request_id
+        self.conversation_id = ctx.conversation_id
+        self.stream = stream
+        self.result = result
+        self._cancel = cancel
+
+    @property
+    def done(self) -> bool:
+        return self.result.done()
+
+    def cancel(self) -> None:
+        """Stop the turn: the model call is closed, open streams end ``cancelled``, then
+        ``done`` with ``reason: "cancelled"``. A no-op once the turn has finished."""
+        if not self.result.done():
+            self._cancel.on_next(None)
+
+    def events(self, *, trace: bool = False, max_buffer: int = 4096) -> AsyncGenerator[Event]:
+        """The turn's events as an async iterator (use under ``contextlib.aclosing``)."""
+        return to_async_iterator(self.stream.pipe(visible(trace=trace)), max_buffer=max_buffer)
+
+
+class StreamingOrchestrator:
+    """Runs turns: sequences the harnesses, numbers, shares and records the events.
+
+    Args:
+        provider: The model provider the default response harness calls.
+        store: The event store (also the archivist for memory); None keeps nothing.
+        default_model: The model used when a turn names none.
+        history_limit: How many earlier messages memory loads.
+        agent: The agent named in ``request_received`` and the response stream.
+        harnesses: Replace the default ``(router, memory, response)`` sequence.
+    """
+
+    def __init__(
+        self,
+        *,
+        provider: ChatProvider,
+        store: EventStore | None,
+        default_model: str,
+        history_limit: int = 200,
+        agent: str = "assistant",
+        archivist: Archivist | None = None,
+        harnesses: Sequence[Harness] | None = None,
+    ) -> None:
+        self.provider = provider
+        self.store = store
+        self.default_model = default_model
+        self.agent = agent
+        archivist = archivist or store or _NoHistory()
+        self.harnesses: tuple[Harness, ...] = tuple(harnesses) if harnesses else (
+            RouterHarness(),
+            MemoryHarness(archivist, limit=history_limit),
+            ResponseHarness(provider, agent=agent),
+        )
+        self.live: dict[str, Turn] = {}
+
+    def run(self, turn_input: TurnInput) -> Turn:
+        """Start a turn now and return it. Must be called on the running event loop."""
+        loop = asyncio.get_running_loop()
+        ctx = TurnContext(
+            request_id=new_id("req"),
+            conversation_id=turn_input.conversation_id or new_id("conv"),
+            messages=[message.as_openai() for message in turn_input.messages],
+            trace=turn_input.trace,
+            model=turn_input.model or self.default_model,
+            max_tokens=turn_input.max_tokens,
+            kind=turn_input.kind,
+        )
+        cancel: Subject[None] = Subject()
+        result: asyncio.Future[TurnResult] = loop.create_future()
+
+        def finished(final: TurnResult) -> None:
+            self.live.pop(ctx.request_id, None)
+            if not result.done():
+                result.set_result(final)
+
+        shared = sequence(
+            *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
+        ).pipe(
+            turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel),
+            number_events(ctx.request_id),
+            ops.replay(),
+        )
+        recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
+        recorder.start()
+        shared.subscribe(recorder)
+        turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel)
+        self.live[ctx.request_id] = turn
+        shared.connect()
+        return turn
+
+    async def drain(self, *, grace_s: float) -> int:
+        """Let live turns finish within ``grace_s``, then cancel the rest.
+
+        Returns how many turns had to be cancelled.
+        """
+        pending = [turn.result for turn in self.live.values()]
+        if pending:
+            await asyncio.wait(pending, timeout=grace_s)
+        late = [turn for turn in self.live.values() if not turn.done]
+        for turn in late:
+            turn.cancel()
+        if late:
+            # Cancelling is synchronous in the pipeline; this lets recorders settle.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    asyncio.gather(*(turn.result for turn in late)), timeout=5
+                )
+        return len(late)
+
+
+def _bind(harness: Harness, ctx: TurnContext):  # type: ignore[no-untyped-def]
+    return lambda: harness(ctx)
+
+
+class _NoHistory:
+    async def load_history(
+        self, conversation_id: str, *, limit: int, exclude_request_id: str | None = None
+    ) -> list[dict[str, str]]:
+        return []

@@ -1,0 +1,155 @@
+"""Model providers: SDK chunks → our pieces, SDK errors → :class:`ProviderError`, in one place.
+
+Every model call goes through the official ``openai`` client (``AsyncOpenAI``), so any
+OpenAI-compatible endpoint works: OpenAI, vLLM, Ollama, LiteLLM, Gemini's compatible
+endpoint, or the bundled offline model (:mod:`pipeline.offline_model`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol, TypeAlias
+
+import openai
+import pydantic
+from openai import AsyncOpenAI
+
+from pipeline.errors import ProviderError
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Delta:
+    """A piece of generated text."""
+
+    text: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Finish:
+    """The model stopped: ``stop``, ``length``, ``tool_calls``, ``content_filter``."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Usage:
+    """Token counts of one call, as the provider reported them."""
+
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+Piece: TypeAlias = Delta | Finish | Usage
+
+
+class ChatProvider(Protocol):
+    """What harnesses need from a model provider."""
+
+    name: str
+
+    def stream_chat(
+        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
+    ) -> AsyncIterator[Piece]:
+        """Stream one chat completion as pieces; raise :class:`ProviderError` on failure."""
+        ...
+
+    async def list_models(self) -> list[str]:
+        """The model ids the provider serves."""
+        ...
+
+
+class OpenAIProvider:
+    """A :class:`ChatProvider` over ``openai.AsyncOpenAI``.
+
+    Args:
+        base_url: The endpoint, e.g. ``http://127.0.0.1:8081/v1``; None for OpenAI's.
+        api_key: The key; the offline model accepts anything.
+        timeout_s: Per-request timeout (connect and between chunks).
+        max_retries: The SDK's retries of failed requests before the stream starts.
+    """
+
+    def __init__(
+        self, *, base_url: str | None, api_key: str | None, timeout_s: float = 60.0,
+        max_retries: int = 1,
+    ) -> None:
+        self.client = AsyncOpenAI(
+            base_url=base_url, api_key=api_key or "unused", timeout=timeout_s,
+            max_retries=max_retries,
+        )
+        self.name = str(self.client.base_url).rstrip("/")
+
+    async def aclose(self) -> None:
+        """Close the HTTP connection pool."""
+        await self.client.close()
+
+    async def list_models(self) -> list[str]:
+        try:
+            page = await self.client.models.list()
+        except openai.OpenAIError as exc:
+            raise self._translate(exc, model="*") from exc
+        return [model.id async for model in page]
+
+    async def stream_chat(
+        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
+    ) -> AsyncIterator[Piece]:
+        options: dict[str, Any] = {}
+        if max_tokens is not None:
+            options["max_tokens"] = max_tokens
+        try:
+            stream = await self.client.chat.completions.create(
+                model=model,
+                messages=list(messages),  # type: ignore[arg-type]
+                stream=True,
+                stream_options={"include_usage": True},
+                **options,
+            )
+            # Leaving this block (finished, failed, or the consumer closed us) closes the
+            # HTTP response, so the provider sees the disconnect at once.
+            async with stream:
+                async for chunk in stream:
+                    for choice in chunk.choices:
+                        if choice.delta is not None and choice.delta.content:
+                            yield Delta(choice.delta.content)
+                        if choice.finish_reason:
+                            yield Finish(choice.finish_reason)
+                    if chunk.usage is not None:
+                        yield Usage(
+                            model=chunk.model or model,
+                            prompt_tokens=chunk.usage.prompt_tokens,
+                            completion_tokens=chunk.usage.completion_tokens,
+                            total_tokens=chunk.usage.total_tokens,
+                        )
+        except (openai.OpenAIError, pydantic.ValidationError, json.JSONDecodeError) as exc:
+            raise self._translate(exc, model=model) from exc
+
+    def _translate(self, exc: Exception, *, model: str) -> ProviderError:
+        match exc:
+            case openai.APIStatusError(status_code=status):
+                return ProviderError(
+                    f"HTTP {status}: {_message_of(exc)}", provider=self.name, model=model,
+                    status=status, retryable=status == 429 or status >= 500,
+                )
+            case openai.APITimeoutError():
+                return ProviderError("timed out", provider=self.name, model=model, retryable=True)
+            case openai.APIConnectionError():
+                return ProviderError(
+                    f"unreachable ({exc.__cause__ or exc})", provider=self.name, model=model,
+                    retryable=True,
+                )
+            case _:
+                return ProviderError(
+                    f"bad response: {type(exc).__name__}: {exc}", provider=self.name, model=model,
+                )
+
+
+def _message_of(exc: openai.APIStatusError) -> str:
+    body = exc.body
+    if isinstance(body, dict):
+        error = body.get("error", body)
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+    return exc.message

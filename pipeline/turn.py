@@ -1,0 +1,174 @@
+"""A turn's input, context, running state and result."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+import uuid
+from typing import Any, Literal, TypeAlias
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pipeline.events import Done, ErrorEvent, Event, LlmCall, StreamEnd, StreamStart, Text, TokenUsage
+
+TurnStatus: TypeAlias = Literal["running", "completed", "cancelled", "error", "interrupted"]
+
+
+def new_id(prefix: str) -> str:
+    """A short unique id such as ``req_3f9c…``."""
+    return f"{prefix}_{uuid.uuid4().hex[:24]}"
+
+
+class ChatMessage(BaseModel):
+    """One chat message; ``content`` may be OpenAI's list of text parts."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str = ""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _flatten(cls, value: Any) -> Any:
+        if value is None:
+            return ""
+        if isinstance(value, list):
+            texts = []
+            for part in value:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise ValueError("only text content parts are supported")
+                texts.append(str(part.get("text", "")))
+            return "".join(texts)
+        return value
+
+    def as_openai(self) -> dict[str, str]:
+        return {"role": self.role, "content": self.content}
+
+
+class TurnInput(BaseModel):
+    """What a turn needs. ``conversation_id`` is created when absent.
+
+    With a ``conversation_id``, ``messages`` are the new messages of this turn; memory
+    prepends the conversation's earlier messages from the store.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    trace: bool = False
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    kind: str = "orchestrate"
+
+
+@dataclasses.dataclass
+class TurnContext:
+    """Per-turn state shared by the harnesses of one turn (created fresh by ``run``)."""
+
+    request_id: str
+    conversation_id: str
+    messages: list[dict[str, str]]
+    trace: bool
+    model: str
+    max_tokens: int | None
+    kind: str
+    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    route: str | None = None
+    _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
+
+    def next_stream_id(self) -> int:
+        """A stream id unique within this request."""
+        return next(self._stream_ids)
+
+
+class TurnUsage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TurnResult(BaseModel):
+    """The final state of a turn."""
+
+    request_id: str
+    conversation_id: str
+    status: TurnStatus
+    content: str
+    model: str
+    finish_reason: str | None = None
+    usage: TurnUsage = Field(default_factory=TurnUsage)
+    duration_ms: float | None = None
+    first_token_ms: float | None = None
+    error: str | None = None
+    last_seq: int = 0
+
+
+@dataclasses.dataclass
+class TurnState:
+    """A fold over a turn's events: what the recorder writes and the result reports.
+
+    The assistant's content is the text of the top-level (depth 0) streams.
+    """
+
+    request_id: str
+    conversation_id: str
+    model: str
+    started: float = dataclasses.field(default_factory=time.time)
+    status: TurnStatus = "running"
+    parts: list[str] = dataclasses.field(default_factory=list)
+    depths: dict[int, int] = dataclasses.field(default_factory=dict)
+    finish_reason: str | None = None
+    usage: TurnUsage = dataclasses.field(default_factory=TurnUsage)
+    first_token_ms: float | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    last_seq: int = 0
+
+    def apply(self, event: Event) -> None:
+        """Fold one numbered event into the state."""
+        self.last_seq = event.seq
+        match event:
+            case Text(stream_id=stream_id, delta=delta):
+                if self.depths.get(stream_id, 0) == 0:
+                    self.parts.append(delta)
+                if self.first_token_ms is None:
+                    self.first_token_ms = round((event.ts - self.started) * 1000, 3)
+            case StreamStart(stream_id=stream_id, depth=depth):
+                self.depths[stream_id] = depth
+            case StreamEnd(stream_id=stream_id, finish_reason=reason):
+                if reason and self.depths.get(stream_id, 0) == 0:
+                    self.finish_reason = reason
+            case TokenUsage():
+                self.model = event.model or self.model
+                self.usage.prompt_tokens += event.prompt_tokens
+                self.usage.completion_tokens += event.completion_tokens
+                self.usage.total_tokens += event.total_tokens
+            case LlmCall(model=model):
+                self.model = model
+            case ErrorEvent(error=message):
+                self.error = message if self.error is None else self.error
+            case Done(ok=ok, reason=reason, duration_ms=duration_ms):
+                self.duration_ms = duration_ms
+                if reason == "cancelled":
+                    self.status = "cancelled"
+                elif reason == "interrupted":
+                    self.status = "interrupted"
+                else:
+                    self.status = "completed" if ok else "error"
+            case _:
+                pass
+
+    @property
+    def content(self) -> str:
+        return "".join(self.parts)
+
+    def result(self) -> TurnResult:
+        return TurnResult(
+            request_id=self.request_id, conversation_id=self.conversation_id,
+            status=self.status, content=self.content, model=self.model,
+            finish_reason=self.finish_reason, usage=self.usage.model_copy(),
+            duration_ms=self.duration_ms, first_token_ms=self.first_token_ms,
+            error=self.error, last_seq=self.last_seq,
+        )

@@ -1,0 +1,64 @@
+"""HTTP request bodies and the JSON error shape (OpenAI's) used on every endpoint."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.errors import PipelineError
+from pipeline.turn import ChatMessage
+
+
+class ApiError(PipelineError):
+    """An error answered as ``{"error": {"message", "type", "code"}}`` with ``status``."""
+
+    def __init__(
+        self, status: int, message: str, *, type: str = "invalid_request_error",
+        code: str | None = None, param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code,
+                          "param": self.param}}
+
+
+class OrchestrateRequest(BaseModel):
+    """Body of ``POST /v1/orchestrate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+    trace: bool = False
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    on_disconnect: Literal["continue", "cancel"] = "continue"
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Body of ``POST /v1/chat/completions``: the fields we use; others are ignored, as
+    OpenAI clients send many (temperature, user, …). ``conversation_id`` is our extension
+    (``extra_body`` in the ``openai`` SDK) to continue a stored conversation."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=200)

@@ -1,0 +1,342 @@
+"""The HTTP server: native SSE, OpenAI-compatible endpoints, health; graceful stop.
+
+Run ``python server.py --host 127.0.0.1 --port 8080 --db ./data/events.duckdb``; every
+setting also comes from the environment (see :class:`pipeline.config.Settings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from operators import to_chat_chunks
+from pipeline.config import Settings
+from pipeline.errors import BufferOverflowError
+from pipeline.offline_model import OfflineModelServer
+from pipeline.orchestrator import StreamingOrchestrator, Turn
+from pipeline.providers import OpenAIProvider
+from pipeline.turn import TurnInput, new_id
+from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
+from sinks.async_iter import to_async_iterator
+from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse
+from sinks.store import EventStore
+
+log = logging.getLogger("server")
+
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", EventStore)
+PROVIDER = web.AppKey("provider", OpenAIProvider)
+MODELS = web.AppKey("models", list)
+ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
+OFFLINE = web.AppKey("offline", OfflineModelServer)
+
+_B = TypeVar("_B", bound=BaseModel)
+
+
+# -- errors: JSON in OpenAI's shape on every endpoint ----------------------------------
+@web.middleware
+async def json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return web.json_response(exc.body(), status=exc.status)
+    except web.HTTPRequestEntityTooLarge as exc:
+        limit = request.app[SETTINGS].max_body_bytes
+        error = ApiError(413, f"request body over the limit of {limit} bytes (MAX_BODY_BYTES)",
+                         code="body_too_large")
+        return web.json_response(error.body(), status=exc.status)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        error = ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=code)
+        return web.json_response(error.body(), status=exc.status, headers=_allow(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        error = ApiError(500, "internal server error", type="server_error", code="internal")
+        return web.json_response(error.body(), status=500)
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}
+
+
+async def read_body(request: web.Request, model: type[_B]) -> _B:
+    """Read and validate a JSON body; every failure is a 400 that says what was wrong."""
+    raw = await request.read()  # over client_max_size → 413 via the middleware
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ApiError(400, f"invalid body: {problems}", code="invalid_body", param=where) from exc
+
+
+def check_model(request: web.Request, model: str | None) -> str:
+    """The model to use; an unknown one is a 404 ``model_not_found``."""
+    settings = request.app[SETTINGS]
+    chosen = model or settings.default_model
+    if chosen not in request.app[MODELS]:
+        raise ApiError(404, f"The model {chosen!r} does not exist; GET /v1/models lists them.",
+                       code="model_not_found", param="model")
+    return chosen
+
+
+# -- handlers -------------------------------------------------------------------------
+async def orchestrate(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/orchestrate``: run a turn and stream its native SSE frames."""
+    body = await read_body(request, OrchestrateRequest)
+    model = check_model(request, body.model)
+    turn = request.app[ORCHESTRATOR].run(TurnInput(
+        messages=body.messages, conversation_id=body.conversation_id, trace=body.trace,
+        model=model, max_tokens=body.max_tokens, kind="orchestrate",
+    ))
+    response = await open_sse(request, headers=_turn_headers(turn))
+    settings = request.app[SETTINGS]
+    try:
+        async with contextlib.aclosing(
+            turn.events(trace=body.trace, max_buffer=settings.client_buffer_events)
+        ) as events:
+            async for event in events:
+                await response.write(event_frame(event))
+    except BufferOverflowError as exc:
+        await response.write(comment_frame(f"{exc}; resume from your last event id"))
+    except (asyncio.CancelledError, ConnectionResetError):
+        if body.on_disconnect == "cancel":
+            turn.cancel()
+        raise
+    return response
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/chat/completions``: the same orchestrator, OpenAI's wire."""
+    body = await read_body(request, ChatCompletionRequest)
+    model = check_model(request, body.model)
+    turn = request.app[ORCHESTRATOR].run(TurnInput(
+        messages=body.messages, conversation_id=body.conversation_id, model=model,
+        max_tokens=body.max_tokens or body.max_completion_tokens, kind="chat.completions",
+    ))
+    completion_id = f"chatcmpl-{turn.request_id.removeprefix('req_')}"
+    created = int(time.time())
+    if not body.stream:
+        result = await turn.result
+        if result.status == "error":
+            raise ApiError(502, result.error or "the model call failed", type="upstream_error",
+                           code="provider_error")
+        return web.json_response(
+            {
+                "id": completion_id, "object": "chat.completion", "created": created,
+                "model": model,
+                "choices": [{
+                    "index": 0, "message": {"role": "assistant", "content": result.content},
+                    "finish_reason": result.finish_reason or "stop", "logprobs": None,
+                }],
+                "usage": result.usage.model_dump(),
+            },
+            headers=_turn_headers(turn),
+        )
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunks = turn.stream.pipe(to_chat_chunks(
+        completion_id=completion_id, model=model, created=created, include_usage=include_usage,
+    ))
+    response = await open_sse(request, headers=_turn_headers(turn))
+    settings = request.app[SETTINGS]
+    try:
+        async with contextlib.aclosing(
+            to_async_iterator(chunks, max_buffer=settings.client_buffer_events)
+        ) as stream:
+            async for chunk in stream:
+                await response.write(data_frame(json.dumps(chunk, separators=(",", ":"))))
+        await response.write(DONE_FRAME)
+    except BufferOverflowError as exc:
+        error = ApiError(500, str(exc), type="server_error", code="client_too_slow")
+        await response.write(data_frame(json.dumps(error.body())))
+    return response
+
+
+def _turn_headers(turn: Turn) -> dict[str, str]:
+    return {"X-Request-Id": turn.request_id, "X-Conversation-Id": turn.conversation_id}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """``GET /v1/models``: the models a turn may name (OpenAI's list shape)."""
+    owner = "offline" if request.app[SETTINGS].offline else "upstream"
+    return web.json_response({
+        "object": "list",
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": owner}
+                 for m in request.app[MODELS]],
+    })
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """``GET /healthz``: liveness plus the figures an operator looks at first."""
+    app = request.app
+    settings = app[SETTINGS]
+    stats = app[STORE].stats
+    return web.json_response({
+        "status": "ok",
+        "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
+                  "default": settings.default_model},
+        "live_turns": len(app[ORCHESTRATOR].live),
+        "store": {"path": app[STORE].path, "events_written": stats.events_written,
+                  "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
+                  "last_flush_ms": round(stats.last_flush_ms, 3), "last_error": stats.last_error},
+    })
+
+
+# -- lifecycle --------------------------------------------------------------------------
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
+                       flush_max_rows=settings.flush_max_rows)
+    await asyncio.to_thread(store.open)
+    app[STORE] = store
+    yield
+    await asyncio.to_thread(store.close)  # writes everything still queued
+
+
+async def model_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.offline:
+            offline = await stack.enter_async_context(
+                OfflineModelServer(token_delay_ms=settings.offline_token_delay_ms)
+            )
+            app[OFFLINE] = offline
+            base_url, api_key = offline.base_url, "offline"
+        else:
+            base_url, api_key = settings.openai_base_url, settings.openai_api_key
+        provider = OpenAIProvider(base_url=base_url, api_key=api_key,
+                                  timeout_s=settings.model_timeout_s,
+                                  max_retries=settings.model_max_retries)
+        stack.push_async_callback(provider.aclose)
+        app[PROVIDER] = provider
+        app[MODELS] = await _known_models(settings, provider)
+        log.info("model provider %s; models %s", provider.name, ", ".join(app[MODELS]))
+        yield
+
+
+async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[str]:
+    if settings.models:
+        models = list(settings.models)
+    else:
+        try:
+            models = await asyncio.wait_for(provider.list_models(), timeout=10)
+        except Exception as exc:  # a provider without /models still serves DEFAULT_MODEL
+            log.warning("could not list the provider's models (%s); offering %s only",
+                        exc, settings.default_model)
+            models = []
+    if settings.default_model not in models:
+        models.insert(0, settings.default_model)
+    return models
+
+
+async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[ORCHESTRATOR] = StreamingOrchestrator(
+        provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
+        history_limit=settings.history_max_messages,
+    )
+    yield
+    await app[ORCHESTRATOR].drain(grace_s=0)  # normally already drained on shutdown
+
+
+async def drain_turns(app: web.Application) -> None:
+    """On shutdown (after the listener closed): let running turns finish in the grace."""
+    orchestrator = app[ORCHESTRATOR]
+    if orchestrator.live:
+        log.info("waiting up to %.1fs for %d running turns", app[SETTINGS].shutdown_grace_s,
+                 len(orchestrator.live))
+    cancelled = await orchestrator.drain(grace_s=app[SETTINGS].shutdown_grace_s)
+    if cancelled:
+        log.warning("cancelled %d turns still running after the grace period", cancelled)
+
+
+def create_app(settings: Settings | None = None) -> web.Application:
+    """Build the application; resources start and stop with it (``cleanup_ctx``)."""
+    settings = settings or Settings()
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app[SETTINGS] = settings
+    app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
+    app.on_shutdown.append(drain_turns)
+    app.router.add_post("/v1/orchestrate", orchestrate)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+async def serve(settings: Settings) -> None:
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return."""
+    app = create_app(settings)
+    # handler_cancellation: notice a dropped client at once, not at the next write.
+    runner = web.AppRunner(app, handler_cancellation=True, handle_signals=False,
+                           shutdown_timeout=settings.shutdown_grace_s + 5, access_log=None)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port)
+        await site.start()
+        host, port = runner.addresses[0][:2]
+        print(f"serving on http://{host}:{port} (db {settings.db_path}, "
+              f"model {'offline' if settings.offline else app[PROVIDER].name})", flush=True)
+        await stop.wait()
+        print("stopping: no new requests; draining running turns", flush=True)
+    finally:
+        await runner.cleanup()
+    print("stopped cleanly", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--host", help="address to listen on (HOST)")
+    parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
+    parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.db is not None:
+        overrides["db_path"] = args.db
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "httpx2", "aiohttp.access"):  # one line per model call is noise
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

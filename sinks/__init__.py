@@ -1,0 +1,1 @@
+"""Sinks: the DuckDB event store, SSE framing, the Observable → async-iterator bridge."""

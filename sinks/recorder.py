@@ -1,0 +1,123 @@
+"""The Recorder: the write side of the Archivist/Recorder split, one per turn.
+
+It observes a turn's numbered, shared stream and writes to the event store: every event
+(trace included), the request's row, the user messages when the turn starts and the
+assistant message as it goes (``pending → streaming → complete | error | cancelled``).
+It also folds the events into a :class:`~pipeline.turn.TurnState` and calls ``on_done``
+with the final result.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from reactivex import Observer
+
+from pipeline.events import Done, Event, RequestReceived, StreamStart, Text
+from pipeline.turn import TurnContext, TurnResult, TurnState
+from sinks.store import EventStore, MessageRow, RequestRow
+
+log = logging.getLogger(__name__)
+
+
+class TurnRecorder(Observer[Event]):
+    """Records one turn. ``store`` may be None (state and result only, e.g. in examples)."""
+
+    def __init__(
+        self, ctx: TurnContext, *, store: EventStore | None,
+        on_done: Callable[[TurnResult], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.ctx = ctx
+        self.store = store
+        self.on_done = on_done
+        self.state = TurnState(ctx.request_id, ctx.conversation_id, ctx.model)
+        self._streams: dict[int, tuple[str, int]] = {}
+        now = time.time()
+        self._request = RequestRow(
+            request_id=ctx.request_id, conversation_id=ctx.conversation_id, kind=ctx.kind,
+            status="running", started_at=now, trace=ctx.trace, model=ctx.model,
+        )
+        self._assistant = MessageRow(
+            message_id=f"{ctx.request_id}:assistant", conversation_id=ctx.conversation_id,
+            request_id=ctx.request_id, ordinal=len(ctx.messages), role="assistant", content="",
+            status="pending", created_at=now, updated_at=now,
+        )
+
+    def start(self) -> None:
+        """Persist the request row, this turn's messages and the pending assistant message."""
+        if self.store is None:
+            return
+        self.store.put_request(self._request)
+        for ordinal, message in enumerate(self.ctx.messages):
+            self.store.put_message(MessageRow(
+                message_id=f"{self.ctx.request_id}:{ordinal}",
+                conversation_id=self.ctx.conversation_id, request_id=self.ctx.request_id,
+                ordinal=ordinal, role=message["role"], content=message["content"],
+                status="complete", created_at=self._request.started_at,
+                updated_at=self._request.started_at,
+            ))
+        self.store.put_message(self._assistant)
+
+    def _on_next_core(self, event: Event) -> None:
+        try:
+            self._record(event)
+        except Exception:  # a failing sink must never break the turn for other sinks
+            log.exception("recording %s seq=%s failed", event.type, event.seq)
+
+    def _record(self, event: Event) -> None:
+        state = self.state
+        state.apply(event)
+        agent: str | None = None
+        depth: int | None = None
+        match event:
+            case StreamStart(stream_id=stream_id, agent=agent, depth=depth):
+                self._streams[stream_id] = (agent, depth)
+            case RequestReceived(agent=agent):
+                pass
+            case _:
+                stream_id = getattr(event, "stream_id", None)
+                if stream_id is not None:
+                    agent, depth = self._streams.get(stream_id, (None, None))
+        store = self.store
+        if store is not None:
+            store.append_event(event, agent=agent, depth=depth)
+            if isinstance(event, Text) and self._assistant.status == "pending":
+                self._assistant.status = "streaming"
+                self._assistant.updated_at = event.ts
+                store.put_message(self._assistant)
+        if isinstance(event, Done):
+            self._finish()
+
+    def _finish(self) -> None:
+        state = self.state
+        result = state.result()
+        if self.store is not None:
+            now = time.time()
+            request = self._request
+            request.status = result.status
+            request.finished_at = now
+            request.duration_ms = result.duration_ms
+            request.first_token_ms = result.first_token_ms
+            request.model = result.model
+            request.prompt_tokens = result.usage.prompt_tokens
+            request.completion_tokens = result.usage.completion_tokens
+            request.total_tokens = result.usage.total_tokens
+            request.last_seq = result.last_seq
+            request.error = result.error
+            self.store.put_request(request)
+            self._assistant.content = result.content
+            self._assistant.status = {"completed": "complete"}.get(result.status, result.status)
+            self._assistant.updated_at = now
+            self.store.put_message(self._assistant)
+        if self.on_done is not None:
+            self.on_done(result)
+
+    def _on_error_core(self, error: Exception) -> None:
+        # The turn envelope turns failures into events; reaching here is a bug upstream.
+        log.error("turn %s stream failed: %r", self.ctx.request_id, error)
+
+    def _on_completed_core(self) -> None:
+        pass
