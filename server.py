@@ -26,7 +26,7 @@ from pipeline.errors import BufferOverflowError
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
-from pipeline.turn import TurnInput, new_id
+from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
 from sinks.async_iter import to_async_iterator
 from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse
@@ -37,7 +37,7 @@ log = logging.getLogger("server")
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
 PROVIDER = web.AppKey("provider", OpenAIProvider)
-MODELS = web.AppKey("models", list)
+MODELS: web.AppKey[list[str]] = web.AppKey("models")
 ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
 OFFLINE = web.AppKey("offline", OfflineModelServer)
 
@@ -226,7 +226,8 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
                 OfflineModelServer(token_delay_ms=settings.offline_token_delay_ms)
             )
             app[OFFLINE] = offline
-            base_url, api_key = offline.base_url, "offline"
+            base_url: str | None = offline.base_url
+            api_key: str | None = "offline"
         else:
             base_url, api_key = settings.openai_base_url, settings.openai_api_key
         provider = OpenAIProvider(base_url=base_url, api_key=api_key,
@@ -234,8 +235,9 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
                                   max_retries=settings.model_max_retries)
         stack.push_async_callback(provider.aclose)
         app[PROVIDER] = provider
-        app[MODELS] = await _known_models(settings, provider)
-        log.info("model provider %s; models %s", provider.name, ", ".join(app[MODELS]))
+        models = await _known_models(settings, provider)
+        app[MODELS] = models
+        log.info("model provider %s; models %s", provider.name, ", ".join(models))
         yield
 
 

@@ -30,12 +30,14 @@ def number_events(request_id: str) -> Callable[[Observable[_E]], Observable[_E]]
         >>> body.pipe(turn_envelope(...), number_events(request_id))  # doctest: +SKIP
     """
 
-    def stamp(previous: _E | None, event: _E) -> _E:
+    def stamp(previous: _E | None, event: _E) -> _E | None:
         event.seq = 1 if previous is None else previous.seq + 1
         event.request_id = request_id
         return event
 
     def _number(source: Observable[_E]) -> Observable[_E]:
-        return source.pipe(ops.scan(stamp, None))
+        seed: _E | None = None
+        numbered: Observable[_E] = source.pipe(ops.scan(stamp, seed))  # type: ignore[arg-type]
+        return numbered
 
     return _number

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias, cast
 
 import openai
 import pydantic
 from openai import AsyncOpenAI
+from openai.types.chat import ChatCompletionMessageParam
 
 from pipeline.errors import ProviderError
 
@@ -96,16 +97,13 @@ class OpenAIProvider:
     async def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
     ) -> AsyncIterator[Piece]:
-        options: dict[str, Any] = {}
-        if max_tokens is not None:
-            options["max_tokens"] = max_tokens
         try:
             stream = await self.client.chat.completions.create(
                 model=model,
-                messages=list(messages),  # type: ignore[arg-type]
+                messages=cast("list[ChatCompletionMessageParam]", list(messages)),
                 stream=True,
                 stream_options={"include_usage": True},
-                **options,
+                max_tokens=openai.omit if max_tokens is None else max_tokens,
             )
             # Leaving this block (finished, failed, or the consumer closed us) closes the
             # HTTP response, so the provider sees the disconnect at once.

@@ -10,7 +10,16 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.events import Done, ErrorEvent, Event, LlmCall, StreamEnd, StreamStart, Text, TokenUsage
+from pipeline.events import (
+    Done,
+    ErrorEvent,
+    Event,
+    LlmCall,
+    StreamEnd,
+    StreamStart,
+    Text,
+    TokenUsage,
+)
 
 TurnStatus: TypeAlias = Literal["running", "completed", "cancelled", "error", "interrupted"]
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from reactivex import Observer
 
-from pipeline.events import Done, Event, RequestReceived, StreamStart, Text
+from pipeline.events import Done, Event, RequestReceived, StreamStart, Text, stream_id_of
 from pipeline.turn import TurnContext, TurnResult, TurnState
 from sinks.store import EventStore, MessageRow, RequestRow
 
@@ -78,9 +78,9 @@ class TurnRecorder(Observer[Event]):
             case RequestReceived(agent=agent):
                 pass
             case _:
-                stream_id = getattr(event, "stream_id", None)
-                if stream_id is not None:
-                    agent, depth = self._streams.get(stream_id, (None, None))
+                owner = stream_id_of(event)
+                if owner is not None:
+                    agent, depth = self._streams.get(owner, (None, None))
         store = self.store
         if store is not None:
             store.append_event(event, agent=agent, depth=depth)

@@ -73,7 +73,7 @@ CREATE TABLE IF NOT EXISTS messages (
     ordinal         INTEGER   NOT NULL,     -- position within the request
     role            VARCHAR   NOT NULL,     -- system, user, assistant
     content         VARCHAR   NOT NULL,
-    status          VARCHAR   NOT NULL,     -- user: complete; assistant: pending, streaming, complete, error, cancelled
+    status          VARCHAR   NOT NULL,     -- assistant: pending, streaming, complete, error, cancelled
     created_at      TIMESTAMP NOT NULL,
     updated_at      TIMESTAMP NOT NULL
 );
