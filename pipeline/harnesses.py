@@ -58,23 +58,32 @@ class ResponseHarness:
     """Streams the model's answer: ``llm_call``, ``stream_start``, ``text``…, ``token_usage``,
     ``stream_end``.
 
-    The messages sent are the loaded history followed by this turn's messages. A provider
+    The messages sent are the harness's ``system`` prompt (if any), the loaded history and
+    this turn's messages; ``model`` and ``depth`` default to the turn's model and 0. A provider
     failure propagates as :class:`~pipeline.errors.ProviderError`; the turn envelope turns
     it into an ``error`` event and closes the stream with status ``error``.
     """
 
-    def __init__(self, provider: ChatProvider, *, agent: str = "assistant") -> None:
+    def __init__(
+        self, provider: ChatProvider, *, agent: str = "assistant", system: str | None = None,
+        model: str | None = None, depth: int = 0,
+    ) -> None:
         self.provider = provider
         self.agent = agent
+        self.system = system
+        self.model = model
+        self.depth = depth
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
         stream_id = ctx.next_stream_id()
-        messages = [*ctx.history, *ctx.messages]
-        yield LlmCall(stream_id=stream_id, model=ctx.model, messages=messages)
-        yield StreamStart(stream_id=stream_id, agent=self.agent, depth=0)
+        model = self.model or ctx.model
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        messages = [*system, *ctx.history, *ctx.messages]
+        yield LlmCall(stream_id=stream_id, model=model, messages=messages)
+        yield StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth)
         finish: str | None = None
         async for piece in self.provider.stream_chat(
-            model=ctx.model, messages=messages, max_tokens=ctx.max_tokens
+            model=model, messages=messages, max_tokens=ctx.max_tokens
         ):
             match piece:
                 case Delta(text=text):
