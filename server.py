@@ -28,7 +28,6 @@ from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
-from sinks.async_iter import to_async_iterator
 from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse
 from sinks.store import EventStore
 
@@ -159,14 +158,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             headers=_turn_headers(turn),
         )
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    chunks = turn.stream.pipe(to_chat_chunks(
+    to_chunks = to_chat_chunks(
         completion_id=completion_id, model=model, created=created, include_usage=include_usage,
-    ))
+    )
     response = await open_sse(request, headers=_turn_headers(turn))
     settings = request.app[SETTINGS]
     try:
         async with contextlib.aclosing(
-            to_async_iterator(chunks, max_buffer=settings.client_buffer_events)
+            turn.view(to_chunks, max_buffer=settings.client_buffer_events)
         ) as stream:
             async for chunk in stream:
                 await response.write(data_frame(json.dumps(chunk, separators=(",", ":"))))

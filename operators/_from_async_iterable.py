@@ -47,15 +47,18 @@ def from_async_iterable(factory: Callable[[], AsyncIterable[_T]]) -> Observable[
         disposed = False
 
         async def pump() -> None:
-            iterator: AsyncIterator[_T] = aiter(factory())
+            iterator: AsyncIterator[_T] | None = None
             try:
+                iterator = aiter(factory())
                 async for item in iterator:
                     if disposed:
                         return
                     observer.on_next(item)
+                    if disposed:  # disposed downstream during on_next (take, early exit)
+                        return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # includes a failing factory: pass it on, never lose it
                 if not disposed:
                     observer.on_error(exc)
                 return
@@ -71,9 +74,11 @@ def from_async_iterable(factory: Callable[[], AsyncIterable[_T]]) -> Observable[
         def dispose() -> None:
             nonlocal disposed
             disposed = True
-            # Auto-detach disposes from *inside* on_error/on_completed, i.e. inside the
-            # pump itself: cancelling ourselves there would turn a real error into a
-            # silent CancelledError. The pump returns on its own in that case.
+            # Auto-detach disposes from *inside* on_error/on_completed, and take() or an
+            # early-exiting consumer from inside on_next, i.e. inside the pump itself:
+            # cancelling ourselves there would turn a real error into a silent
+            # CancelledError (and could cut the iterator's cleanup short). The pump sees
+            # the flag right after that call returns and closes the iterator itself.
             try:
                 current = asyncio.current_task()
             except RuntimeError:  # disposed from a thread without a running loop

@@ -135,7 +135,10 @@ def turn_envelope(
 
             observer.on_next(RequestReceived(agent=agent, conversation_id=conversation_id))
             cancelling = (
-                cancel.pipe(ops.take(1)).subscribe(on_next=on_cancel, scheduler=scheduler)
+                # A failing cancel signal still cancels: the turn must close either way.
+                cancel.pipe(ops.take(1)).subscribe(
+                    on_next=on_cancel, on_error=on_cancel, scheduler=scheduler
+                )
                 if cancel is not None
                 else SingleAssignmentDisposable()
             )

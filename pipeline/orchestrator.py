@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import TypeVar
 
 from reactivex import Observable
 from reactivex import operators as ops
@@ -37,6 +38,8 @@ from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 
 class Turn:
     """A running turn: its hot event stream and the awaitable final result.
@@ -52,9 +55,10 @@ class Turn:
 
     def __init__(
         self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
-        cancel: Subject[None],
+        cancel: Subject[None], recorder: TurnRecorder,
     ) -> None:
         self.ctx = ctx
+        self._recorder = recorder
         self.request_id = ctx.request_id
         self.conversation_id = ctx.conversation_id
         self.stream = stream
@@ -71,9 +75,27 @@ class Turn:
         if not self.result.done():
             self._cancel.on_next(None)
 
+    @property
+    def last_seq(self) -> int:
+        """The seq of the newest event so far."""
+        return self._recorder.state.last_seq
+
     def events(self, *, trace: bool = False, max_buffer: int = 4096) -> AsyncGenerator[Event]:
         """The turn's events as an async iterator (use under ``contextlib.aclosing``)."""
-        return to_async_iterator(self.stream.pipe(visible(trace=trace)), max_buffer=max_buffer)
+        return self.view(visible(trace=trace), max_buffer=max_buffer)
+
+    def view(
+        self, transform: Callable[[Observable[Event]], Observable[_T]], *, max_buffer: int = 4096
+    ) -> AsyncGenerator[_T]:
+        """``stream.pipe(transform)`` as a bounded async iterator.
+
+        A subscriber that joins late is replayed everything so far in one burst; that
+        history does not count against ``max_buffer``, which bounds only how far the
+        consumer may fall behind the live turn.
+        """
+        return to_async_iterator(
+            self.stream.pipe(transform), max_buffer=max_buffer + self.last_seq
+        )
 
 
 class StreamingOrchestrator:
@@ -141,7 +163,7 @@ class StreamingOrchestrator:
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
         shared.subscribe(recorder)
-        turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel)
+        turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder)
         self.live[ctx.request_id] = turn
         shared.connect()
         return turn

@@ -310,6 +310,7 @@ class EventStore:
         requests: dict[str, RequestRow] = {}
         messages: dict[str, MessageRow] = {}
         barriers: list[_Barrier] = []
+        error: BaseException | None = None
         ops = self._ops
         while ops:
             op = ops.popleft()
@@ -322,11 +323,10 @@ class EventStore:
             else:
                 barriers.append(op)
             if len(events) >= self.flush_max_rows:
-                self._write(con, events, {}, {})
+                error = self._write(con, events, {}, {}) or error
                 events = []
-        error: BaseException | None = None
         if events or requests or messages:
-            error = self._write(con, events, requests, messages)
+            error = self._write(con, events, requests, messages) or error
         for barrier in barriers:
             barrier.done(error)
 

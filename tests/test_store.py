@@ -1,0 +1,334 @@
+"""The DuckDB event store: batched writes by count and by time, upserts, barriers, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pytest
+
+from pipeline.errors import StoreError
+from pipeline.events import Route, Text
+from sinks.store import EventStore, MessageRow, RequestRow
+
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture
+def path(tmp_path: Path) -> Path:
+    return tmp_path / "e.duckdb"
+
+
+@pytest.fixture
+def store(path: Path) -> Iterator[EventStore]:
+    # A long interval: only a full batch, a flush() barrier or close() writes.
+    s = EventStore(path, flush_interval_ms=60_000, flush_max_rows=100).open()
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def text(seq: int, delta: str = "x", *, request_id: str = "r1") -> Text:
+    return Text(request_id=request_id, seq=seq, stream_id=1, delta=delta)
+
+
+def request(request_id: str = "r1", *, status: str = "running", **fields: object) -> RequestRow:
+    row = RequestRow(
+        request_id=request_id, conversation_id="c1", kind="orchestrate", status=status,
+        started_at=T0,
+    )
+    for name, value in fields.items():
+        setattr(row, name, value)
+    return row
+
+
+def message(
+    request_id: str, ordinal: int, role: str, content: str, *, status: str = "complete",
+    created_at: float = T0, conversation_id: str = "c1",
+) -> MessageRow:
+    return MessageRow(
+        message_id=f"{request_id}:{ordinal}", conversation_id=conversation_id,
+        request_id=request_id, ordinal=ordinal, role=role, content=content, status=status,
+        created_at=created_at, updated_at=created_at,
+    )
+
+
+def count(store: EventStore, table: str = "events") -> int:
+    return int(store.query(f"SELECT count(*) FROM {table}")[0][0])
+
+
+async def poll(predicate: object, *, timeout_s: float = 2.0) -> bool:
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return bool(predicate())
+
+
+# -- batching -------------------------------------------------------------------------------
+
+
+async def test_events_are_written_in_batches_by_count(store: EventStore) -> None:
+    for seq in range(1, 1001):
+        store.append_event(text(seq, f"t{seq}"), agent="assistant", depth=0)
+    await store.flush()
+
+    assert count(store) == 1000
+    assert store.stats.flushes >= 10
+    assert store.stats.events_written == 1000
+    assert store.stats.failed_flushes == 0
+    assert store.query("SELECT min(seq), max(seq), count(DISTINCT seq) FROM events") == [
+        (1, 1000, 1000)
+    ]
+
+
+async def test_events_are_written_by_time_without_a_flush(path: Path) -> None:
+    store = EventStore(path, flush_interval_ms=30, flush_max_rows=10_000).open()
+    try:
+        for seq in (1, 2, 3):
+            store.append_event(text(seq), agent="assistant", depth=0)
+        assert await poll(lambda: count(store) == 3), "the timed flush never wrote the events"
+        assert store.stats.failed_flushes == 0
+    finally:
+        store.close()
+
+
+async def test_event_row_holds_the_wire_form(store: EventStore) -> None:
+    event = text(1, "hello")
+    store.append_event(event, agent="assistant", depth=0)
+    store.append_event(Route(request_id="r1", seq=2, route="respond"), agent=None, depth=None)
+    await store.flush()
+
+    rows = store.query(
+        "SELECT request_id, seq, type, stream_id, agent, depth, visibility, data "
+        "FROM events ORDER BY seq"
+    )
+    assert [row[:7] for row in rows] == [
+        ("r1", 1, "text", 1, "assistant", 0, "public"),
+        ("r1", 2, "route", None, None, None, "trace"),
+    ]
+    assert json.loads(rows[0][7]) == json.loads(event.model_dump_json())
+
+
+# -- upserts --------------------------------------------------------------------------------
+
+
+async def test_request_and_message_upserts_coalesce_latest_wins(store: EventStore) -> None:
+    # One batch holding three states of the same rows: only the latest is written.
+    store.put_request(request())
+    store.put_message(message("r1", 1, "assistant", "", status="pending"))
+    store.put_message(message("r1", 1, "assistant", "Hel", status="streaming"))
+    store.put_request(request(status="completed", model="m", total_tokens=7))
+    store.put_message(message("r1", 1, "assistant", "Hello", status="complete"))
+    await store.flush()
+
+    assert store.stats.failed_flushes == 0
+    assert store.query("SELECT request_id, status, model, total_tokens FROM requests") == [
+        ("r1", "completed", "m", 7)
+    ]
+    assert store.query("SELECT message_id, content, status FROM messages") == [
+        ("r1:1", "Hello", "complete")
+    ]
+
+    # A later batch replaces the stored row.
+    store.put_request(request(status="error", error="boom"))
+    await store.flush()
+    assert store.query("SELECT status, error, model FROM requests") == [("error", "boom", None)]
+    assert count(store, "requests") == 1
+
+
+async def test_put_takes_a_copy_of_the_row(store: EventStore) -> None:
+    row = request()
+    store.put_request(row)
+    row.status = "completed"  # mutated after queueing: the queued state must not change
+    await store.flush()
+    assert store.query("SELECT status FROM requests") == [("running",)]
+
+
+async def test_duplicate_event_key_across_batches_keeps_the_rest(store: EventStore) -> None:
+    store.append_event(text(1, "a"), agent="assistant", depth=0)
+    store.append_event(text(2, "b"), agent="assistant", depth=0)
+    await store.flush()
+
+    store.append_event(text(2, "DUPLICATE"), agent="assistant", depth=0)
+    store.append_event(text(3, "c"), agent="assistant", depth=0)
+    store.append_event(text(4, "d"), agent="assistant", depth=0)
+    store.put_request(request(status="completed"))
+    await store.flush()
+
+    rows = store.query("SELECT seq, data->>'delta' FROM events ORDER BY seq")
+    assert rows == [(1, "a"), (2, "b"), (3, "c"), (4, "d")]  # the stored one is kept
+    assert store.query("SELECT status FROM requests") == [("completed",)]
+    assert store.stats.failed_flushes == 0
+
+
+async def test_duplicate_event_key_within_one_batch_keeps_the_rest(store: EventStore) -> None:
+    store.append_event(text(1, "a"), agent="assistant", depth=0)
+    store.append_event(text(1, "again"), agent="assistant", depth=0)
+    store.append_event(text(2, "b"), agent="assistant", depth=0)
+    store.put_message(message("r1", 0, "user", "hi"))
+    await store.flush()
+
+    assert store.query("SELECT seq FROM events ORDER BY seq") == [(1,), (2,)]
+    assert count(store, "messages") == 1
+    assert store.stats.failed_flushes == 0
+
+
+# -- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_close_writes_everything_queued(path: Path) -> None:
+    store = EventStore(path).open()  # defaults: 250 ms, 2048 rows
+    for seq in range(1, 5001):
+        store.append_event(text(seq), agent="assistant", depth=0)
+    store.close()
+    store.close()  # idempotent
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        assert con.execute("SELECT count(*), max(seq) FROM events").fetchall() == [(5000, 5000)]
+    finally:
+        con.close()
+
+
+async def test_writes_after_close_raise_store_error(path: Path) -> None:
+    store = EventStore(path).open()
+    store.close()
+    with pytest.raises(StoreError):
+        store.append_event(text(1), agent=None, depth=None)
+    with pytest.raises(StoreError):
+        store.put_request(request())
+    with pytest.raises(StoreError):
+        store.put_message(message("r1", 0, "user", "hi"))
+    with pytest.raises(StoreError):
+        await store.flush()
+    with pytest.raises(StoreError):
+        store.query("SELECT 1")
+
+
+async def test_writes_before_open_raise_store_error(path: Path) -> None:
+    with pytest.raises(StoreError):
+        EventStore(path).append_event(text(1), agent=None, depth=None)
+
+
+# -- failures -------------------------------------------------------------------------------
+
+
+async def test_writer_survives_a_failing_batch(store: EventStore) -> None:
+    store.put_request(request("bad", conversation_id=None))  # NOT NULL violated
+    with pytest.raises(StoreError):
+        await store.flush()
+    assert store.stats.failed_flushes == 1
+    assert store.stats.last_error
+
+    store.append_event(text(1), agent="assistant", depth=0)
+    store.put_request(request("good"))
+    await store.flush()
+    assert count(store) == 1
+    assert store.query("SELECT request_id FROM requests") == [("good",)]
+    assert store.stats.failed_flushes == 1
+
+
+async def test_writer_survives_a_failing_batch_without_flush(path: Path) -> None:
+    store = EventStore(path, flush_interval_ms=20, flush_max_rows=10_000).open()
+    try:
+        store.put_request(request("bad", conversation_id=None))
+        assert await poll(lambda: store.stats.failed_flushes == 1)
+        store.append_event(text(1), agent="assistant", depth=0)
+        assert await poll(lambda: count(store) == 1), "the writer stopped after a failure"
+    finally:
+        store.close()
+
+
+async def test_flush_reports_a_failed_sub_batch(path: Path) -> None:
+    store = EventStore(path, flush_interval_ms=60_000, flush_max_rows=2).open()
+    try:
+        bad = text(1)
+        bad.request_id = None  # type: ignore[assignment]  # NOT NULL violated
+        store.append_event(bad, agent=None, depth=None)
+        store.append_event(text(2), agent=None, depth=None)  # same sub-batch: lost with it
+        store.append_event(text(3), agent=None, depth=None)  # the final batch: written
+        with pytest.raises(StoreError):
+            await store.flush()
+    finally:
+        store.close()
+
+
+# -- history --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def conversation(store: EventStore) -> EventStore:
+    rows = [
+        # r1: a complete exchange
+        message("r1", 0, "system", "be brief", created_at=T0 + 1),
+        message("r1", 1, "user", "u1", created_at=T0 + 1),
+        message("r1", 2, "assistant", "a1", created_at=T0 + 1),
+        # r2: the assistant produced nothing
+        message("r2", 0, "user", "u2", created_at=T0 + 2),
+        message("r2", 1, "assistant", "", status="complete", created_at=T0 + 2),
+        # r3: the assistant failed half way
+        message("r3", 0, "user", "u3", created_at=T0 + 3),
+        message("r3", 1, "assistant", "half", status="error", created_at=T0 + 3),
+        # r4: still pending / streaming
+        message("r4", 0, "user", "u4", created_at=T0 + 4),
+        message("r4", 1, "assistant", "p", status="pending", created_at=T0 + 4),
+        # r5: cancelled with some text (kept: the user saw it)
+        message("r5", 0, "user", "u5", created_at=T0 + 5),
+        message("r5", 1, "assistant", "a5", status="cancelled", created_at=T0 + 5),
+        # r6: the turn asking
+        message("r6", 0, "user", "u6", created_at=T0 + 6),
+        message("r6", 1, "assistant", "", status="pending", created_at=T0 + 6),
+        # another conversation
+        message("x1", 0, "user", "other", created_at=T0 + 2, conversation_id="c2"),
+    ]
+    # Inserted out of order: the query orders them.
+    for row in reversed(rows):
+        store.put_message(row)
+    await store.flush()
+    return store
+
+
+async def test_load_history_order_and_filters(conversation: EventStore) -> None:
+    history = await conversation.load_history("c1", limit=100, exclude_request_id="r6")
+    assert history == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "u1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "u2"},
+        {"role": "user", "content": "u3"},
+        {"role": "user", "content": "u4"},
+        {"role": "user", "content": "u5"},
+        {"role": "assistant", "content": "a5"},
+    ]
+
+
+async def test_load_history_without_exclusion(conversation: EventStore) -> None:
+    history = await conversation.load_history("c1", limit=100)
+    assert history[-1] == {"role": "user", "content": "u6"}
+    assert await conversation.load_history("c2", limit=100) == [
+        {"role": "user", "content": "other"}
+    ]
+    assert await conversation.load_history("nope", limit=100) == []
+
+
+async def test_load_history_limit_keeps_the_latest_oldest_first(conversation: EventStore) -> None:
+    history = await conversation.load_history("c1", limit=3, exclude_request_id="r6")
+    assert history == [
+        {"role": "user", "content": "u4"},
+        {"role": "user", "content": "u5"},
+        {"role": "assistant", "content": "a5"},
+    ]
+
+
+async def test_load_history_sees_unflushed_writes(store: EventStore) -> None:
+    store.put_message(message("r1", 0, "user", "queued", created_at=T0))
+    # No flush: load_history is itself a barrier.
+    assert await store.load_history("c1", limit=10) == [{"role": "user", "content": "queued"}]
