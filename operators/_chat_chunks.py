@@ -29,7 +29,7 @@ def to_chat_chunks(
       top-level ``stream_end``; ``"stop"`` when none was given), then, when
       ``include_usage``, a chunk with ``choices: []`` and the summed ``token_usage``;
     - an ``error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
-      an ``APIError`` in the client's loop.
+      an ``APIError`` in the client's loop; no finish or usage chunk follows it.
 
     Other events (trace, tools, brackets) produce no chunk. State (role sent, depths,
     finish reason, usage) lives in the subscription.
@@ -60,6 +60,7 @@ def to_chat_chunks(
             role_sent = False
             depths: dict[int, int] = {}
             finish_reason: str | None = None
+            failed = False
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
             def delta(content: str | None) -> dict[str, Any]:
@@ -73,7 +74,7 @@ def to_chat_chunks(
                 return out
 
             def on_next(event: Event) -> None:
-                nonlocal finish_reason
+                nonlocal finish_reason, failed
                 match event:
                     case Text(delta=text):
                         observer.on_next(chunk(delta(text), None))
@@ -87,11 +88,12 @@ def to_chat_chunks(
                         usage["completion_tokens"] += event.completion_tokens
                         usage["total_tokens"] += event.total_tokens
                     case ErrorEvent(error=message):
+                        failed = True
                         observer.on_next(
                             {"error": {"message": message, "type": "upstream_error",
                                        "code": "turn_failed"}}
                         )
-                    case Done():
+                    case Done() if not failed:
                         observer.on_next(chunk(delta(None), finish_reason or "stop"))
                         if include_usage:
                             observer.on_next({

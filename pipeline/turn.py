@@ -35,7 +35,7 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str = ""
+    content: str  # required; null (as OpenAI allows for assistant messages) reads as ""
 
     @field_validator("content", mode="before")
     @classmethod

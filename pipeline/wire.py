@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from pipeline.errors import PipelineError
 from pipeline.turn import ChatMessage
@@ -36,9 +36,9 @@ class OrchestrateRequest(BaseModel):
 
     messages: list[ChatMessage] = Field(min_length=1)
     conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
-    trace: bool = False
+    trace: StrictBool = False
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     on_disconnect: Literal["continue", "cancel"] = "continue"
 
 
@@ -57,8 +57,8 @@ class ChatCompletionRequest(BaseModel):
 
     model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=100_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=100_000)
+    max_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     conversation_id: str | None = Field(default=None, min_length=1, max_length=200)

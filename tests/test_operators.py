@@ -866,9 +866,7 @@ def test_to_chat_chunks_error_event_becomes_an_error_object() -> None:
             on_next(
                 220, {"error": {"message": "model down", "type": "upstream_error", "code": "turn_failed"}}
             ),
-            # no text came, so the role rides on the finish chunk
-            on_next(240, chunk({"role": "assistant"}, "stop", usage_key=True)),
-            on_next(240, usage_chunk(0, 0, 0)),
+            # after an error chunk the SDK has raised: no finish or usage chunk follows
             on_completed(250),
         ]
     )

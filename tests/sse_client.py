@@ -1,0 +1,214 @@
+"""A tiny Server-Sent-Events parser and the native wire-rules checker, for tests.
+
+Parsing follows the SSE spec (https://html.spec.whatwg.org/multipage/server-sent-events.html):
+lines end with ``\\r\\n``, ``\\n`` or ``\\r``; ``field: value`` loses one space after the
+colon; a line starting with ``:`` is a comment; ``data`` lines are joined with ``\\n``; a
+blank line ends a frame. Unlike a browser we keep frames without data (comments, lone
+``retry:``) so tests can assert that a stream has none.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import itertools
+import json
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import aiohttp
+
+TRACE_TYPES = frozenset({"llm_call", "route", "memory"})
+# Events that belong to an open stream (its stream_start seen, its stream_end not yet).
+_IN_STREAM_TYPES = frozenset({"text", "tool_call", "tool_result", "token_usage", "advisor"})
+
+
+@dataclasses.dataclass(slots=True)
+class Frame:
+    """One SSE frame as received (``data`` is None when the frame had no ``data:`` line)."""
+
+    id: str | None = None
+    event: str | None = None
+    data: str | None = None
+    retry: int | None = None
+    comments: list[str] = dataclasses.field(default_factory=list)
+    fields: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    @property
+    def json(self) -> Any:
+        """``data`` parsed as JSON."""
+        assert self.data is not None, f"frame without data: {self}"
+        return json.loads(self.data)
+
+
+class SSEParser:
+    """Incremental parser: :meth:`feed` bytes as they arrive, get the completed frames."""
+
+    def __init__(self) -> None:
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._pending = ""  # text not yet split into complete lines
+        self._frame = Frame()
+        self._data: list[str] = []
+        self._started = False  # whether the current frame has any line
+        self._first = True  # a leading BOM is dropped
+
+    def feed(self, chunk: bytes) -> list[Frame]:
+        """Parse more bytes; returns the frames they completed."""
+        text = self._decoder.decode(chunk)
+        if self._first and text:
+            text = text.removeprefix("\ufeff")
+            self._first = False
+        return self._lines(self._pending + text, final=False)
+
+    def close(self) -> list[Frame]:
+        """End of stream: a frame not ended by a blank line is dropped (as the spec says)."""
+        text = self._pending + self._decoder.decode(b"", final=True)
+        frames = self._lines(text, final=True)
+        self._pending = ""
+        return frames
+
+    def _lines(self, text: str, *, final: bool) -> list[Frame]:
+        frames: list[Frame] = []
+        start = 0
+        i = 0
+        n = len(text)
+        while i < n:
+            ch = text[i]
+            if ch == "\n" or ch == "\r":
+                if ch == "\r" and i + 1 == n and not final:
+                    break  # maybe the first half of \r\n: wait for more bytes
+                frame = self._line(text[start:i])
+                if frame is not None:
+                    frames.append(frame)
+                i += 2 if ch == "\r" and i + 1 < n and text[i + 1] == "\n" else 1
+                start = i
+            else:
+                i += 1
+        self._pending = text[start:]
+        return frames
+
+    def _line(self, line: str) -> Frame | None:
+        if line == "":
+            if not self._started:
+                return None
+            frame = self._frame
+            if self._data:
+                frame.data = "\n".join(self._data)
+            self._frame, self._data, self._started = Frame(), [], False
+            return frame
+        self._started = True
+        if line.startswith(":"):
+            self._frame.comments.append(line[1:].removeprefix(" "))
+            return None
+        name, sep, value = line.partition(":")
+        if sep:
+            value = value.removeprefix(" ")
+        self._frame.fields.append((name, value))
+        match name:
+            case "data":
+                self._data.append(value)
+            case "event":
+                self._frame.event = value
+            case "id":
+                if "\0" not in value:
+                    self._frame.id = value
+            case "retry":
+                if value.isdigit():
+                    self._frame.retry = int(value)
+            case _:
+                pass  # unknown fields are ignored
+        return None
+
+
+def parse_sse(raw: bytes | str) -> list[Frame]:
+    """Every frame of a complete SSE body."""
+    parser = SSEParser()
+    frames = parser.feed(raw.encode() if isinstance(raw, str) else raw)
+    return frames + parser.close()
+
+
+async def iter_frames(response: aiohttp.ClientResponse) -> AsyncIterator[Frame]:
+    """Frames of a streaming aiohttp response as they arrive."""
+    parser = SSEParser()
+    async for chunk in response.content.iter_any():
+        for frame in parser.feed(chunk):
+            yield frame
+    for frame in parser.close():
+        yield frame
+
+
+async def read_frames(response: aiohttp.ClientResponse) -> list[Frame]:
+    """Every frame of a streaming aiohttp response, read to its end."""
+    return parse_sse(await response.read())
+
+
+def events_of(frames: Iterable[Frame]) -> list[dict[str, Any]]:
+    """The ``data`` of every frame that has one, parsed."""
+    return [frame.json for frame in frames if frame.data is not None]
+
+
+def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str, Any]]:
+    """Assert the native protocol's rules (DESIGN.md "The wire"); returns the events.
+
+    - every frame is an event frame (``id``, ``event``, one-line JSON ``data``) whose
+      ``event`` equals ``data.type`` and whose ``id`` equals ``data.seq``;
+    - the first is ``request_received`` with seq 1; exactly one ``done``, and it is last;
+    - ids strictly increase; ``data.request_id`` is the same everywhere;
+    - every ``stream_start`` is closed by exactly one ``stream_end`` with its stream_id,
+      innermost first; events of a stream come while it is open;
+    - trace-only types (llm_call, route, memory) appear only when ``trace``; with trace on
+      nothing is hidden, so the seqs are exactly 1..N.
+    """
+    assert frames, "no frames"
+    events: list[dict[str, Any]] = []
+    for index, frame in enumerate(frames):
+        assert frame.data is not None, f"frame {index} has no data: {frame}"
+        assert not frame.comments and frame.retry is None, f"frame {index}: {frame}"
+        assert "\n" not in frame.data, f"frame {index}: data spans lines"
+        data = frame.json
+        assert isinstance(data, dict), f"frame {index}: data is not an object"
+        assert frame.event == data.get("type"), f"frame {index}: event {frame.event!r} vs {data}"
+        assert frame.id is not None and frame.id == str(data.get("seq")), (
+            f"frame {index}: id {frame.id!r} vs seq {data.get('seq')!r}"
+        )
+        events.append(data)
+
+    first = events[0]
+    assert first["type"] == "request_received" and first["seq"] == 1, first
+    types = [e["type"] for e in events]
+    assert types.count("done") == 1, f"{types.count('done')} done events: {types}"
+    assert types[-1] == "done", f"done is not last: {types}"
+
+    seqs = [e["seq"] for e in events]
+    assert all(isinstance(s, int) for s in seqs), seqs
+    assert all(a < b for a, b in itertools.pairwise(seqs)), f"ids not increasing: {seqs}"
+    request_ids = {e.get("request_id") for e in events}
+    assert len(request_ids) == 1 and "" not in request_ids and None not in request_ids, (
+        request_ids
+    )
+
+    stack: list[int] = []
+    closed: set[int] = set()
+    for event in events:
+        kind = event["type"]
+        if kind == "stream_start":
+            sid = event["stream_id"]
+            assert sid not in stack and sid not in closed, f"stream {sid} started twice"
+            stack.append(sid)
+        elif kind == "stream_end":
+            sid = event["stream_id"]
+            assert sid not in closed, f"stream {sid} ended twice"
+            assert stack, f"stream_end {sid} without an open stream"
+            assert stack[-1] == sid, f"stream_end {sid} while {stack[-1]} is innermost"
+            stack.pop()
+            closed.add(sid)
+        elif kind in _IN_STREAM_TYPES:
+            assert event["stream_id"] in stack, f"{kind} of a stream not open: {event}"
+    assert not stack, f"streams never ended: {stack}"
+
+    present = TRACE_TYPES.intersection(types)
+    if trace:
+        assert seqs == list(range(1, len(seqs) + 1)), f"trace on, yet seq gaps: {seqs}"
+    else:
+        assert not present, f"trace types without trace: {sorted(present)}"
+    return events
