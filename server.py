@@ -9,29 +9,42 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
+import datetime
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
+from reactivex import compose
 
-from operators import to_chat_chunks
+from operators import resume_after, to_chat_chunks, visible
 from pipeline.config import Settings
 from pipeline.errors import BufferOverflowError
+from pipeline.events import Event, is_trace
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
-from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse
+from sinks.async_iter import heartbeat
+from sinks.recovery import recover_interrupted
+from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse, retry_frame
 from sinks.store import EventStore
 
 log = logging.getLogger("server")
+
+@dataclasses.dataclass
+class ClientStats:
+    """Open SSE streams, and how many clients were cut off for falling behind."""
+
+    open: int = 0
+    cut_off: int = 0
 
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", EventStore)
@@ -39,6 +52,7 @@ PROVIDER = web.AppKey("provider", OpenAIProvider)
 MODELS: web.AppKey[list[str]] = web.AppKey("models")
 ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
 OFFLINE = web.AppKey("offline", OfflineModelServer)
+CLIENTS = web.AppKey("clients", ClientStats)
 
 _B = TypeVar("_B", bound=BaseModel)
 
@@ -106,28 +120,179 @@ def check_model(request: web.Request, model: str | None) -> str:
 
 # -- handlers -------------------------------------------------------------------------
 async def orchestrate(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/orchestrate``: run a turn and stream its native SSE frames."""
+    """``POST /v1/orchestrate``: run a turn and stream its native SSE frames.
+
+    With ``background: true`` the answer is ``202`` at once and the turn runs on; follow it
+    with ``GET /v1/requests/{id}/events``.
+    """
     body = await read_body(request, OrchestrateRequest)
     model = check_model(request, body.model)
     turn = request.app[ORCHESTRATOR].run(TurnInput(
         messages=body.messages, conversation_id=body.conversation_id, trace=body.trace,
         model=model, max_tokens=body.max_tokens, kind="orchestrate",
     ))
-    response = await open_sse(request, headers=_turn_headers(turn))
+    if body.background:
+        return web.json_response(
+            {"request_id": turn.request_id, "conversation_id": turn.conversation_id,
+             "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
+            status=202, headers=_turn_headers(turn),
+        )
     settings = request.app[SETTINGS]
+    events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events)
     try:
-        async with contextlib.aclosing(
-            turn.events(trace=body.trace, max_buffer=settings.client_buffer_events)
-        ) as events:
-            async for event in events:
-                await response.write(event_frame(event))
-    except BufferOverflowError as exc:
-        await response.write(comment_frame(f"{exc}; resume from your last event id"))
+        return await stream_native(request, events, headers=_turn_headers(turn))
     except (asyncio.CancelledError, ConnectionResetError):
         if body.on_disconnect == "cancel":
             turn.cancel()
         raise
+
+
+async def stream_native(
+    request: web.Request, events: AsyncGenerator[Event], *, headers: dict[str, str]
+) -> web.StreamResponse:
+    """Write native SSE frames: ``retry:`` advice and a comment at once, then the events,
+    with a comment heartbeat whenever the stream is idle for ``HEARTBEAT_S``.
+
+    A client that falls more than ``CLIENT_BUFFER_EVENTS`` behind, or whose writes block
+    for ``CLIENT_WRITE_TIMEOUT_S``, gets a final comment and is disconnected; it resumes
+    from its last event id without loss. The producer never waits for a client.
+    """
+    app = request.app
+    settings = app[SETTINGS]
+    response = await open_sse(request, headers=headers)
+    app[CLIENTS].open += 1
+    try:
+        await response.write(retry_frame(settings.sse_retry_ms) + comment_frame("stream open"))
+        async with contextlib.aclosing(events) as source, contextlib.aclosing(
+            heartbeat(source, period_s=settings.heartbeat_s)
+        ) as beats:
+            async for event in beats:
+                frame = comment_frame("keep-alive") if event is None else event_frame(event)
+                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
+    except BufferOverflowError as exc:
+        app[CLIENTS].cut_off += 1
+        await response.write(comment_frame(f"{exc}; reconnect with Last-Event-ID to resume"))
+    except TimeoutError:
+        app[CLIENTS].cut_off += 1
+        log.warning("cut off a client whose writes blocked for %.0fs", settings.client_write_timeout_s)
+    finally:
+        app[CLIENTS].open -= 1
     return response
+
+
+def parse_cursor(request: web.Request) -> int:
+    """The client's cursor: ``since_seq`` or else ``Last-Event-ID``; 0 = from the start."""
+    raw = request.query.get("since_seq")
+    name = "since_seq"
+    if raw is None:
+        raw, name = request.headers.get("Last-Event-ID"), "Last-Event-ID"
+    if raw is None or raw == "":
+        return 0
+    if not raw.strip().isdecimal():
+        raise ApiError(400, f"{name} must be a non-negative integer, got {raw!r}",
+                       code="invalid_cursor", param=name)
+    return int(raw)
+
+
+def parse_flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "false").lower()
+    if raw not in ("true", "false", "1", "0"):
+        raise ApiError(400, f"{name} must be true or false, got {raw!r}", code="invalid_query",
+                       param=name)
+    return raw in ("true", "1")
+
+
+async def request_events(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/requests/{id}/events``: every event after the cursor, then the live tail.
+
+    A live turn is followed through its hot stream, which replays what the client missed
+    before the live events, so nothing is lost or repeated while the store writes in
+    batches. A finished request (also after a restart) is read from the store.
+    """
+    request_id = request.match_info["request_id"]
+    since = parse_cursor(request)
+    trace = parse_flag(request, "trace")
+    app = request.app
+    turn = app[ORCHESTRATOR].live.get(request_id)
+    events: AsyncGenerator[Event]
+    if turn is not None:
+        events = turn.view(
+            compose(resume_after(since), visible(trace=trace)),
+            max_buffer=app[SETTINGS].client_buffer_events,
+        )
+    else:
+        store = app[STORE]
+        await store.flush()  # a turn that just finished may still be queued
+        if await store.request_row(request_id) is None:
+            raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
+        events = _stored(store, request_id, since, trace=trace)
+    return await stream_native(request, events, headers={"X-Request-Id": request_id})
+
+
+async def _stored(
+    store: EventStore, request_id: str, since: int, *, trace: bool
+) -> AsyncGenerator[Event]:
+    async for event in store.events_since(request_id, since):
+        if trace or not is_trace(event):
+            yield event
+
+
+async def request_status(request: web.Request) -> web.Response:
+    """``GET /v1/requests/{id}``: status and the round (request, messages, usage, timings)."""
+    request_id = request.match_info["request_id"]
+    app = request.app
+    store = app[STORE]
+    turn = app[ORCHESTRATOR].live.get(request_id)
+    await store.flush()
+    row = await store.request_row(request_id)
+    if row is None:
+        raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
+    messages = await store.messages_of(request_id)
+    response = next((m for m in messages if m["role"] == "assistant"), None)
+    return web.json_response(_jsonable({
+        "request_id": request_id,
+        "conversation_id": row["conversation_id"],
+        "status": row["status"],
+        "live": turn is not None,
+        "last_seq": turn.last_seq if turn is not None else row["last_seq"],
+        "model": row["model"],
+        "usage": {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+        "timings": {k: row[k] for k in ("started_at", "finished_at", "duration_ms",
+                                          "first_token_ms")},
+        "error": row["error"],
+        "request": [m for m in messages if m["role"] != "assistant"],
+        "response": response,
+    }))
+
+
+async def request_cancel(request: web.Request) -> web.Response:
+    """``POST /v1/requests/{id}/cancel``: stop a running turn, keeping its partial answer."""
+    request_id = request.match_info["request_id"]
+    app = request.app
+    turn = app[ORCHESTRATOR].live.get(request_id)
+    if turn is not None:
+        turn.cancel()
+        result = await turn.result
+        return web.json_response({"request_id": request_id, "cancelled": True,
+                                  "status": result.status, "last_seq": result.last_seq})
+    await app[STORE].flush()
+    row = await app[STORE].request_row(request_id)
+    if row is None:
+        raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
+    return web.json_response({
+        "request_id": request_id, "cancelled": False, "status": row["status"],
+        "message": f"the request already ended ({row['status']}); nothing to cancel",
+    })
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, datetime.datetime):
+        return value.replace(tzinfo=datetime.UTC).isoformat()
+    return value
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -200,6 +365,8 @@ async def healthz(request: web.Request) -> web.Response:
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": settings.default_model},
         "live_turns": len(app[ORCHESTRATOR].live),
+        "clients": {"open": app[CLIENTS].open, "cut_off": app[CLIENTS].cut_off},
+        "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),
         "store": {"path": app[STORE].path, "events_written": stats.events_written,
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
                   "last_flush_ms": round(stats.last_flush_ms, 3), "last_error": stats.last_error},
@@ -213,6 +380,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
                        flush_max_rows=settings.flush_max_rows)
     await asyncio.to_thread(store.open)
     app[STORE] = store
+    await recover_interrupted(store)
     yield
     await asyncio.to_thread(store.close)  # writes everything still queued
 
@@ -281,11 +449,15 @@ def create_app(settings: Settings | None = None) -> web.Application:
     settings = settings or Settings()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS] = settings
+    app[CLIENTS] = ClientStats()
     app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/requests/{request_id}/events", request_events)
+    app.router.add_get("/v1/requests/{request_id}", request_status)
+    app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -6,9 +6,11 @@ Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 """
 
 from operators._chat_chunks import ChatChunk, to_chat_chunks
+from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
 from operators._panel import alongside, merge_panel
+from operators._resume import resume_after
 from operators._sequence import sequence, then
 from operators._turn_envelope import turn_envelope
 from operators._visibility import visible
@@ -17,8 +19,10 @@ __all__ = [
     "ChatChunk",
     "alongside",
     "from_async_iterable",
+    "merge_fair",
     "merge_panel",
     "number_events",
+    "resume_after",
     "sequence",
     "then",
     "to_chat_chunks",

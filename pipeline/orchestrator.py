@@ -25,6 +25,7 @@ from typing import TypeVar
 
 from reactivex import Observable
 from reactivex import operators as ops
+from reactivex.abc import SubjectBase
 from reactivex.subject import Subject
 
 from operators import from_async_iterable, number_events, sequence, turn_envelope, visible
@@ -55,9 +56,10 @@ class Turn:
 
     def __init__(
         self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
-        cancel: Subject[None], recorder: TurnRecorder,
+        cancel: Subject[None], recorder: TurnRecorder, subject: SubjectBase[Event],
     ) -> None:
         self.ctx = ctx
+        self._subject = subject
         self._recorder = recorder
         self.request_id = ctx.request_id
         self.conversation_id = ctx.conversation_id
@@ -74,6 +76,11 @@ class Turn:
         ``done`` with ``reason: "cancelled"``. A no-op once the turn has finished."""
         if not self.result.done():
             self._cancel.on_next(None)
+
+    @property
+    def subscribers(self) -> int:
+        """How many observers follow the turn's hot stream now (recorder included)."""
+        return len(getattr(self._subject, "observers", ()))
 
     @property
     def last_seq(self) -> int:
@@ -163,7 +170,8 @@ class StreamingOrchestrator:
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
         shared.subscribe(recorder)
-        turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder)
+        turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
+                    subject=shared.subject)
         self.live[ctx.request_id] = turn
         shared.connect()
         return turn

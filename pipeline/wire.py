@@ -40,6 +40,7 @@ class OrchestrateRequest(BaseModel):
     model: str | None = None
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     on_disconnect: Literal["continue", "cancel"] = "continue"
+    background: StrictBool = False
 
 
 class StreamOptions(BaseModel):

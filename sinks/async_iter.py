@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import threading
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TypeVar
 
 from reactivex import Observable, abc
@@ -97,3 +98,35 @@ async def to_async_iterator(source: Observable[_T], *, max_buffer: int) -> Async
             await wakeup.wait()
     finally:
         subscription.dispose()
+
+
+async def heartbeat(source: AsyncIterator[_T], *, period_s: float) -> AsyncGenerator[_T | None]:
+    """Yield ``source``'s items, and ``None`` whenever it has been idle for ``period_s``.
+
+    The pending ``__anext__`` is kept across idle periods (never cancelled by a timeout),
+    so no item is lost; closing this iterator cancels it, which closes ``source``'s wait.
+    SSE writers turn each ``None`` into a comment line that keeps proxies from cutting an
+    idle stream.
+    """
+    pending: asyncio.Future[_T] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({pending}, timeout=period_s)
+            if not done:
+                yield None
+                continue
+            try:
+                item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if pending.done():
+                    pending = None
+            yield item
+    finally:
+        if pending is not None and not pending.done():
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
+                await pending

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -32,7 +32,7 @@ import duckdb
 import pyarrow as pa
 
 from pipeline.errors import StoreError
-from pipeline.events import EventBase, stream_id_of, visibility
+from pipeline.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
 
 log = logging.getLogger(__name__)
 
@@ -289,6 +289,47 @@ class EventStore:
             [conversation_id, exclude_request_id, limit],
         )
         return [{"role": role, "content": content} for role, content in rows]
+
+    async def events_since(
+        self, request_id: str, since_seq: int, *, page: int = 1000
+    ) -> AsyncIterator[Event]:
+        """A request's stored events with ``seq > since_seq``, in order, read page by page.
+
+        Call :meth:`flush` first when the request may still be writing.
+        """
+        cursor = since_seq
+        while True:
+            rows = await self.aquery(
+                "SELECT seq, data FROM events WHERE request_id = ? AND seq > ? "
+                "ORDER BY seq LIMIT ?",
+                [request_id, cursor, page],
+            )
+            for seq, data in rows:
+                cursor = seq
+                yield EVENT_ADAPTER.validate_json(data)
+            if len(rows) < page:
+                return
+
+    async def request_row(self, request_id: str) -> dict[str, Any] | None:
+        """The ``requests`` row of a request as a dict, or None when unknown."""
+        return next(iter(await self._dicts(
+            "SELECT * FROM requests WHERE request_id = ?", [request_id])), None)
+
+    async def messages_of(self, request_id: str) -> list[dict[str, Any]]:
+        """A request's messages in order (its input, then the assistant's answer)."""
+        return await self._dicts(
+            "SELECT * FROM messages WHERE request_id = ? ORDER BY ordinal", [request_id])
+
+    async def _dicts(self, sql: str, params: Sequence[Any]) -> list[dict[str, Any]]:
+        def run() -> list[dict[str, Any]]:
+            with self._read_lock:
+                if self._read is None:
+                    raise StoreError("the event store is not open")
+                result = self._read.execute(sql, list(params))
+                names = [column[0] for column in result.description or ()]
+                return [dict(zip(names, row, strict=True)) for row in result.fetchall()]
+
+        return await asyncio.to_thread(run)
 
     # -- the writer thread ----------------------------------------------------------
     def _run_writer(self, con: duckdb.DuckDBPyConnection) -> None:

@@ -150,7 +150,8 @@ def events_of(frames: Iterable[Frame]) -> list[dict[str, Any]]:
 def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str, Any]]:
     """Assert the native protocol's rules (DESIGN.md "The wire"); returns the events.
 
-    - every frame is an event frame (``id``, ``event``, one-line JSON ``data``) whose
+    - frames without data (comments, ``retry:``) are skipped, as clients skip them;
+    - every other frame is an event frame (``id``, ``event``, one-line JSON ``data``) whose
       ``event`` equals ``data.type`` and whose ``id`` equals ``data.seq``;
     - the first is ``request_received`` with seq 1; exactly one ``done``, and it is last;
     - ids strictly increase; ``data.request_id`` is the same everywhere;
@@ -159,10 +160,12 @@ def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str,
     - trace-only types (llm_call, route, memory) appear only when ``trace``; with trace on
       nothing is hidden, so the seqs are exactly 1..N.
     """
+    # Comment-only and retry-only frames (heartbeats, reconnect advice) are not dispatched
+    # by clients; the rules are about the event frames.
+    frames = [frame for frame in frames if frame.data is not None]
     assert frames, "no frames"
     events: list[dict[str, Any]] = []
     for index, frame in enumerate(frames):
-        assert frame.data is not None, f"frame {index} has no data: {frame}"
         assert not frame.comments and frame.retry is None, f"frame {index}: {frame}"
         assert "\n" not in frame.data, f"frame {index}: data spans lines"
         data = frame.json

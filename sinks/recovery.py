@@ -1,0 +1,82 @@
+"""Start-up recovery: close the turns a killed process left ``running`` in the store.
+
+A ``kill -9`` (or a crash) leaves requests whose last stored event is not ``done``; their
+followers would wait forever and the wire rules would not hold. On start-up each such
+request is closed in the store as the wire requires: every open stream ends with status
+``error``, then one ``error`` event and one ``done`` (``ok: false, reason:
+"interrupted"``), numbered after the last stored event. The request becomes
+``interrupted`` and its assistant message keeps the text that was stored.
+
+At most the last flush interval of events (``FLUSH_INTERVAL_MS``) is lost in a crash; the
+recovered stream ends where the stored one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from pipeline.events import Done, ErrorEvent, Event, StreamEnd
+from pipeline.turn import TurnState
+from sinks.store import EventStore, MessageRow, RequestRow
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED_ERROR = "interrupted: the server stopped before the turn finished"
+
+
+async def recover_interrupted(store: EventStore) -> list[str]:
+    """Close every request still ``running`` in the store; return their ids."""
+    rows = await store.aquery("SELECT request_id FROM requests WHERE status = 'running'")
+    recovered = [request_id for (request_id,) in rows]
+    for request_id in recovered:
+        await _close(store, request_id)
+    if recovered:
+        await store.flush()
+        log.warning("closed %d requests interrupted by the last stop: %s",
+                    len(recovered), ", ".join(recovered))
+    return recovered
+
+
+async def _close(store: EventStore, request_id: str) -> None:
+    request = await store.request_row(request_id)
+    assert request is not None
+    state = TurnState(request_id, request["conversation_id"], request["model"] or "")
+    streams: dict[int, tuple[str | None, int | None]] = {}
+    open_streams: list[int] = []
+    async for event in store.events_since(request_id, 0):
+        state.apply(event)
+        if event.type == "stream_start":
+            streams[event.stream_id] = (event.agent, event.depth)
+            open_streams.append(event.stream_id)
+        elif event.type == "stream_end" and event.stream_id in open_streams:
+            open_streams.remove(event.stream_id)
+    started = request["started_at"].timestamp() if request["started_at"] else time.time()
+    closing: list[tuple[Event, str | None, int | None]] = []
+    for stream_id in reversed(open_streams):
+        closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
+    closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
+    closing.append((Done(ok=False, duration_ms=0.0, reason="interrupted"), None, None))
+    seq = state.last_seq
+    for event, agent, depth in closing:
+        seq += 1
+        event.request_id = request_id
+        event.seq = seq
+        state.apply(event)
+        store.append_event(event, agent=agent, depth=depth)
+    now = time.time()
+    store.put_request(RequestRow(
+        request_id=request_id, conversation_id=request["conversation_id"], kind=request["kind"],
+        status="interrupted", started_at=started, trace=request["trace"], finished_at=now,
+        duration_ms=None, first_token_ms=request["first_token_ms"], model=request["model"],
+        prompt_tokens=state.usage.prompt_tokens, completion_tokens=state.usage.completion_tokens,
+        total_tokens=state.usage.total_tokens, last_seq=seq, error=INTERRUPTED_ERROR,
+    ))
+    for message in await store.messages_of(request_id):
+        if message["role"] == "assistant":
+            store.put_message(MessageRow(
+                message_id=message["message_id"], conversation_id=message["conversation_id"],
+                request_id=request_id, ordinal=message["ordinal"], role="assistant",
+                content=state.content, status="interrupted",
+                created_at=message["created_at"].timestamp(), updated_at=now,
+            ))
