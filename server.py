@@ -10,17 +10,16 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
-import datetime
 import json
 import logging
 import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from reactivex import compose
 
 from operators import resume_after, to_chat_chunks, visible
@@ -30,6 +29,7 @@ from pipeline.events import Event, is_trace
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
+from pipeline.sessions import SessionCoordinator, TurnFailedError
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
 from sinks.async_iter import heartbeat
@@ -53,6 +53,7 @@ MODELS: web.AppKey[list[str]] = web.AppKey("models")
 ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
 OFFLINE = web.AppKey("offline", OfflineModelServer)
 CLIENTS = web.AppKey("clients", ClientStats)
+COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
 
 _B = TypeVar("_B", bound=BaseModel)
 
@@ -240,29 +241,92 @@ async def _stored(
 async def request_status(request: web.Request) -> web.Response:
     """``GET /v1/requests/{id}``: status and the round (request, messages, usage, timings)."""
     request_id = request.match_info["request_id"]
-    app = request.app
-    store = app[STORE]
-    turn = app[ORCHESTRATOR].live.get(request_id)
-    await store.flush()
-    row = await store.request_row(request_id)
-    if row is None:
+    round_ = await request.app[COORDINATOR].get_round(request_id)
+    if round_ is None:
         raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
-    messages = await store.messages_of(request_id)
-    response = next((m for m in messages if m["role"] == "assistant"), None)
-    return web.json_response(_jsonable({
-        "request_id": request_id,
-        "conversation_id": row["conversation_id"],
-        "status": row["status"],
-        "live": turn is not None,
-        "last_seq": turn.last_seq if turn is not None else row["last_seq"],
-        "model": row["model"],
-        "usage": {k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
-        "timings": {k: row[k] for k in ("started_at", "finished_at", "duration_ms",
-                                          "first_token_ms")},
-        "error": row["error"],
-        "request": [m for m in messages if m["role"] != "assistant"],
-        "response": response,
-    }))
+    return web.json_response(round_.model_dump(mode="json"))
+
+
+class WsChat(BaseModel):
+    """A ``chat`` message on ``/v1/ws``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["chat"]
+    content: str = Field(min_length=1)
+    session_id: str | None = Field(default=None, min_length=1, max_length=200)
+    model: str | None = None
+
+
+class WsCancel(BaseModel):
+    """A ``cancel`` message on ``/v1/ws``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+    response_id: str
+
+
+_WS_MESSAGE: TypeAdapter[WsChat | WsCancel] = TypeAdapter(
+    Annotated[WsChat | WsCancel, Field(discriminator="type")]
+)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """``/v1/ws``: ``{"type": "chat", "content", "session_id"?}`` starts a turn; the socket
+    gets ``response_id``, then ``update`` frames, then ``complete``. ``{"type": "cancel",
+    "response_id"}`` cancels. Bad messages get an ``error`` frame; the socket stays open.
+    Closing the socket abandons the updates; the turns run on."""
+    app = request.app
+    ws = web.WebSocketResponse(heartbeat=app[SETTINGS].heartbeat_s,
+                               max_msg_size=app[SETTINGS].max_body_bytes)
+    await ws.prepare(request)
+    chats: set[asyncio.Task[None]] = set()
+    try:
+        async for message in ws:
+            if message.type != web.WSMsgType.TEXT:
+                continue
+            try:
+                parsed = _WS_MESSAGE.validate_json(message.data)
+                if isinstance(parsed, WsChat):
+                    check_model(request, parsed.model)
+            except ValidationError as exc:
+                await ws.send_json({"type": "error", **ApiError(
+                    400, f"invalid message: {exc.errors()[0]['msg']}", code="invalid_message",
+                ).body()})
+                continue
+            except ApiError as exc:
+                await ws.send_json({"type": "error", **exc.body()})
+                continue
+            if isinstance(parsed, WsCancel):
+                turn = app[ORCHESTRATOR].live.get(parsed.response_id)
+                if turn is not None:
+                    turn.cancel()
+                continue
+            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
+            chats.add(task)
+            task.add_done_callback(chats.discard)
+    finally:
+        for task in chats:  # tasks made in a handler are not cancelled with it
+            task.cancel()
+        await asyncio.gather(*chats, return_exceptions=True)
+    return ws
+
+
+async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
+    handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
+    await ws.send_json({"type": "response_id", "response_id": handle.response_id,
+                        "session_id": handle.session_id})
+    async with contextlib.aclosing(handle.updates) as updates:
+        async for update in updates:
+            await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")})
+    try:
+        result = await handle.completion
+        status, error = result.status, None
+    except TurnFailedError as exc:
+        status, error = exc.result.status, exc.result.error
+    await ws.send_json({"type": "complete", "response_id": handle.response_id,
+                        "status": status, "error": error})
 
 
 async def request_cancel(request: web.Request) -> web.Response:
@@ -283,16 +347,6 @@ async def request_cancel(request: web.Request) -> web.Response:
         "request_id": request_id, "cancelled": False, "status": row["status"],
         "message": f"the request already ended ({row['status']}); nothing to cancel",
     })
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, datetime.datetime):
-        return value.replace(tzinfo=datetime.UTC).isoformat()
-    return value
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -429,6 +483,8 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages,
     )
+    app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
+                                          max_buffer=settings.client_buffer_events)
     yield
     await app[ORCHESTRATOR].drain(grace_s=0)  # normally already drained on shutdown
 
@@ -458,6 +514,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/requests/{request_id}/events", request_events)
     app.router.add_get("/v1/requests/{request_id}", request_status)
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
+    app.router.add_get("/v1/ws", websocket)
     app.router.add_get("/healthz", healthz)
     return app
 

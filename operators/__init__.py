@@ -10,13 +10,16 @@ from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
 from operators._panel import alongside, merge_panel
+from operators._replay_log import ReplayLog
 from operators._resume import resume_after
 from operators._sequence import sequence, then
 from operators._turn_envelope import turn_envelope
+from operators._turn_updates import TurnUpdate, turn_updates
 from operators._visibility import visible
 
 __all__ = [
     "ChatChunk",
+    "ReplayLog",
     "alongside",
     "from_async_iterable",
     "merge_fair",
@@ -26,6 +29,8 @@ __all__ = [
     "sequence",
     "then",
     "to_chat_chunks",
+    "TurnUpdate",
     "turn_envelope",
+    "turn_updates",
     "visible",
 ]

@@ -39,17 +39,21 @@ def merge_fair(
 
     ::
 
-        alice:   -a-a-a-a-a-a|          (verbose: ten times more events)
-        bob:     ---b-------b|
-        demand:  1----1----1----1----1----1----1----1...   (the consumer takes 5 ticks/event)
-        merge:   -a----a----a----a----a----b----a----b-...  (FIFO: bob waits behind alice)
-        fair:    -a----b----a----a----b----a----a----a|     (round-robin: bob next in line)
+        alice:   -a-a-a-a-a-a-a-a-a-a|                       (ten times more verbose)
+        bob:     --b---------------b-|
+        demand:  1---1---1---1---1---1---1---1---1---1---1---1  (4 ticks per event)
+        fair:    -a--b---a---a---a---a---b---a---a---a---a---(a,|)
+        FIFO:    -a--b---a---a---a---a---a---a---a---a---b---(a,|)  (merge, same consumer)
+
+    Bob's second event waits one turn, not behind all of alice's backlog.
 
     Emitting ``n`` on ``demand`` from inside ``on_next`` (a consumer that is done at once)
     is fine and releases the next event before returning. Every operator between this one
     and whatever signals demand must be one-to-one (``map``, ``number_events``): a
     ``filter`` in between would swallow released events and the demand they used, and the
-    consumer would wait forever; filter before this operator or in the consumer.
+    consumer would wait forever; filter before this operator or in the consumer. Put it
+    before ``number_events``: fair release reorders events across keys, and ``seq`` must
+    follow the order clients see.
 
     Bounds and overflow (``max_buffer_per_key`` events per queue, so memory is at most
     that times the number of keys waiting):
@@ -191,6 +195,7 @@ def merge_fair(
                         return
                     try:
                         k: Hashable = index if key is None else key(item)
+                        hash(k)  # an unhashable key is the callback's failure too
                     except Exception as exc:
                         fail(exc, drop_queued=False)
                     else:

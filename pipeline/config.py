@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=10.0, ge=0, description="running turns get this long on SIGTERM")
     heartbeat_s: float = Field(default=15.0, gt=0, description="comment line on idle native streams")
     sse_retry_ms: int = Field(default=2000, ge=0, description="reconnect advice sent to EventSource")
-    client_write_timeout_s: float = Field(default=30.0, gt=0, description="a write blocked longer cuts the client")
+    client_write_timeout_s: float = Field(
+        default=30.0, gt=0, description="a write blocked longer cuts the client"
+    )
     client_buffer_events: int = Field(default=4096, ge=1, description="events a slow SSE client may lag")
 
     # Model provider (any OpenAI-compatible endpoint)

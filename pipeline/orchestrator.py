@@ -4,8 +4,8 @@ The flow of one turn (DESIGN.md "The flow")::
 
     sequence(router, memory, response)       each harness a cold Observable (concat)
       .pipe(turn_envelope(...),              request_received … done, streams closed
-            number_events(request_id),       one seq per request, assigned here only
-            ops.replay())                    one hot stream per request, replayed to late
+            number_events(request_id))       one seq per request, assigned here only
+      .subscribe(ReplayLog())                one hot stream per request, replayed to late
                                              subscribers
       ├──► TurnRecorder                      every event → DuckDB; request and messages
       │      └──► result                     the final TurnState → Turn.result
@@ -24,11 +24,16 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar
 
 from reactivex import Observable
-from reactivex import operators as ops
-from reactivex.abc import SubjectBase
 from reactivex.subject import Subject
 
-from operators import from_async_iterable, number_events, sequence, turn_envelope, visible
+from operators import (
+    ReplayLog,
+    from_async_iterable,
+    number_events,
+    sequence,
+    turn_envelope,
+    visible,
+)
 from pipeline.events import Event
 from pipeline.harnesses import Archivist, Harness, MemoryHarness, ResponseHarness, RouterHarness
 from pipeline.providers import ChatProvider
@@ -56,7 +61,7 @@ class Turn:
 
     def __init__(
         self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
-        cancel: Subject[None], recorder: TurnRecorder, subject: SubjectBase[Event],
+        cancel: Subject[None], recorder: TurnRecorder, subject: ReplayLog[Event],
     ) -> None:
         self.ctx = ctx
         self._subject = subject
@@ -80,7 +85,7 @@ class Turn:
     @property
     def subscribers(self) -> int:
         """How many observers follow the turn's hot stream now (recorder included)."""
-        return len(getattr(self._subject, "observers", ()))
+        return len(self._subject.observers)
 
     @property
     def last_seq(self) -> int:
@@ -160,20 +165,20 @@ class StreamingOrchestrator:
             if not result.done():
                 result.set_result(final)
 
-        shared = sequence(
+        numbered = sequence(
             *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
         ).pipe(
             turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel),
             number_events(ctx.request_id),
-            ops.replay(),
         )
+        shared: ReplayLog[Event] = ReplayLog()
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
-        shared.subscribe(recorder)
+        shared.subscribe(recorder)  # first, so the store sees each event before any client
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
-                    subject=shared.subject)
+                    subject=shared)
         self.live[ctx.request_id] = turn
-        shared.connect()
+        numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
 
     async def drain(self, *, grace_s: float) -> int:

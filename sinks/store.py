@@ -231,8 +231,8 @@ class EventStore:
         if self._thread is None:
             raise StoreError("the event store is not open")
         self._ops.append(op)
-        if len(self._ops) >= self.flush_max_rows:
-            self._wake.set()
+        if len(self._ops) >= self.flush_max_rows and not self._wake.is_set():
+            self._wake.set()  # a lock: only once per batch, not on every append
 
     async def flush(self) -> None:
         """Return once everything queued before the call is written (a barrier)."""
