@@ -94,7 +94,7 @@ class ReplayLog(Observable[_T], abc.ObserverBase[_T], Generic[_T]):
         for item in tuple(self.items):
             observer.on_next(item)
         if self._terminal is not None:
-            kind, error = self._terminal
+            _, error = self._terminal
             if error is not None:
                 observer.on_error(error)
             else:
