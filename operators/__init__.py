@@ -20,6 +20,7 @@ from operators._visibility import visible
 __all__ = [
     "ChatChunk",
     "ReplayLog",
+    "TurnUpdate",
     "alongside",
     "from_async_iterable",
     "merge_fair",
@@ -29,7 +30,6 @@ __all__ = [
     "sequence",
     "then",
     "to_chat_chunks",
-    "TurnUpdate",
     "turn_envelope",
     "turn_updates",
     "visible",
