@@ -2,7 +2,8 @@
 
 Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 ``source.pipe(...)``, except the creation functions :func:`sequence`,
-:func:`merge_panel` and :func:`from_async_iterable`.
+:func:`merge_panel`, :func:`merge_fair` and :func:`from_async_iterable`, and
+:class:`ReplayLog`, the subject that shares a turn.
 """
 
 from operators._chat_chunks import ChatChunk, to_chat_chunks
