@@ -16,19 +16,22 @@ import signal
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from reactivex import compose
 
-from operators import resume_after, to_chat_chunks, visible
+from operators import ChatChunk, resume_after, to_chat_chunks, visible
 from pipeline.config import Settings
 from pipeline.errors import BufferOverflowError
 from pipeline.events import Event, is_trace
+from pipeline.harnesses import MemoryHarness
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
+from pipeline.roundtable import Pacer, Panelist, RoundtableHarness, RoundtableRequest, panel_names
 from pipeline.sessions import SessionCoordinator, TurnFailedError
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
@@ -38,6 +41,9 @@ from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_s
 from sinks.store import EventStore
 
 log = logging.getLogger("server")
+
+ROUNDTABLE_MODEL = "roundtable"
+WEB_ROOT = Path(__file__).resolve().parent / "sinks" / "web"
 
 @dataclasses.dataclass
 class ClientStats:
@@ -149,7 +155,8 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
 
 
 async def stream_native(
-    request: web.Request, events: AsyncGenerator[Event], *, headers: dict[str, str]
+    request: web.Request, events: AsyncGenerator[Event], *, headers: dict[str, str],
+    on_written: Callable[[int], None] | None = None,
 ) -> web.StreamResponse:
     """Write native SSE frames: ``retry:`` advice and a comment at once, then the events,
     with a comment heartbeat whenever the stream is idle for ``HEARTBEAT_S``.
@@ -170,6 +177,8 @@ async def stream_native(
             async for event in beats:
                 frame = comment_frame("keep-alive") if event is None else event_frame(event)
                 await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
+                if on_written is not None and event is not None:
+                    on_written(event.seq)
     except BufferOverflowError as exc:
         app[CLIENTS].cut_off += 1
         await response.write(comment_frame(f"{exc}; reconnect with Last-Event-ID to resume"))
@@ -179,6 +188,66 @@ async def stream_native(
     finally:
         app[CLIENTS].open -= 1
     return response
+
+
+def start_roundtable(app: web.Application, spec: RoundtableRequest, *, kind: str,
+                     paced: bool) -> tuple[Turn, Pacer]:
+    """Validate a roundtable against the limits and models, then start it."""
+    settings = app[SETTINGS]
+    if spec.rounds > settings.roundtable_max_rounds:
+        raise ApiError(400, f"rounds must be at most {settings.roundtable_max_rounds} "
+                            "(ROUNDTABLE_MAX_ROUNDS)", code="invalid_body", param="rounds")
+    if len(spec.panelists) > settings.roundtable_max_panelists:
+        raise ApiError(400, f"at most {settings.roundtable_max_panelists} panelists "
+                            "(ROUNDTABLE_MAX_PANELISTS)", code="invalid_body", param="panelists")
+    for panelist in spec.panelists:
+        model = panelist.model or settings.default_model
+        if model not in app[MODELS] or model == ROUNDTABLE_MODEL:
+            raise ApiError(404, f"panelist {panelist.name!r}: the model {model!r} does not "
+                                "exist; GET /v1/models lists them.",
+                           code="model_not_found", param="panelists")
+    pacer = Pacer(window=settings.roundtable_window, paced=paced)
+    harness = RoundtableHarness(
+        provider=app[PROVIDER], spec=spec, pacer=pacer,
+        memory=MemoryHarness(app[STORE], limit=settings.history_max_messages),
+        max_buffer_per_panelist=settings.roundtable_max_queue,
+    )
+    turn = app[ORCHESTRATOR].run(
+        TurnInput(messages=spec.opening_messages(), conversation_id=spec.conversation_id,
+                  trace=spec.trace, max_tokens=spec.max_tokens, kind=kind),
+        body=harness.body,
+    )
+    return turn, pacer
+
+
+async def roundtable(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/roundtable``: several panelists in one native stream (see
+    :mod:`pipeline.roundtable`). The posting client paces the panel: when it reads slower
+    than the panel speaks, panelists' events are released round-robin."""
+    body = await read_body(request, RoundtableRequest)
+    turn, pacer = start_roundtable(request.app, body, kind="roundtable",
+                                   paced=not body.background)
+    if body.background:
+        return web.json_response(
+            {"request_id": turn.request_id, "conversation_id": turn.conversation_id,
+             "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
+            status=202, headers=_turn_headers(turn),
+        )
+    events = turn.events(trace=body.trace, max_buffer=request.app[SETTINGS].client_buffer_events)
+    try:
+        return await stream_native(request, events, headers=_turn_headers(turn),
+                                   on_written=pacer.ack)
+    except (asyncio.CancelledError, ConnectionResetError):
+        if body.on_disconnect == "cancel":
+            turn.cancel()
+        raise
+    finally:
+        pacer.unlimited()  # the pacing client is gone: the panel must never wait for it
+
+
+async def index_page(request: web.Request) -> web.FileResponse:
+    """``GET /``: the roundtable viewer (no build step)."""
+    return web.FileResponse(WEB_ROOT / "index.html")
 
 
 def parse_cursor(request: web.Request) -> int:
@@ -206,6 +275,8 @@ def parse_flag(request: web.Request, name: str) -> bool:
 async def request_events(request: web.Request) -> web.StreamResponse:
     """``GET /v1/requests/{id}/events``: every event after the cursor, then the live tail.
 
+    A cursor at or past the end of a finished request gets ``204 No Content``.
+
     A live turn is followed through its hot stream, which replays what the client missed
     before the live events, so nothing is lost or repeated while the store writes in
     batches. A finished request (also after a restart) is read from the store.
@@ -224,8 +295,12 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     else:
         store = app[STORE]
         await store.flush()  # a turn that just finished may still be queued
-        if await store.request_row(request_id) is None:
+        row = await store.request_row(request_id)
+        if row is None:
             raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
+        if since and row["last_seq"] is not None and since >= row["last_seq"]:
+            # Finished and fully seen: 204 tells EventSource to stop reconnecting.
+            return web.Response(status=204, headers={"X-Request-Id": request_id})
         events = _stored(store, request_id, since, trace=trace)
     return await stream_native(request, events, headers={"X-Request-Id": request_id})
 
@@ -350,36 +425,49 @@ async def request_cancel(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    """``POST /v1/chat/completions``: the same orchestrator, OpenAI's wire."""
+    """``POST /v1/chat/completions``: the same orchestrator, OpenAI's wire.
+
+    The model ``roundtable`` runs the configured panel (``ROUNDTABLE_PANEL``): choice 0 is
+    the moderator, choice *i* the *i*-th panelist, so each panelist's text is rebuilt from
+    ``choice.index``.
+    """
     body = await read_body(request, ChatCompletionRequest)
-    model = check_model(request, body.model)
-    turn = request.app[ORCHESTRATOR].run(TurnInput(
-        messages=body.messages, conversation_id=body.conversation_id, model=model,
-        max_tokens=body.max_tokens or body.max_completion_tokens, kind="chat.completions",
-    ))
+    app = request.app
+    settings = app[SETTINGS]
+    max_tokens = body.max_tokens or body.max_completion_tokens
+    choices: dict[str, int] = {}
+    if body.model == ROUNDTABLE_MODEL:
+        spec = RoundtableRequest(
+            messages=body.messages, rounds=settings.roundtable_rounds, max_tokens=max_tokens,
+            panelists=[Panelist(name=name) for name in settings.roundtable_panel],
+            conversation_id=body.conversation_id,
+        )
+        turn, _ = start_roundtable(app, spec, kind="chat.completions", paced=False)
+        choices = {name: index for index, name in enumerate(panel_names(spec), start=1)}
+        model = ROUNDTABLE_MODEL
+    else:
+        model = check_model(request, body.model)
+        turn = app[ORCHESTRATOR].run(TurnInput(
+            messages=body.messages, conversation_id=body.conversation_id, model=model,
+            max_tokens=max_tokens, kind="chat.completions",
+        ))
     completion_id = f"chatcmpl-{turn.request_id.removeprefix('req_')}"
     created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    to_chunks = to_chat_chunks(
+        completion_id=completion_id, model=model, created=created,
+        include_usage=include_usage or not body.stream, choices=choices,
+    )
     if not body.stream:
+        # The whole answer is the fold of the chunks a streaming client would get, so
+        # streamed and not streamed always agree.
         result = await turn.result
         if result.status == "error":
             raise ApiError(502, result.error or "the model call failed", type="upstream_error",
                            code="provider_error")
-        return web.json_response(
-            {
-                "id": completion_id, "object": "chat.completion", "created": created,
-                "model": model,
-                "choices": [{
-                    "index": 0, "message": {"role": "assistant", "content": result.content},
-                    "finish_reason": result.finish_reason or "stop", "logprobs": None,
-                }],
-                "usage": result.usage.model_dump(),
-            },
-            headers=_turn_headers(turn),
-        )
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    to_chunks = to_chat_chunks(
-        completion_id=completion_id, model=model, created=created, include_usage=include_usage,
-    )
+        chunks: list[ChatChunk] = []
+        turn.stream.pipe(to_chunks).subscribe(chunks.append)
+        return web.json_response(completion_of(chunks), headers=_turn_headers(turn))
     response = await open_sse(request, headers=_turn_headers(turn))
     settings = request.app[SETTINGS]
     try:
@@ -393,6 +481,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         error = ApiError(500, str(exc), type="server_error", code="client_too_slow")
         await response.write(data_frame(json.dumps(error.body())))
     return response
+
+
+def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
+    """Fold ``chat.completion.chunk`` objects into one ``chat.completion``."""
+    first = chunks[0]
+    texts: dict[int, list[str]] = {}
+    finish: dict[int, str | None] = {}
+    usage: Any = None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk["choices"]:
+            index = choice["index"]
+            texts.setdefault(index, []).append(choice["delta"].get("content") or "")
+            finish[index] = choice["finish_reason"] or finish.get(index)
+    return {
+        "id": first["id"], "object": "chat.completion", "created": first["created"],
+        "model": first["model"],
+        "choices": [
+            {"index": index, "message": {"role": "assistant", "content": "".join(parts)},
+             "finish_reason": finish[index] or "stop", "logprobs": None}
+            for index, parts in sorted(texts.items())
+        ],
+        "usage": usage,
+    }
 
 
 def _turn_headers(turn: Turn) -> dict[str, str]:
@@ -456,7 +568,7 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
                                   max_retries=settings.model_max_retries)
         stack.push_async_callback(provider.aclose)
         app[PROVIDER] = provider
-        models = await _known_models(settings, provider)
+        models = [*await _known_models(settings, provider), ROUNDTABLE_MODEL]
         app[MODELS] = models
         log.info("model provider %s; models %s", provider.name, ", ".join(models))
         yield
@@ -515,6 +627,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_get("/v1/requests/{request_id}", request_status)
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
     app.router.add_get("/v1/ws", websocket)
+    app.router.add_post("/v1/roundtable", roundtable)
+    app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     return app
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import reactivex
@@ -14,7 +14,8 @@ ChatChunk = dict[str, Any]
 
 
 def to_chat_chunks(
-    *, completion_id: str, model: str, created: int, include_usage: bool = False
+    *, completion_id: str, model: str, created: int, include_usage: bool = False,
+    choices: Mapping[str, int] | None = None,
 ) -> Callable[[Observable[Event]], Observable[ChatChunk]]:
     """Turn a request's events into the chunks an OpenAI client expects.
 
@@ -23,30 +24,36 @@ def to_chat_chunks(
         events: -R-s-t("Hel")-t("lo")-u-e-D|         (u = token_usage, D = done)
         chunks: -----{role,"Hel"}-{"lo"}---{finish}-{usage}|
 
-    - the first delta carries ``role: "assistant"`` with the first text;
-    - each ``text`` becomes one content delta (every stream's text, in event order);
-    - ``done`` becomes the final chunk with ``finish_reason`` (the model's, from the
-      top-level ``stream_end``; ``"stop"`` when none was given), then, when
+    - the first delta of a choice carries ``role: "assistant"`` with its first text;
+    - each ``text`` becomes one content delta, in event order, on choice 0 — or, with
+      ``choices`` (agent name → choice index), on the index of the agent whose stream it
+      belongs to, so a multi-agent turn (a roundtable) can be rebuilt agent by agent from
+      ``choice.index``, as with OpenAI's ``n > 1``; a stream opened again by the same agent
+      (its next round) starts with a blank line;
+    - ``done`` becomes a final chunk per choice with ``finish_reason`` (the model's, from
+      the choice's last ``stream_end``; ``"stop"`` when none was given), then, when
       ``include_usage``, a chunk with ``choices: []`` and the summed ``token_usage``;
     - an ``error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
       an ``APIError`` in the client's loop; no finish or usage chunk follows it.
 
-    Other events (trace, tools, brackets) produce no chunk. State (role sent, depths,
-    finish reason, usage) lives in the subscription.
+    Other events (trace, tools, brackets) produce no chunk. State lives in the
+    subscription.
 
     Example:
         >>> turn.stream.pipe(to_chat_chunks(completion_id="chatcmpl-1", model="offline",
         ...                                 created=0, include_usage=True))  # doctest: +SKIP
     """
+    agent_choice = dict(choices or {})
 
-    def chunk(delta: dict[str, Any], finish_reason: str | None) -> ChatChunk:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None) -> ChatChunk:
         out: ChatChunk = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
             "choices": [
-                {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+                {"index": index, "delta": delta, "finish_reason": finish_reason,
+                 "logprobs": None}
             ],
         }
         if include_usage:
@@ -57,32 +64,45 @@ def to_chat_chunks(
         def subscribe(
             observer: abc.ObserverBase[ChatChunk], scheduler: abc.SchedulerBase | None = None
         ) -> abc.DisposableBase:
-            role_sent = False
-            depths: dict[int, int] = {}
-            finish_reason: str | None = None
+            stream_choice: dict[int, int] = {}
+            top_level: set[int] = set()
+            spoken: dict[int, bool] = {}  # choice → has text (role sent); insertion order
+            separate: set[int] = set()  # choices whose next text starts a new stream
+            finish: dict[int, str] = {}
             failed = False
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
-            def delta(content: str | None) -> dict[str, Any]:
-                nonlocal role_sent
+            def delta(index: int, content: str | None) -> dict[str, Any]:
                 out: dict[str, Any] = {}
-                if not role_sent:
+                if index not in spoken:
                     out["role"] = "assistant"
-                    role_sent = True
+                    spoken[index] = True
+                elif content is not None and index in separate:
+                    content = "\n\n" + content
+                separate.discard(index)
                 if content is not None:
                     out["content"] = content
                 return out
 
             def on_next(event: Event) -> None:
-                nonlocal finish_reason, failed
+                nonlocal failed
                 match event:
-                    case Text(delta=text):
-                        observer.on_next(chunk(delta(text), None))
-                    case StreamStart(stream_id=stream_id, depth=depth):
-                        depths[stream_id] = depth
+                    case Text(stream_id=stream_id, delta=text):
+                        index = stream_choice.get(stream_id, 0)
+                        observer.on_next(chunk(index, delta(index, text), None))
+                    case StreamStart(stream_id=stream_id, agent=agent, depth=depth):
+                        index = agent_choice.get(agent, 0)
+                        stream_choice[stream_id] = index
+                        if depth == 0:
+                            top_level.add(stream_id)
+                        if index and index in spoken:
+                            separate.add(index)
                     case StreamEnd(stream_id=stream_id, finish_reason=reason):
-                        if depths.get(stream_id, 0) == 0 and reason:
-                            finish_reason = reason
+                        index = stream_choice.get(stream_id, 0)
+                        # Choice 0 ends as its top-level stream did, not as a sub-agent's.
+                        if reason and (index or stream_id in top_level
+                                       or stream_id not in stream_choice):
+                            finish[index] = reason
                     case TokenUsage():
                         usage["prompt_tokens"] += event.prompt_tokens
                         usage["completion_tokens"] += event.completion_tokens
@@ -94,7 +114,9 @@ def to_chat_chunks(
                                        "code": "turn_failed"}}
                         )
                     case Done() if not failed:
-                        observer.on_next(chunk(delta(None), finish_reason or "stop"))
+                        for index in sorted({0, *spoken}):
+                            observer.on_next(chunk(index, delta(index, None),
+                                                   finish.get(index, "stop")))
                         if include_usage:
                             observer.on_next({
                                 "id": completion_id, "object": "chat.completion.chunk",

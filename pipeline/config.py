@@ -46,7 +46,30 @@ class Settings(BaseSettings):
     flush_max_rows: int = Field(default=2048, ge=1, description="flush when this many rows wait")
     history_max_messages: int = Field(default=200, ge=0, description="earlier messages memory loads")
 
+    # Roundtable
+    roundtable_max_rounds: int = Field(default=10, ge=1, description="more rounds → 400")
+    roundtable_max_panelists: int = Field(default=8, ge=1, description="a larger panel → 400")
+    roundtable_window: int = Field(default=8, ge=1, description="events the panel may run ahead of its client")
+    roundtable_max_queue: int = Field(default=100_016, ge=16, description="queued events per panelist")
+    roundtable_panel: list[str] = Field(
+        default_factory=lambda: ["alice", "bob", "carol"],
+        description="the panel of the 'roundtable' model on /v1/chat/completions",
+    )
+    roundtable_rounds: int = Field(default=2, ge=1, description="rounds of the 'roundtable' model")
+
     @property
     def offline(self) -> bool:
         """True when the bundled offline model serves the model calls."""
         return not self.openai_base_url and not self.openai_api_key
+
+    # Analysts
+    query_max_rows: int = Field(default=10_000, ge=1, description="rows /v1/query returns at most")
+    query_timeout_s: float = Field(default=10.0, gt=0, description="a longer query is interrupted")
+    export_dir: Path | None = Field(default=None, description="Parquet lake; default: lake/ beside DB_PATH")
+    export_interval_s: float = Field(default=300.0, ge=0, description="scheduled export; 0 = on demand only")
+    admin_key: str | None = Field(default=None, repr=False, description="Bearer key, /v1/query and /v1/export")
+
+    @property
+    def lake_dir(self) -> Path:
+        """Where Parquet exports go: ``EXPORT_DIR``, else ``lake/`` beside the DuckDB file."""
+        return self.export_dir if self.export_dir is not None else self.db_path.parent / "lake"

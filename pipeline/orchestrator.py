@@ -145,8 +145,15 @@ class StreamingOrchestrator:
         )
         self.live: dict[str, Turn] = {}
 
-    def run(self, turn_input: TurnInput) -> Turn:
-        """Start a turn now and return it. Must be called on the running event loop."""
+    def run(
+        self, turn_input: TurnInput, *, body: Callable[[TurnContext], Observable[Event]] | None = None
+    ) -> Turn:
+        """Start a turn now and return it. Must be called on the running event loop.
+
+        ``body`` replaces the default harness sequence (router → memory → response) with
+        another composition over the same context, e.g. a roundtable; the envelope,
+        numbering, sharing and recording are the same for every turn.
+        """
         loop = asyncio.get_running_loop()
         ctx = TurnContext(
             request_id=new_id("req"),
@@ -165,9 +172,10 @@ class StreamingOrchestrator:
             if not result.done():
                 result.set_result(final)
 
-        numbered = sequence(
+        steps = body(ctx) if body is not None else sequence(
             *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
-        ).pipe(
+        )
+        numbered = steps.pipe(
             turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel),
             number_events(ctx.request_id),
         )
