@@ -56,10 +56,16 @@ class StreamHandle(RequestHandle):
 
 
 class Round(BaseModel):
-    """A finished or running round: the request, its messages and the response."""
+    """A finished or running round: the request, its messages and the response.
+
+    ``response_id``/``session_id`` are the seed's names for ``request_id``/
+    ``conversation_id``; both are given.
+    """
 
     response_id: str
     session_id: str
+    request_id: str
+    conversation_id: str
     status: str
     live: bool
     last_seq: int | None
@@ -114,6 +120,8 @@ class SessionCoordinator:
         return Round(
             response_id=response_id,
             session_id=row["conversation_id"],
+            request_id=response_id,
+            conversation_id=row["conversation_id"],
             status=row["status"],
             live=turn is not None,
             last_seq=turn.last_seq if turn is not None else row["last_seq"],

@@ -7,8 +7,12 @@ request is closed in the store as the wire requires: every open stream ends with
 "interrupted"``), numbered after the last stored event. The request becomes
 ``interrupted`` and its assistant message keeps the text that was stored.
 
-At most the last flush interval of events (``FLUSH_INTERVAL_MS``) is lost in a crash; the
-recovered stream ends where the stored one does.
+At most the last flush interval of events (``FLUSH_INTERVAL_MS``) is lost in a crash, and
+a client may already have seen some of them. So the closing events are numbered after a
+gap (:data:`SEQ_GAP`) rather than right after the last stored event: ids only ever
+increase, and a client that saw more than was stored, resuming with its last id, still
+gets the closing events (a gap is nothing new to a client: hidden trace events make gaps
+too). A request stored without any event gets its ``request_received`` first.
 """
 
 from __future__ import annotations
@@ -16,13 +20,17 @@ from __future__ import annotations
 import logging
 import time
 
-from pipeline.events import Done, ErrorEvent, Event, StreamEnd
+from pipeline.events import Done, ErrorEvent, Event, RequestReceived, StreamEnd
 from pipeline.turn import TurnState
 from sinks.store import EventStore, MessageRow, RequestRow
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED_ERROR = "interrupted: the server stopped before the turn finished"
+
+#: Seq numbers skipped before the closing events: more than any turn can emit in a flush
+#: interval (a turn's text is bounded by max_tokens ≤ 100,000 per model call).
+SEQ_GAP = 10_000_000
 
 
 async def recover_interrupted(store: EventStore) -> list[str]:
@@ -53,11 +61,14 @@ async def _close(store: EventStore, request_id: str) -> None:
             open_streams.remove(event.stream_id)
     started = request["started_at"].timestamp() if request["started_at"] else time.time()
     closing: list[tuple[Event, str | None, int | None]] = []
+    if state.last_seq == 0:  # the row was written, the first event was not
+        closing.append((RequestReceived(agent="assistant",
+                                        conversation_id=request["conversation_id"]), None, None))
     for stream_id in reversed(open_streams):
         closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
     closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
     closing.append((Done(ok=False, duration_ms=0.0, reason="interrupted"), None, None))
-    seq = state.last_seq
+    seq = state.last_seq + SEQ_GAP if state.last_seq else 0
     for event, agent, depth in closing:
         seq += 1
         event.request_id = request_id

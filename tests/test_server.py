@@ -143,7 +143,7 @@ async def test_models(client: TestClient) -> None:
         assert resp.status == 200
         body = await resp.json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [MODEL]
+    assert [m["id"] for m in body["data"]] == [MODEL, "roundtable"]
     assert all(m["object"] == "model" for m in body["data"])
 
 
