@@ -155,8 +155,9 @@ def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str,
       ``event`` equals ``data.type`` and whose ``id`` equals ``data.seq``;
     - the first is ``request_received`` with seq 1; exactly one ``done``, and it is last;
     - ids strictly increase; ``data.request_id`` is the same everywhere;
-    - every ``stream_start`` is closed by exactly one ``stream_end`` with its stream_id,
-      innermost first; events of a stream come while it is open;
+    - every ``stream_start`` is closed by exactly one ``stream_end`` with its stream_id, and
+      a stream closes after its children (siblings in any order); events of a stream come
+      while it is open;
     - trace-only types (llm_call, route, memory) appear only when ``trace``; with trace on
       nothing is hidden, so the seqs are exactly 1..N.
     """
@@ -190,24 +191,34 @@ def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str,
         request_ids
     )
 
-    stack: list[int] = []
+    # Streams form a tree: a stream's parent is its parent_stream_id, else the stream
+    # opened last among those still open; a stream closes only after its children (siblings,
+    # such as parallel panelists, may close in any order).
+    open_streams: dict[int, int | None] = {}  # stream → parent, in opening order
     closed: set[int] = set()
     for event in events:
         kind = event["type"]
         if kind == "stream_start":
             sid = event["stream_id"]
-            assert sid not in stack and sid not in closed, f"stream {sid} started twice"
-            stack.append(sid)
+            assert sid not in open_streams and sid not in closed, f"stream {sid} started twice"
+            parent = event.get("parent_stream_id")
+            if parent is None and open_streams:
+                parent = next(reversed(open_streams))
+            assert parent is None or parent in open_streams, (
+                f"stream {sid} opened under {parent}, which is not open"
+            )
+            open_streams[sid] = parent
         elif kind == "stream_end":
             sid = event["stream_id"]
             assert sid not in closed, f"stream {sid} ended twice"
-            assert stack, f"stream_end {sid} without an open stream"
-            assert stack[-1] == sid, f"stream_end {sid} while {stack[-1]} is innermost"
-            stack.pop()
+            assert sid in open_streams, f"stream_end {sid} without its stream_start"
+            children = [s for s, p in open_streams.items() if p == sid]
+            assert not children, f"stream_end {sid} while its children {children} are open"
+            del open_streams[sid]
             closed.add(sid)
         elif kind in _IN_STREAM_TYPES:
-            assert event["stream_id"] in stack, f"{kind} of a stream not open: {event}"
-    assert not stack, f"streams never ended: {stack}"
+            assert event["stream_id"] in open_streams, f"{kind} of a stream not open: {event}"
+    assert not open_streams, f"streams never ended: {list(open_streams)}"
 
     present = TRACE_TYPES.intersection(types)
     if trace:

@@ -14,6 +14,7 @@ from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider
 from pipeline.turn import ChatMessage, TurnInput
 from sinks.store import EventStore
+from tests.analytics_data import create_store_views, record, synthetic_turns
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,11 +68,19 @@ async def recorded_store(tmp_path: Path) -> EventStore:
     store.close()
 
 
-async def test_every_analyst_query_runs(recorded_store: EventStore) -> None:
+@pytest.fixture
+async def analyst_store(recorded_store: EventStore) -> EventStore:
+    """The recorded turns plus synthetic ones with tools and a roundtable, and the views."""
+    create_store_views(recorded_store)
+    await record(recorded_store, synthetic_turns())
+    return recorded_store
+
+
+async def test_every_analyst_query_runs(analyst_store: EventStore) -> None:
     blocks = sql_blocks(ROOT / "docs" / "analysts.md")
-    assert len(blocks) >= 5
+    assert len(blocks) >= 12
     for sql in blocks:
-        rows = await recorded_store.aquery(sql)
+        rows = await analyst_store.aquery(sql)
         assert rows, f"query returned nothing:\n{sql}"
 
 

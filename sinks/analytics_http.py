@@ -1,0 +1,272 @@
+"""Analysts' endpoints: read-only SQL, the Parquet export and its files; the export schedule.
+
+============================================  ==============================================
+``POST /v1/query``                            ``{"sql", "format"?, "max_rows"?}`` → JSON
+                                              ``{"columns", "types", "rows", "truncated", …}``,
+                                              CSV or Parquet (``format`` or ``Accept``)
+``POST /v1/export``                           export now; the files written and the watermark
+``GET /v1/export``                            every file of the lake (path, rows, bytes)
+``GET /v1/export/files/{path}``               one file of the lake
+============================================  ==============================================
+
+All of them want ``Authorization: Bearer <ADMIN_KEY>`` when ``ADMIN_KEY`` is set.
+Wiring: put an :class:`Analytics` under :data:`ANALYTICS` once the store is open, and call
+:func:`add_analytics_routes` after the store's ``cleanup_ctx`` is registered (the scheduled
+export, :func:`export_ctx`, must start after the store and stop before it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import duckdb
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from pipeline.config import Settings
+from pipeline.wire import ApiError
+from sinks.lake import ExportReport, export_lake, list_lake, read_state
+from sinks.query import QueryError, QueryRefusedError, parquet_bytes, run_query, run_query_arrow
+
+log = logging.getLogger(__name__)
+
+PARQUET_TYPE = "application/vnd.apache.parquet"
+_ACCEPT = {"text/csv": "csv", PARQUET_TYPE: "parquet", "application/x-parquet": "parquet",
+           "application/json": "json"}
+MAX_CONCURRENT_QUERIES = 4  # each DuckDB query already uses every core
+
+
+@dataclasses.dataclass(slots=True)
+class Analytics:
+    """What the analysts' endpoints need from the server.
+
+    Attributes:
+        connect: Returns a connection on the store's database (e.g. ``store.cursor``);
+            each query and export takes its own cursor from it.
+        flush: The store's write barrier, so a query sees every event recorded before it.
+        settings: Row limit, timeout, lake folder, schedule, admin key.
+    """
+
+    connect: Callable[[], duckdb.DuckDBPyConnection]
+    flush: Callable[[], Awaitable[None]]
+    settings: Settings
+    export_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    queries: asyncio.Semaphore = dataclasses.field(
+        default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_QUERIES))
+    last_export: ExportReport | None = None
+
+    async def export(self) -> ExportReport:
+        """Flush the store, then export what closed since the last run (one run at a time)."""
+        async with self.export_lock:
+            await self.flush()
+            con = self.connect()
+            report = await asyncio.to_thread(_closing(con, export_lake), con, self.settings.lake_dir)
+            self.last_export = report
+            return report
+
+
+_R = TypeVar("_R")
+
+
+def _closing(con: duckdb.DuckDBPyConnection, work: Callable[..., _R]) -> Callable[..., _R]:
+    """``work`` that closes ``con`` when done, in its worker thread: closing a connection
+    closes its cursors, so a cancelled handler must not close it under a running query."""
+
+    def run(*args: Any, **kwargs: Any) -> _R:
+        try:
+            return work(*args, **kwargs)
+        finally:
+            con.close()
+
+    return run
+
+
+ANALYTICS = web.AppKey("analytics", Analytics)
+
+
+class QueryRequest(BaseModel):
+    """Body of ``POST /v1/query``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sql: str = Field(min_length=1, max_length=100_000)
+    format: Literal["json", "csv", "parquet"] | None = None
+    max_rows: StrictInt | None = Field(default=None, ge=1)
+
+
+def _denied(request: web.Request) -> web.Response | None:
+    """A 401 when ``ADMIN_KEY`` is set and the request does not carry it, else None."""
+    key = _analytics(request).settings.admin_key
+    if not key:
+        return None
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        return None
+    error = ApiError(401, "this endpoint needs the header Authorization: Bearer <ADMIN_KEY>",
+                     type="authentication_error", code="unauthorized")
+    return web.json_response(error.body(), status=401,
+                             headers={"WWW-Authenticate": 'Bearer realm="analytics"'})
+
+
+async def _read_query(request: web.Request) -> QueryRequest:
+    raw = await request.read()
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object", code="invalid_body")
+    try:
+        return QueryRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        raise ApiError(400, f"invalid body: {where}: {first['msg']}", code="invalid_body",
+                       param=where) from exc
+
+
+def _wanted_format(request: web.Request, body: QueryRequest) -> str:
+    if body.format is not None:
+        return body.format
+    for part in request.headers.get("Accept", "").split(","):
+        kind = part.split(";")[0].strip().lower()
+        if kind in _ACCEPT:
+            return _ACCEPT[kind]
+    return "json"
+
+
+def _analytics(request: web.Request) -> Analytics:
+    try:
+        return request.app[ANALYTICS]
+    except KeyError:
+        raise ApiError(503, "the event store is not open", type="server_error",
+                       code="store_unavailable") from None
+
+
+async def query(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/query``: one read-only SQL statement over the store."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    analytics = _analytics(request)
+    settings = analytics.settings
+    body = await _read_query(request)
+    fmt = _wanted_format(request, body)
+    max_rows = min(body.max_rows or settings.query_max_rows, settings.query_max_rows)
+    await analytics.flush()  # every event recorded before the query is in it
+    async with analytics.queries:
+        con = analytics.connect()
+        try:
+            if fmt == "parquet":
+                table, truncated = await asyncio.to_thread(
+                    _closing(con, run_query_arrow), con, body.sql, max_rows=max_rows,
+                    timeout_s=settings.query_timeout_s)
+                payload = await asyncio.to_thread(parquet_bytes, table)
+                return web.Response(body=payload, content_type=PARQUET_TYPE,
+                                    headers=_result_headers(table.num_rows, truncated))
+            result = await asyncio.to_thread(_closing(con, run_query), con, body.sql,
+                                             max_rows=max_rows, timeout_s=settings.query_timeout_s)
+        except QueryError as exc:
+            raise _api_error(exc) from exc
+    headers = _result_headers(len(result.rows), result.truncated)
+    if fmt == "csv":
+        text = await asyncio.to_thread(result.to_csv)
+        return web.Response(text=text, content_type="text/csv", charset="utf-8", headers=headers)
+    text = await asyncio.to_thread(lambda: json.dumps(result.to_json(), separators=(",", ":")))
+    return web.Response(text=text, content_type="application/json", headers=headers)
+
+
+def _result_headers(rows: int, truncated: bool) -> dict[str, str]:
+    return {"X-Row-Count": str(rows), "X-Truncated": "true" if truncated else "false"}
+
+
+def _api_error(exc: QueryError) -> ApiError:
+    # 403: understood and refused; a timeout is the query's doing like a syntax error (400).
+    status = 403 if isinstance(exc, QueryRefusedError) else 400
+    return ApiError(status, str(exc), code=exc.code, param="sql")
+
+
+async def export_now(request: web.Request) -> web.Response:
+    """``POST /v1/export``: export what closed since the last run, now."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    analytics = _analytics(request)
+    report = await analytics.export()
+    return web.json_response(report.to_json())
+
+
+async def export_manifest(request: web.Request) -> web.Response:
+    """``GET /v1/export``: every file of the lake, and the watermark."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    analytics = _analytics(request)
+    lake = analytics.settings.lake_dir
+    files = await asyncio.to_thread(list_lake, lake)
+    state = await asyncio.to_thread(read_state, lake)
+    return web.json_response({
+        "lake": str(lake.resolve()), "watermark": state.get("watermark"),
+        "runs": state.get("runs", 0), "files": [f.to_json() for f in files],
+    })
+
+
+async def export_file(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/export/files/{path}``: one Parquet file of the lake (immutable once listed)."""
+    if (denied := _denied(request)) is not None:
+        return denied
+    analytics = _analytics(request)
+    lake = analytics.settings.lake_dir.resolve()
+    wanted = request.match_info["path"]
+    target = (lake / wanted).resolve()
+    parts = Path(wanted).parts
+    if (not target.is_relative_to(lake) or target.suffix != ".parquet"
+            or any(p.startswith(".") for p in parts) or not target.is_file()):
+        raise ApiError(404, f"no file {wanted!r} in the lake; GET /v1/export lists them",
+                       code="not_found", param="path")
+    return web.FileResponse(target, headers={"Content-Type": PARQUET_TYPE})
+
+
+async def export_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Run the export every ``EXPORT_INTERVAL_S`` (0: never) while the app runs."""
+    analytics = app.get(ANALYTICS)
+    interval = analytics.settings.export_interval_s if analytics is not None else 0
+    task: asyncio.Task[None] | None = None
+    if analytics is not None and interval > 0:
+        task = asyncio.create_task(_export_every(analytics, interval), name="lake-export")
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _export_every(analytics: Analytics, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            report = await analytics.export()
+        except Exception:  # keep the schedule alive; the next run retries the same window
+            log.exception("scheduled Parquet export failed")
+            continue
+        if report.files:
+            log.info("exported %d requests to %s (%s)", report.requests, report.lake,
+                     ", ".join(f"{t} {n}" for t, n in report.rows.items()))
+
+
+def add_analytics_routes(app: web.Application) -> None:
+    """Mount ``/v1/query`` and ``/v1/export*`` and the export schedule on ``app``.
+
+    Call it after the store's context is in ``app.cleanup_ctx``; ``app[ANALYTICS]`` must be
+    set by the time requests arrive (e.g. in the store's context, right after it opens).
+    """
+    app.router.add_post("/v1/query", query)
+    app.router.add_post("/v1/export", export_now)
+    app.router.add_get("/v1/export", export_manifest)
+    app.router.add_get("/v1/export/files/{path:.+}", export_file)
+    app.cleanup_ctx.append(export_ctx)
