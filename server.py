@@ -33,8 +33,10 @@ from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
 from pipeline.roundtable import Pacer, Panelist, RoundtableHarness, RoundtableRequest, panel_names
 from pipeline.sessions import SessionCoordinator, TurnFailedError
+from pipeline.tools import ToolRegistry, build_registry, speech_provider_info
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
+from sinks.analytics_http import ANALYTICS, Analytics, add_analytics_routes
 from sinks.async_iter import heartbeat
 from sinks.recovery import recover_interrupted
 from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse, retry_frame
@@ -60,6 +62,7 @@ ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
 OFFLINE = web.AppKey("offline", OfflineModelServer)
 CLIENTS = web.AppKey("clients", ClientStats)
 COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
+TOOLS = web.AppKey("tools", ToolRegistry)
 
 _B = TypeVar("_B", bound=BaseModel)
 
@@ -134,9 +137,13 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
     """
     body = await read_body(request, OrchestrateRequest)
     model = check_model(request, body.model)
+    limit = request.app[SETTINGS].max_tool_calls_per_step
+    if len(body.tool_calls) > limit:
+        raise ApiError(400, f"tool_calls: {len(body.tool_calls)} calls; the limit is {limit} "
+                       "(MAX_TOOL_CALLS_PER_STEP)", code="invalid_body", param="tool_calls")
     turn = request.app[ORCHESTRATOR].run(TurnInput(
         messages=body.messages, conversation_id=body.conversation_id, trace=body.trace,
-        model=model, max_tokens=body.max_tokens, kind="orchestrate",
+        model=model, max_tokens=body.max_tokens, kind="orchestrate", tool_calls=body.tool_calls,
     ))
     if body.background:
         return web.json_response(
@@ -146,17 +153,16 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         )
     settings = request.app[SETTINGS]
     events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events)
-    try:
-        return await stream_native(request, events, headers=_turn_headers(turn))
-    except (asyncio.CancelledError, ConnectionResetError):
-        if body.on_disconnect == "cancel":
-            turn.cancel()
-        raise
+    return await stream_native(
+        request, events, headers=_turn_headers(turn),
+        on_disconnect=turn.cancel if body.on_disconnect == "cancel" else None,
+    )
 
 
 async def stream_native(
     request: web.Request, events: AsyncGenerator[Event], *, headers: dict[str, str],
     on_written: Callable[[int], None] | None = None,
+    on_disconnect: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Write native SSE frames: ``retry:`` advice and a comment at once, then the events,
     with a comment heartbeat whenever the stream is idle for ``HEARTBEAT_S``.
@@ -164,6 +170,8 @@ async def stream_native(
     A client that falls more than ``CLIENT_BUFFER_EVENTS`` behind, or whose writes block
     for ``CLIENT_WRITE_TIMEOUT_S``, gets a final comment and is disconnected; it resumes
     from its last event id without loss. The producer never waits for a client.
+    ``on_disconnect`` runs when the client goes away first (the handler is cancelled, or a
+    write finds the connection closed); a client leaving is normal, not an error.
     """
     app = request.app
     settings = app[SETTINGS]
@@ -185,6 +193,13 @@ async def stream_native(
     except TimeoutError:
         app[CLIENTS].cut_off += 1
         log.warning("cut off a client whose writes blocked for %.0fs", settings.client_write_timeout_s)
+    except ConnectionResetError:  # the write found the client gone (wait_for re-raises it)
+        if on_disconnect is not None:
+            on_disconnect()
+    except asyncio.CancelledError:  # handler_cancellation: the client dropped the connection
+        if on_disconnect is not None:
+            on_disconnect()
+        raise
     finally:
         app[CLIENTS].open -= 1
     return response
@@ -233,16 +248,30 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
              "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
             status=202, headers=_turn_headers(turn),
         )
-    events = turn.events(trace=body.trace, max_buffer=request.app[SETTINGS].client_buffer_events)
+    # The client paces the panel by what it has consumed, hidden trace events included:
+    # credit spent on an llm_call it never sees must come back, or the panel would stall.
+    everything = turn.events(trace=True, max_buffer=request.app[SETTINGS].client_buffer_events)
+    events = _acking_hidden(everything, trace=body.trace, ack=pacer.ack)
     try:
-        return await stream_native(request, events, headers=_turn_headers(turn),
-                                   on_written=pacer.ack)
-    except (asyncio.CancelledError, ConnectionResetError):
-        if body.on_disconnect == "cancel":
-            turn.cancel()
-        raise
+        return await stream_native(
+            request, events, headers=_turn_headers(turn), on_written=pacer.ack,
+            on_disconnect=turn.cancel if body.on_disconnect == "cancel" else None,
+        )
     finally:
         pacer.unlimited()  # the pacing client is gone: the panel must never wait for it
+
+
+async def _acking_hidden(
+    events: AsyncGenerator[Event], *, trace: bool, ack: Callable[[int], None]
+) -> AsyncGenerator[Event]:
+    """The client's view of ``events``; trace events it does not see are acknowledged
+    as consumed when they pass."""
+    async with contextlib.aclosing(events) as source:
+        async for event in source:
+            if trace or not is_trace(event):
+                yield event
+            else:
+                ack(event.seq)
 
 
 async def index_page(request: web.Request) -> web.FileResponse:
@@ -251,17 +280,22 @@ async def index_page(request: web.Request) -> web.FileResponse:
 
 
 def parse_cursor(request: web.Request) -> int:
-    """The client's cursor: ``since_seq`` or else ``Last-Event-ID``; 0 = from the start."""
-    raw = request.query.get("since_seq")
-    name = "since_seq"
-    if raw is None:
-        raw, name = request.headers.get("Last-Event-ID"), "Last-Event-ID"
-    if raw is None or raw == "":
-        return 0
-    if not raw.strip().isdecimal():
-        raise ApiError(400, f"{name} must be a non-negative integer, got {raw!r}",
-                       code="invalid_cursor", param=name)
-    return int(raw)
+    """The client's cursor: the larger of ``since_seq`` and ``Last-Event-ID``; 0 = all.
+
+    The larger wins because an EventSource opened on ``…?since_seq=N`` keeps that URL and
+    sends its progress as ``Last-Event-ID`` on every reconnect.
+    """
+    cursor = 0
+    for name, raw in (("since_seq", request.query.get("since_seq")),
+                      ("Last-Event-ID", request.headers.get("Last-Event-ID"))):
+        if raw is None or raw == "":
+            continue
+        text = raw
+        if not (text.isascii() and text.isdigit()):
+            raise ApiError(400, f"{name} must be a non-negative integer, got {raw!r}",
+                           code="invalid_cursor", param=name)
+        cursor = max(cursor, int(text))
+    return cursor
 
 
 def parse_flag(request: web.Request, name: str) -> bool:
@@ -480,6 +514,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except BufferOverflowError as exc:
         error = ApiError(500, str(exc), type="server_error", code="client_too_slow")
         await response.write(data_frame(json.dumps(error.body())))
+    except ConnectionResetError:
+        pass  # the client left; the turn runs on and is recorded
     return response
 
 
@@ -536,7 +572,32 @@ async def healthz(request: web.Request) -> web.Response:
         "store": {"path": app[STORE].path, "events_written": stats.events_written,
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
                   "last_flush_ms": round(stats.last_flush_ms, 3), "last_error": stats.last_error},
+        "tools": {"enabled": [tool.name for tool in app[TOOLS].enabled()],
+                  "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled],
+                  "workspace": app[TOOLS].info.get("workspace")},
     })
+
+
+async def list_tools(request: web.Request) -> web.Response:
+    """``GET /v1/tools``: every tool with its parameters' JSON schema and whether it is on."""
+    registry = request.app[TOOLS]
+    return web.json_response({
+        "object": "list", "workspace": registry.info.get("workspace"),
+        "max_steps": registry.limits.max_steps,
+        "data": [tool.describe() for tool in registry.tools],
+    })
+
+
+async def speech_providers(request: web.Request) -> web.Response:
+    """``GET /speech/providers``: where the speech tools send audio, and their defaults."""
+    settings = request.app[SETTINGS]
+    registry = request.app[TOOLS]
+    enabled = any(tool.enabled for tool in registry.tools if tool.family == "speech")
+    return web.json_response({"object": "list", "default": "openai", "data": speech_provider_info(
+        base_url=request.app[PROVIDER].name, offline=settings.offline, enabled=enabled,
+        stt_model=settings.default_stt_model, tts_model=settings.default_tts_model,
+        voice=settings.default_tts_voice,
+    )})
 
 
 # -- lifecycle --------------------------------------------------------------------------
@@ -546,6 +607,7 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
                        flush_max_rows=settings.flush_max_rows)
     await asyncio.to_thread(store.open)
     app[STORE] = store
+    app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
     await recover_interrupted(store)
     yield
     await asyncio.to_thread(store.close)  # writes everything still queued
@@ -591,9 +653,11 @@ async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[st
 
 async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    # The speech tools use the model endpoint's audio API through the same client.
+    app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
-        history_limit=settings.history_max_messages,
+        history_limit=settings.history_max_messages, tools=app[TOOLS],
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -620,9 +684,12 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[CLIENTS] = ClientStats()
     app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
+    add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/tools", list_tools)
+    app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)
     app.router.add_get("/v1/requests/{request_id}", request_status)
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)

@@ -49,13 +49,54 @@ class Settings(BaseSettings):
     # Roundtable
     roundtable_max_rounds: int = Field(default=10, ge=1, description="more rounds → 400")
     roundtable_max_panelists: int = Field(default=8, ge=1, description="a larger panel → 400")
-    roundtable_window: int = Field(default=8, ge=1, description="events the panel may run ahead of its client")
+    roundtable_window: int = Field(
+        default=8, ge=1, description="events the panel may run ahead of its client"
+    )
     roundtable_max_queue: int = Field(default=100_016, ge=16, description="queued events per panelist")
     roundtable_panel: list[str] = Field(
         default_factory=lambda: ["alice", "bob", "carol"],
         description="the panel of the 'roundtable' model on /v1/chat/completions",
     )
     roundtable_rounds: int = Field(default=2, ge=1, description="rounds of the 'roundtable' model")
+
+    # Tools
+    allow_fs_base: Path | None = Field(
+        default=None, description="the only folder tools touch; default: workspace/ beside DB_PATH"
+    )
+    enable_fs: bool = True
+    enable_git: bool = True
+    enable_terminal: bool = True
+    enable_speech: bool = True
+    disabled_tools: list[str] = Field(default_factory=list, description="tool names to switch off")
+    max_tool_steps: int = Field(default=8, ge=0, description="model → tools rounds per response")
+    max_tool_calls_per_step: int = Field(default=8, ge=1, description="tool calls run per round")
+    tool_timeout_s: float = Field(default=30.0, gt=0, description="longest any one tool call runs")
+    tool_arguments_max_bytes: int = Field(default=2_097_152, ge=1024, description="tool arguments JSON")
+    tool_output_max_bytes: int = Field(default=65_536, ge=256, description="fs.read / command output cap")
+    tool_result_max_chars: int = Field(default=16_000, ge=256, description="a result as the model sees it")
+    fs_max_write_bytes: int = Field(default=1_048_576, ge=1, description="largest file fs tools write")
+    fs_max_path_chars: int = Field(default=1024, ge=16, description="longer tool paths are refused")
+    terminal_allowlist: list[str] = Field(
+        default_factory=lambda: ["echo", "pwd", "date", "ls", "cat", "head", "tail", "wc", "grep",
+                                 "find", "sleep"],
+        description="programs terminal.exec may run",
+    )
+    terminal_path: str = Field(default="/usr/local/bin:/usr/bin:/bin", description="where programs are found")
+    terminal_timeout_s: float = Field(default=10.0, gt=0, description="default terminal.exec timeout")
+    terminal_max_timeout_s: float = Field(default=60.0, gt=0, description="largest timeout_s allowed")
+    terminal_max_args: int = Field(default=64, ge=1, description="arguments per command")
+    terminal_max_arg_chars: int = Field(default=4096, ge=16, description="characters per argument")
+    git_timeout_s: float = Field(default=10.0, gt=0, description="git.status timeout")
+    default_stt_model: str = Field(default="whisper-1", description="speech.transcribe model")
+    default_tts_model: str = Field(default="tts-1", description="speech.synthesize model")
+    default_tts_voice: str = Field(default="alloy", description="speech.synthesize voice")
+    speech_max_audio_bytes: int = Field(default=10_000_000, ge=1024, description="audio in or out")
+    speech_max_text_chars: int = Field(default=4096, ge=1, description="text to synthesize")
+
+    @property
+    def fs_base(self) -> Path:
+        """The tools' folder: ``ALLOW_FS_BASE``, else ``workspace/`` beside the DuckDB file."""
+        return self.allow_fs_base if self.allow_fs_base is not None else self.db_path.parent / "workspace"
 
     @property
     def offline(self) -> bool:
@@ -67,7 +108,7 @@ class Settings(BaseSettings):
     query_timeout_s: float = Field(default=10.0, gt=0, description="a longer query is interrupted")
     export_dir: Path | None = Field(default=None, description="Parquet lake; default: lake/ beside DB_PATH")
     export_interval_s: float = Field(default=300.0, ge=0, description="scheduled export; 0 = on demand only")
-    admin_key: str | None = Field(default=None, repr=False, description="Bearer key, /v1/query and /v1/export")
+    admin_key: str | None = Field(default=None, repr=False, description="Bearer key for /v1/query, export")
 
     @property
     def lake_dir(self) -> Path:

@@ -8,10 +8,11 @@ them; a harness knows *how* to do its step, the orchestrator knows *when*.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 from pipeline.events import Event, LlmCall, Memory, Route, StreamEnd, StreamStart, Text, TokenUsage
-from pipeline.providers import ChatProvider, Delta, Finish, Usage
+from pipeline.providers import ChatProvider, Delta, Finish, ToolCallRequest, Usage
+from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
 from pipeline.turn import TurnContext
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
@@ -56,45 +57,109 @@ class MemoryHarness:
 
 class ResponseHarness:
     """Streams the model's answer: ``llm_call``, ``stream_start``, ``text``…, ``token_usage``,
-    ``stream_end``.
+    ``stream_end``; with ``tools``, the agent loop runs inside that one stream.
 
-    The messages sent are the harness's ``system`` prompt (if any), the loaded history and
-    this turn's messages; ``model`` and ``depth`` default to the turn's model and 0. A provider
-    failure propagates as :class:`~pipeline.errors.ProviderError`; the turn envelope turns
-    it into an ``error`` event and closes the stream with status ``error``.
+    The messages sent are the harness's ``system`` prompt (if any), the loaded history, this
+    turn's messages and the direct tool calls' results (:class:`ToolHarness`); ``model`` and
+    ``depth`` default to the turn's model and 0. A provider failure propagates as
+    :class:`~pipeline.errors.ProviderError`; the turn envelope turns it into an ``error``
+    event and closes the stream with status ``error``.
+
+    The agent loop: the enabled tools are offered to the model; when it answers with tool
+    calls, they become ``tool_call`` events, run concurrently (``tool_result`` events as they
+    finish), the assistant's calls and the tool messages are appended, and the model is
+    called again (a new ``llm_call`` with the exact messages, and its own ``token_usage``).
+    After ``MAX_TOOL_STEPS`` rounds a further request for tools raises
+    :class:`~pipeline.tools.ToolStepLimitError`: an ``error`` event, the stream ends
+    ``error``. With ``MAX_TOOL_STEPS=0`` no tools are offered, and calls of tools that were
+    not offered are never run.
     """
 
     def __init__(
         self, provider: ChatProvider, *, agent: str = "assistant", system: str | None = None,
-        model: str | None = None, depth: int = 0,
+        model: str | None = None, depth: int = 0, tools: ToolRegistry | None = None,
     ) -> None:
         self.provider = provider
         self.agent = agent
         self.system = system
         self.model = model
         self.depth = depth
+        self.tools = tools
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
         stream_id = ctx.next_stream_id()
         model = self.model or ctx.model
         system = [{"role": "system", "content": self.system}] if self.system else []
-        messages = [*system, *ctx.history, *ctx.messages]
-        yield LlmCall(stream_id=stream_id, model=model, messages=messages)
+        messages: list[dict[str, Any]] = [*system, *ctx.history, *ctx.messages, *ctx.tool_context]
+        # MAX_TOOL_STEPS=0 means no rounds at all: offer nothing (direct calls still run).
+        offered = self.tools.offered() if self.tools is not None and self.tools.limits.max_steps else []
+        yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
         yield StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth)
         finish: str | None = None
-        async for piece in self.provider.stream_chat(
-            model=model, messages=messages, max_tokens=ctx.max_tokens
-        ):
-            match piece:
-                case Delta(text=text):
-                    yield Text(stream_id=stream_id, delta=text)
-                case Finish(reason=reason):
-                    finish = reason
-                case Usage():
-                    yield TokenUsage(
-                        stream_id=stream_id, model=piece.model,
-                        prompt_tokens=piece.prompt_tokens,
-                        completion_tokens=piece.completion_tokens,
-                        total_tokens=piece.total_tokens,
-                    )
+        steps = 0
+        while True:
+            text: list[str] = []
+            requests: list[ToolCallRequest] = []
+            pieces = (
+                self.provider.stream_chat(model=model, messages=messages,
+                                          max_tokens=ctx.max_tokens, tools=offered)
+                if offered else
+                self.provider.stream_chat(model=model, messages=messages, max_tokens=ctx.max_tokens)
+            )
+            async for piece in pieces:
+                match piece:
+                    case Delta(text=delta):
+                        text.append(delta)
+                        yield Text(stream_id=stream_id, delta=delta)
+                    case Finish(reason=reason):
+                        finish = reason
+                    case Usage():
+                        yield TokenUsage(
+                            stream_id=stream_id, model=piece.model,
+                            prompt_tokens=piece.prompt_tokens,
+                            completion_tokens=piece.completion_tokens,
+                            total_tokens=piece.total_tokens,
+                        )
+                    case ToolCallRequest():
+                        requests.append(piece)
+            if not requests or self.tools is None or not offered:
+                break  # calls of tools never offered are not run
+            steps += 1
+            if steps > self.tools.limits.max_steps:
+                raise ToolStepLimitError(max_steps=self.tools.limits.max_steps)
+            calls = [plan_call(self.tools, call_id=r.id, name=r.name, arguments=r.arguments_json)
+                     for r in requests]
+            messages.append(assistant_message("".join(text), calls))
+            async for event in run_calls(self.tools, calls, stream_id=stream_id, messages=messages):
+                yield event
+            yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
         yield StreamEnd(stream_id=stream_id, status="ok", finish_reason=finish)
+
+
+class ToolHarness:
+    """Runs the tool calls a request names directly (``tool_calls`` in the body).
+
+    In a stream of its own (agent ``tools``): ``stream_start``, ``tool_call``…,
+    ``tool_result``… (concurrently, as they finish), ``stream_end``. The calls and their
+    results go to :attr:`TurnContext.tool_context`, so the response model sees them as if it
+    had made them. A request without direct calls yields nothing.
+    """
+
+    def __init__(self, tools: ToolRegistry, *, agent: str = "tools", depth: int = 0) -> None:
+        self.tools = tools
+        self.agent = agent
+        self.depth = depth
+
+    async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
+        if not ctx.tool_calls:
+            return
+        stream_id = ctx.next_stream_id()
+        yield StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth)
+        calls = [plan_call(self.tools, call_id=f"call_direct_{index}", name=spec.name,
+                           arguments=spec.params)
+                 for index, spec in enumerate(ctx.tool_calls)]
+        results: list[dict[str, Any]] = []
+        async for event in run_calls(self.tools, calls, stream_id=stream_id, messages=results):
+            yield event
+        ctx.tool_context = [assistant_message("", calls), *results]
+        yield StreamEnd(stream_id=stream_id, status="ok")

@@ -24,6 +24,38 @@ Each token is one word; every token but the first starts with a space, so ``"".j
 is the text. ``usage.prompt_tokens`` is the number of words in all message contents plus 3 per
 message; ``usage.completion_tokens`` is the number of answer tokens.
 
+Tool calls (OpenAI function calling), see `plan_tool_calls`: when the request offers
+``tools`` and its last message is a user message asking for one in these words, the model
+answers with tool calls instead of text (``finish_reason: "tool_calls"``), one per request
+found, in the order of the prompt, and only for tools offered (as ``fs_read`` or ``fs.read``):
+
+* ``read the file <path>`` → ``fs.read {path}``
+* ``write "<text>" to <path>`` → ``fs.write {path, content}``
+* ``apply this patch:`` + a diff on the next lines → ``fs.apply_patch {patch}``
+* ``git status`` [``of <path>``] → ``git.status {path?}``
+* ``run `<command>``` or a line ``run <command>`` → ``terminal.exec {argv: shlex.split(command)}``
+* ``say "<text>"`` [``into <path>``] → ``speech.synthesize {text, path?}``
+* ``transcribe <path>`` → ``speech.transcribe {path}``
+
+Streamed, each call is a delta with its ``id`` (``call_`` + hash), ``type`` and function
+``name``, then its arguments in up to three fragments, as OpenAI sends them. Once tool
+messages follow the last user message, the answer quotes them instead:
+``The tool fs_read returned: "<the file's words>".`` (per result; the ``content``,
+``stdout`` or ``text`` of the result's data when it has one; ``failed: "<error>"`` for
+``ok: false``). A tool-call answer ignores ``max_tokens``; its ``completion_tokens`` is the
+number of tool-call deltas.
+
+Audio, deterministic and offline (any model id is accepted):
+
+* ``POST /v1/audio/speech`` (``response_format: "wav"`` only; other formats are a 400): a
+  valid 8 kHz 8-bit mono WAV whose samples *are* the text: ``OFFLINE-TTS1``, its UTF-8 length
+  (4 bytes, little-endian), the UTF-8 bytes and 4 checksum bytes, then 0.1 s of silence.
+  ``voice`` and ``speed`` do not change it. See `synthesize_wav`.
+* ``POST /v1/audio/transcriptions`` (multipart ``file``, ``model``; ``response_format``
+  ``json`` or ``text``): a WAV made by the speech endpoint is decoded back to its text
+  exactly; any other audio gets ``offline transcript <8 hex>: <six words>.``, the hex and the
+  words picked from sha256 of the bytes. See `transcribe_audio`.
+
 Errors are JSON in OpenAI's shape ``{"error": {"message", "type", "code", "param"}}``: invalid
 JSON or body gives 400, an unknown model gives 404 with code ``model_not_found``.
 
@@ -36,9 +68,13 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import io
 import json
+import re
+import shlex
 import signal
 import time
+import wave
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -57,6 +93,9 @@ __all__ = [
     "count_prompt_tokens",
     "create_offline_app",
     "main",
+    "plan_tool_calls",
+    "synthesize_wav",
+    "transcribe_audio",
 ]
 
 MAX_TOKENS_CAP = 100_000
@@ -134,6 +173,7 @@ class _ChatRequest(BaseModel):
     stream_options: _StreamOptions | None = None
     max_tokens: _TokenBudget | None = None
     max_completion_tokens: _TokenBudget | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 # -- the answer -----------------------------------------------------------------------------
@@ -205,23 +245,260 @@ def compose_answer(
         'You said: "hi".'
     """
     seed = _seed(model, messages)
-    users = [_flatten(m.get("content")) for m in messages if m.get("role") == "user"]
-    tokens = ["You", " said:"]
-    tokens += _quote(users[-1] if users else "", _LAST_QUOTE_WORDS)
-    if len(users) >= 2:
-        tokens += [" Earlier", " you", " said:", *_quote(users[-2], _EARLIER_QUOTE_WORDS)]
-    tokens += [" This", " is", " turn", f" {len(users)}."]
-    # The header is at most 23 tokens, so the natural length always fits in 12..40.
-    spread = _MAX_NATURAL - _MIN_NATURAL + 1
-    natural = max(_MIN_NATURAL + int.from_bytes(seed[:4], "big") % spread, len(tokens) + 3)
-    while len(tokens) < natural:
-        tokens.append(_filler(seed, len(tokens)))
-    tokens[-1] += "."
+    results = _tool_results(messages)
+    if results:
+        tokens = _tool_answer(results)
+    else:
+        users = [_flatten(m.get("content")) for m in messages if m.get("role") == "user"]
+        tokens = ["You", " said:"]
+        tokens += _quote(users[-1] if users else "", _LAST_QUOTE_WORDS)
+        if len(users) >= 2:
+            tokens += [" Earlier", " you", " said:", *_quote(users[-2], _EARLIER_QUOTE_WORDS)]
+        tokens += [" This", " is", " turn", f" {len(users)}."]
+        # The header is at most 23 tokens, so the natural length always fits in 12..40.
+        spread = _MAX_NATURAL - _MIN_NATURAL + 1
+        natural = max(_MIN_NATURAL + int.from_bytes(seed[:4], "big") % spread, len(tokens) + 3)
+        while len(tokens) < natural:
+            tokens.append(_filler(seed, len(tokens)))
+        tokens[-1] += "."
     if max_tokens is None:
         return tokens
     while len(tokens) < max_tokens:
         tokens.append(_filler(seed, len(tokens)))
     return tokens[:max_tokens]
+
+
+# -- tools ------------------------------------------------------------------------------------
+
+_TOOL_QUOTE_WORDS = 60
+_PATH = r"[`'\"]?(?P<path>[^\s`'\"]+)"
+_TOOL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("fs.read", re.compile(r"\bread (?:the )?file\s+" + _PATH, re.I)),
+    ("fs.write", re.compile(r"\bwrite\s+\"(?P<content>[^\"]*)\"\s+(?:in)?to\s+(?:the\s+file\s+)?"
+                            + _PATH, re.I)),
+    ("git.status", re.compile(r"\bgit status(?:\s+(?:of|in)\s+" + _PATH + ")?", re.I)),
+    ("terminal.exec", re.compile(r"\brun\s+`(?P<command>[^`]+)`", re.I)),
+    ("terminal.exec", re.compile(r"^\s*(?:please\s+)?run\s+(?P<command>[^`\n]+?)\s*$", re.I | re.M)),
+    ("speech.synthesize", re.compile(r"\b(?:say|synthesize|speak)\s+\"(?P<text>[^\"]+)\""
+                                     r"(?:\s+(?:in|into|to|as)\s+" + _PATH + ")?", re.I)),
+    ("speech.transcribe", re.compile(r"\btranscribe\s+(?:the\s+)?(?:audio\s+)?(?:file\s+)?" + _PATH,
+                                     re.I)),
+)
+_PATCH = re.compile(r"\bapply (?:this|the following) patch:?[ \t]*\n(?P<patch>.+)", re.I | re.S)
+
+
+def _offered_names(tools: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
+    """Offered function names by dotted tool name (``fs.read`` → ``fs_read``)."""
+    names: dict[str, str] = {}
+    for tool in tools or ():
+        function = tool.get("function") if isinstance(tool, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if isinstance(name, str):
+            names[name.replace("_", ".", 1) if "." not in name else name] = name
+    return names
+
+
+def plan_tool_calls(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None
+) -> list[tuple[str, dict[str, Any]]]:
+    """The tool calls the offline model makes: ``(function name, arguments)`` in prompt order.
+
+    Only when the last message is a user message, and only for offered tools (see the
+    module docstring for the phrases).
+
+    Example:
+        >>> plan_tool_calls([{"role": "user", "content": "read the file notes.txt"}],
+        ...                 [{"type": "function", "function": {"name": "fs_read"}}])
+        [('fs_read', {'path': 'notes.txt'})]
+    """
+    offered = _offered_names(tools)
+    if not offered or not messages or messages[-1].get("role") != "user":
+        return []
+    text = _flatten(messages[-1].get("content"))
+    found: list[tuple[int, str, dict[str, Any]]] = []
+    patch = _PATCH.search(text)
+    if patch is not None:
+        found.append((patch.start(), "fs.apply_patch", {"patch": patch.group("patch")}))
+        text = text[:patch.start()]
+    ran = False
+    for tool, pattern in _TOOL_PATTERNS:
+        if tool == "terminal.exec" and ran:
+            continue  # the backtick form wins over the line form
+        for match in pattern.finditer(text):
+            groups = {k: v for k, v in match.groupdict().items() if v is not None}
+            if "path" in groups:
+                groups["path"] = groups["path"].rstrip(".,;:!?)")
+            if tool == "fs.write":
+                arguments: dict[str, Any] = {"path": groups["path"], "content": groups["content"]}
+            elif tool == "terminal.exec":
+                command = groups["command"]
+                try:
+                    argv = shlex.split(command)
+                except ValueError:
+                    argv = command.split()
+                arguments = {"argv": argv}
+                ran = True
+            else:
+                arguments = groups
+            found.append((match.start(), tool, arguments))
+    found.sort(key=lambda item: item[0])
+    return [(offered[tool], arguments) for _, tool, arguments in found if tool in offered]
+
+
+def _tool_results(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str, bool]]:
+    """``(function name, result text, ok)`` of the tool messages after the last user message."""
+    last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    names: dict[str, str] = {}
+    results: list[tuple[str, str, bool]] = []
+    for message in messages[last_user + 1:]:
+        if message.get("role") == "assistant":
+            for call in message.get("tool_calls") or ():
+                if isinstance(call, Mapping) and isinstance(call.get("function"), Mapping):
+                    names[str(call.get("id"))] = str(call["function"].get("name"))
+        elif message.get("role") == "tool":
+            name = names.get(str(message.get("tool_call_id")), "tool")
+            results.append((name, *_result_text(_flatten(message.get("content")))))
+    return results
+
+
+def _result_text(content: str) -> tuple[str, bool]:
+    try:
+        body = json.loads(content)
+    except ValueError:
+        return content, True
+    if not isinstance(body, dict) or "ok" not in body:
+        return content, True
+    if not body["ok"]:
+        return str(body.get("error")), False
+    data = body.get("data")
+    if isinstance(data, dict):
+        for key in ("content", "stdout", "text"):
+            if isinstance(data.get(key), str):
+                return data[key], True
+        data = {k: v for k, v in data.items() if not (isinstance(v, str) and len(v) > 200)}
+    return json.dumps(data, ensure_ascii=False, sort_keys=True), True
+
+
+def _tool_answer(results: list[tuple[str, str, bool]]) -> list[str]:
+    tokens: list[str] = []
+    for name, text, ok in results:
+        tokens += [" The", " tool", f" {name}", " returned:" if ok else " failed:"]
+        tokens += _quote(text, _TOOL_QUOTE_WORDS)
+    tokens[0] = tokens[0].lstrip()
+    return tokens
+
+
+def _tool_call_payloads(model: str, messages: Sequence[Mapping[str, Any]],
+                        calls: list[tuple[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    seed = _seed(model, messages)
+    return [
+        {"id": "call_" + hashlib.sha256(seed + b"tool" + bytes([index % 256])).hexdigest()[:24],
+         "type": "function",
+         "function": {"name": name, "arguments": json.dumps(arguments, ensure_ascii=False)}}
+        for index, (name, arguments) in enumerate(calls)
+    ]
+
+
+def _tool_call_deltas(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The streamed deltas of tool calls: the head of each, then its arguments in ≤ 3 parts."""
+    deltas: list[dict[str, Any]] = []
+    for index, call in enumerate(payloads):
+        function = call["function"]
+        deltas.append({"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                       "function": {"name": function["name"], "arguments": ""}}]})
+        arguments: str = function["arguments"]
+        size = max(1, -(-len(arguments) // 3))
+        for start in range(0, len(arguments), size):
+            deltas.append({"tool_calls": [{"index": index, "function": {
+                "arguments": arguments[start:start + size]}}]})
+    return deltas
+
+
+# -- audio ------------------------------------------------------------------------------------
+
+_TTS_MAGIC = b"OFFLINE-TTS1"
+_TTS_RATE = 8000
+AUDIO_MAX_BYTES = 25 * 1024 * 1024
+"""Largest upload the transcription endpoint takes (OpenAI's limit)."""
+
+
+def synthesize_wav(text: str) -> bytes:
+    """The offline speech of ``text``: an 8 kHz 8-bit mono WAV whose samples encode it."""
+    payload = text.encode("utf-8")
+    samples = (_TTS_MAGIC + len(payload).to_bytes(4, "little") + payload
+               + hashlib.sha256(payload).digest()[:4] + bytes([128]) * (_TTS_RATE // 10))
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(1)
+        out.setframerate(_TTS_RATE)
+        out.writeframes(samples)
+    return buffer.getvalue()
+
+
+def transcribe_audio(audio: bytes) -> str:
+    """The offline transcript: the text of a `synthesize_wav` WAV, else a hash of the bytes."""
+    try:
+        with wave.open(io.BytesIO(audio), "rb") as source:
+            frames = source.readframes(source.getnframes())
+    except (wave.Error, EOFError, ValueError, OSError):
+        frames = b""
+    if frames.startswith(_TTS_MAGIC):
+        start = len(_TTS_MAGIC) + 4
+        size = int.from_bytes(frames[len(_TTS_MAGIC):start], "little")
+        payload = frames[start:start + size]
+        checksum = frames[start + size:start + size + 4]
+        if len(payload) == size and hashlib.sha256(payload).digest()[:4] == checksum:
+            return payload.decode("utf-8", errors="replace")
+    digest = hashlib.sha256(audio).digest()
+    words = " ".join(_VOCABULARY[b % len(_VOCABULARY)] for b in digest[:6])
+    return f"offline transcript {digest.hex()[:8]}: {words}."
+
+
+class _SpeechRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    input: str = Field(min_length=1, max_length=4096)
+    voice: str | dict[str, Any]
+    response_format: str = "mp3"
+    speed: float = Field(default=1.0, ge=0.25, le=4.0)
+
+
+async def _audio_speech(request: web.Request) -> web.StreamResponse:
+    try:
+        body = _SpeechRequest.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return _error(400, _validation_message(exc), code="invalid_body", err_type="invalid_request_error")
+    if body.response_format != "wav":
+        return _error(400, f"the offline model synthesizes only response_format 'wav', not "
+                      f"{body.response_format!r}", code="unsupported_format",
+                      err_type="invalid_request_error")
+    return web.Response(body=synthesize_wav(body.input), content_type="audio/wav")
+
+
+async def _audio_transcriptions(request: web.Request) -> web.StreamResponse:
+    try:
+        form = await request.post()
+    except ValueError as exc:
+        return _error(400, f"Invalid multipart body: {exc}", code="invalid_body",
+                      err_type="invalid_request_error")
+    upload = form.get("file")
+    model = form.get("model")
+    if not isinstance(upload, web.FileField):
+        return _error(400, "file: an audio file is required", code="invalid_body",
+                      err_type="invalid_request_error")
+    if not isinstance(model, str) or not model:
+        return _error(400, "model: a model id is required", code="invalid_body",
+                      err_type="invalid_request_error")
+    response_format = form.get("response_format", "json")
+    if response_format not in ("json", "text"):
+        return _error(400, f"the offline model answers response_format 'json' or 'text', not "
+                      f"{response_format!r}", code="unsupported_format",
+                      err_type="invalid_request_error")
+    text = transcribe_audio(upload.file.read())
+    if response_format == "text":
+        return web.Response(text=text)
+    return web.json_response({"text": text})
 
 
 def count_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -291,13 +568,16 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     # Hash the messages exactly as sent (validated above), not pydantic's re-dump with defaults.
     messages: list[dict[str, Any]] = raw["messages"]
     budget = body.max_completion_tokens or body.max_tokens
-    tokens = compose_answer(body.model, messages, max_tokens=budget)
+    tool_calls = _tool_call_payloads(body.model, messages, plan_tool_calls(messages, body.tools))
+    tool_deltas = _tool_call_deltas(tool_calls)
+    tokens = [] if tool_calls else compose_answer(body.model, messages, max_tokens=budget)
+    completion_tokens = len(tool_deltas) if tool_calls else len(tokens)
     usage = {
         "prompt_tokens": count_prompt_tokens(messages),
-        "completion_tokens": len(tokens),
-        "total_tokens": count_prompt_tokens(messages) + len(tokens),
+        "completion_tokens": completion_tokens,
+        "total_tokens": count_prompt_tokens(messages) + completion_tokens,
     }
-    finish_reason = "stop" if budget is None else "length"
+    finish_reason = "tool_calls" if tool_calls else "stop" if budget is None else "length"
     completion_id = "chatcmpl-" + _seed(body.model, messages).hex()[:24]
     created = int(time.time())
 
@@ -313,7 +593,10 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                 "choices": [
                     {
                         "index": 0,
-                        "message": {"role": "assistant", "content": "".join(tokens)},
+                        "message": (
+                            {"role": "assistant", "content": None, "tool_calls": tool_calls}
+                            if tool_calls else {"role": "assistant", "content": "".join(tokens)}
+                        ),
                         "logprobs": None,
                         "finish_reason": finish_reason,
                     }
@@ -346,6 +629,9 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         for token in tokens:
             await asyncio.sleep(config.token_delay_ms / 1000)
             await response.write(chunk({"content": token}, None))
+        for delta in tool_deltas:
+            await asyncio.sleep(config.token_delay_ms / 1000)
+            await response.write(chunk(delta, None))
         await response.write(chunk({}, finish_reason))
         if include_usage:
             final = {
@@ -398,11 +684,13 @@ def create_offline_app(
         raise ValueError(f"offline model: token_delay_ms must be >= 0, got {token_delay_ms}")
     if not models:
         raise ValueError("offline model: models must name at least one model")
-    app = web.Application(middlewares=[_json_errors])
+    app = web.Application(middlewares=[_json_errors], client_max_size=AUDIO_MAX_BYTES + 65_536)
     app[STATS_KEY] = OfflineStats()
     app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models))
     app.router.add_get("/v1/models", _list_models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
+    app.router.add_post("/v1/audio/speech", _audio_speech)
+    app.router.add_post("/v1/audio/transcriptions", _audio_transcriptions)
     return app
 
 

@@ -35,8 +35,16 @@ from operators import (
     visible,
 )
 from pipeline.events import Event
-from pipeline.harnesses import Archivist, Harness, MemoryHarness, ResponseHarness, RouterHarness
+from pipeline.harnesses import (
+    Archivist,
+    Harness,
+    MemoryHarness,
+    ResponseHarness,
+    RouterHarness,
+    ToolHarness,
+)
 from pipeline.providers import ChatProvider
+from pipeline.tools import ToolRegistry
 from pipeline.turn import TurnContext, TurnInput, TurnResult, new_id
 from sinks.async_iter import to_async_iterator
 from sinks.recorder import TurnRecorder
@@ -96,18 +104,21 @@ class Turn:
         """The turn's events as an async iterator (use under ``contextlib.aclosing``)."""
         return self.view(visible(trace=trace), max_buffer=max_buffer)
 
-    def view(
+    async def view(
         self, transform: Callable[[Observable[Event]], Observable[_T]], *, max_buffer: int = 4096
     ) -> AsyncGenerator[_T]:
         """``stream.pipe(transform)`` as a bounded async iterator.
 
         A subscriber that joins late is replayed everything so far in one burst; that
         history does not count against ``max_buffer``, which bounds only how far the
-        consumer may fall behind the live turn.
+        consumer may fall behind the live turn. (It subscribes, and measures the history,
+        on the first ``__anext__``.)
         """
-        return to_async_iterator(
+        async with contextlib.aclosing(to_async_iterator(
             self.stream.pipe(transform), max_buffer=max_buffer + self.last_seq
-        )
+        )) as items:
+            async for item in items:
+                yield item
 
 
 class StreamingOrchestrator:
@@ -120,6 +131,9 @@ class StreamingOrchestrator:
         history_limit: How many earlier messages memory loads.
         agent: The agent named in ``request_received`` and the response stream.
         harnesses: Replace the default ``(router, memory, response)`` sequence.
+        tools: The tool registry: the default sequence becomes ``(router, memory, tools,
+            response)``, the tool harness running a request's direct ``tool_calls`` and the
+            response harness offering the enabled tools to the model (the agent loop).
     """
 
     def __init__(
@@ -132,8 +146,10 @@ class StreamingOrchestrator:
         agent: str = "assistant",
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
+        tools: ToolRegistry | None = None,
     ) -> None:
         self.provider = provider
+        self.tools = tools
         self.store = store
         self.default_model = default_model
         self.agent = agent
@@ -141,7 +157,8 @@ class StreamingOrchestrator:
         self.harnesses: tuple[Harness, ...] = tuple(harnesses) if harnesses else (
             RouterHarness(),
             MemoryHarness(archivist, limit=history_limit),
-            ResponseHarness(provider, agent=agent),
+            *((ToolHarness(tools),) if tools is not None else ()),
+            ResponseHarness(provider, agent=agent, tools=tools),
         )
         self.live: dict[str, Turn] = {}
 
@@ -163,6 +180,7 @@ class StreamingOrchestrator:
             model=turn_input.model or self.default_model,
             max_tokens=turn_input.max_tokens,
             kind=turn_input.kind,
+            tool_calls=list(turn_input.tool_calls),
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()

@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeAlias, cast
 import openai
 import pydantic
 from openai import AsyncOpenAI
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolUnionParam
 
 from pipeline.errors import ProviderError
 
@@ -44,7 +44,17 @@ class Usage:
     total_tokens: int
 
 
-Piece: TypeAlias = Delta | Finish | Usage
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCallRequest:
+    """The model asks for a tool call: its id, function name and arguments JSON, as the
+    streamed deltas added up. ``arguments_json`` may be malformed; the caller checks it."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+
+Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest
 
 
 class ChatProvider(Protocol):
@@ -53,9 +63,15 @@ class ChatProvider(Protocol):
     name: str
 
     def stream_chat(
-        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
+        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> AsyncIterator[Piece]:
-        """Stream one chat completion as pieces; raise :class:`ProviderError` on failure."""
+        """Stream one chat completion as pieces; raise :class:`ProviderError` on failure.
+
+        With ``tools`` (OpenAI function-calling specs) the model may answer with
+        :class:`ToolCallRequest` pieces, one per complete call, before its :class:`Finish`.
+        Callers that offer no tools do not pass the argument.
+        """
         ...
 
     async def list_models(self) -> list[str]:
@@ -95,8 +111,12 @@ class OpenAIProvider:
         return [model.id async for model in page]
 
     async def stream_chat(
-        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None
+        self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> AsyncIterator[Piece]:
+        # Tool calls arrive in pieces (id and name first, then the arguments in fragments),
+        # keyed by index; they are complete when the choice finishes.
+        calls: dict[int, list[str]] = {}  # index → [id, name, arguments so far]
         try:
             stream = await self.client.chat.completions.create(
                 model=model,
@@ -104,6 +124,7 @@ class OpenAIProvider:
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if max_tokens is None else max_tokens,
+                tools=cast("list[ChatCompletionToolUnionParam]", list(tools)) if tools else openai.omit,
             )
             # Leaving this block (finished, failed, or the consumer closed us) closes the
             # HTTP response, so the provider sees the disconnect at once.
@@ -112,7 +133,16 @@ class OpenAIProvider:
                     for choice in chunk.choices:
                         if choice.delta is not None and choice.delta.content:
                             yield Delta(choice.delta.content)
+                        for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
+                            slot = calls.setdefault(call.index, ["", "", ""])
+                            slot[0] = slot[0] or call.id or ""
+                            if call.function is not None:
+                                # Some servers repeat the name on every fragment: keep the first.
+                                slot[1] = slot[1] or call.function.name or ""
+                                slot[2] += call.function.arguments or ""
                         if choice.finish_reason:
+                            for piece in _complete_calls(calls):
+                                yield piece
                             yield Finish(choice.finish_reason)
                     if chunk.usage is not None:
                         yield Usage(
@@ -121,6 +151,8 @@ class OpenAIProvider:
                             completion_tokens=chunk.usage.completion_tokens,
                             total_tokens=chunk.usage.total_tokens,
                         )
+            for piece in _complete_calls(calls):  # a stream that ended without finish_reason
+                yield piece
         except (openai.OpenAIError, pydantic.ValidationError, json.JSONDecodeError) as exc:
             raise self._translate(exc, model=model) from exc
 
@@ -142,6 +174,16 @@ class OpenAIProvider:
                 return ProviderError(
                     f"bad response: {type(exc).__name__}: {exc}", provider=self.name, model=model,
                 )
+
+
+def _complete_calls(calls: dict[int, list[str]]) -> list[ToolCallRequest]:
+    """The accumulated calls in index order (then forgotten)."""
+    done = [
+        ToolCallRequest(id=call_id or f"call_{index}", name=name, arguments_json=arguments)
+        for index, (call_id, name, arguments) in sorted(calls.items())
+    ]
+    calls.clear()
+    return done
 
 
 def _message_of(exc: openai.APIStatusError) -> str:

@@ -55,6 +55,15 @@ class ChatMessage(BaseModel):
         return {"role": self.role, "content": self.content}
 
 
+class ToolCallSpec(BaseModel):
+    """A tool call a request names directly: ``{"name": "fs.read", "params": {...}}``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
 class TurnInput(BaseModel):
     """What a turn needs. ``conversation_id`` is created when absent.
 
@@ -70,6 +79,7 @@ class TurnInput(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1, le=100_000)
     kind: str = "orchestrate"
+    tool_calls: list[ToolCallSpec] = Field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -85,6 +95,10 @@ class TurnContext:
     kind: str
     history: list[dict[str, str]] = dataclasses.field(default_factory=list)
     route: str | None = None
+    #: Tool calls the request named directly (run by the tool harness).
+    tool_calls: list[ToolCallSpec] = dataclasses.field(default_factory=list)
+    #: Messages the tool harness adds for the model: its calls and their results.
+    tool_context: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def next_stream_id(self) -> int:

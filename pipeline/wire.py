@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from pipeline.errors import PipelineError
-from pipeline.turn import ChatMessage
+from pipeline.turn import ChatMessage, ToolCallSpec
 
 
 class ApiError(PipelineError):
@@ -41,6 +41,7 @@ class OrchestrateRequest(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     on_disconnect: Literal["continue", "cancel"] = "continue"
     background: StrictBool = False
+    tool_calls: list[ToolCallSpec] = Field(default_factory=list, max_length=64)
 
 
 class StreamOptions(BaseModel):

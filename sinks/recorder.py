@@ -2,22 +2,35 @@
 
 It observes a turn's numbered, shared stream and writes to the event store: every event
 (trace included), the request's row, the user messages when the turn starts and the
-assistant message as it goes (``pending → streaming → complete | error | cancelled``).
+assistant message as it goes (``pending → streaming → complete | error | cancelled``), and
+one ``tool_executions`` row per tool call, from its ``tool_call`` and ``tool_result`` events.
+Deriving the rows from the events (rather than having tools write them) keeps one source of
+truth: a replayed or re-recorded stream gives the same rows, and tools stay free of storage.
 It also folds the events into a :class:`~pipeline.turn.TurnState` and calls ``on_done``
 with the final result.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 
 from reactivex import Observer
 
-from pipeline.events import Done, Event, RequestReceived, StreamStart, Text, stream_id_of
+from pipeline.events import (
+    Done,
+    Event,
+    RequestReceived,
+    StreamStart,
+    Text,
+    ToolCall,
+    ToolResult,
+    stream_id_of,
+)
 from pipeline.turn import TurnContext, TurnResult, TurnState
-from sinks.store import EventStore, MessageRow, RequestRow
+from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +48,7 @@ class TurnRecorder(Observer[Event]):
         self.on_done = on_done
         self.state = TurnState(ctx.request_id, ctx.conversation_id, ctx.model)
         self._streams: dict[int, tuple[str, int]] = {}
+        self._tools: dict[str, ToolExecutionRow] = {}
         now = time.time()
         self._request = RequestRow(
             request_id=ctx.request_id, conversation_id=ctx.conversation_id, kind=ctx.kind,
@@ -88,14 +102,41 @@ class TurnRecorder(Observer[Event]):
                 self._assistant.status = "streaming"
                 self._assistant.updated_at = event.ts
                 store.put_message(self._assistant)
+            if isinstance(event, ToolCall | ToolResult):
+                self._record_tool(store, event, agent)
         if isinstance(event, Done):
             self._finish()
+
+    def _record_tool(self, store: EventStore, event: ToolCall | ToolResult, agent: str | None) -> None:
+        row = self._tools.get(event.execution_id)
+        if row is None:
+            row = self._tools[event.execution_id] = ToolExecutionRow(
+                execution_id=event.execution_id, request_id=self.ctx.request_id,
+                conversation_id=self.ctx.conversation_id, tool=event.tool, params="{}",
+                status="running", started_at=event.ts, stream_id=event.stream_id, agent=agent,
+            )
+        if isinstance(event, ToolCall):
+            row.params = json.dumps(event.params, ensure_ascii=False, default=str)
+            row.started_at = event.ts
+        else:
+            row.status = "ok" if event.ok else "error"
+            row.ok = event.ok
+            row.result = json.dumps(event.data, ensure_ascii=False, default=str) if event.ok else None
+            row.error = event.error
+            row.finished_at = event.ts
+            row.duration_ms = event.duration_ms
+        store.put_tool_execution(row)
 
     def _finish(self) -> None:
         state = self.state
         result = state.result()
         if self.store is not None:
             now = time.time()
+            for row in self._tools.values():  # calls the turn ended before they finished
+                if row.status == "running":
+                    row.status = "cancelled"
+                    row.finished_at = now
+                    self.store.put_tool_execution(row)
             request = self._request
             request.status = result.status
             request.finished_at = now

@@ -17,12 +17,14 @@ too). A request stored without any event gets its ``request_received`` first.
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import logging
 import time
 
 from pipeline.events import Done, ErrorEvent, Event, RequestReceived, StreamEnd
 from pipeline.turn import TurnState
-from sinks.store import EventStore, MessageRow, RequestRow
+from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,7 @@ async def _close(store: EventStore, request_id: str) -> None:
             open_streams.append(event.stream_id)
         elif event.type == "stream_end" and event.stream_id in open_streams:
             open_streams.remove(event.stream_id)
-    started = request["started_at"].timestamp() if request["started_at"] else time.time()
+    started = _epoch(request["started_at"]) if request["started_at"] else time.time()
     closing: list[tuple[Event, str | None, int | None]] = []
     if state.last_seq == 0:  # the row was written, the first event was not
         closing.append((RequestReceived(agent="assistant",
@@ -83,11 +85,30 @@ async def _close(store: EventStore, request_id: str) -> None:
         prompt_tokens=state.usage.prompt_tokens, completion_tokens=state.usage.completion_tokens,
         total_tokens=state.usage.total_tokens, last_seq=seq, error=INTERRUPTED_ERROR,
     ))
+    await _interrupt_tools(store, request_id, now)
     for message in await store.messages_of(request_id):
         if message["role"] == "assistant":
             store.put_message(MessageRow(
                 message_id=message["message_id"], conversation_id=message["conversation_id"],
                 request_id=request_id, ordinal=message["ordinal"], role="assistant",
                 content=state.content, status="interrupted",
-                created_at=message["created_at"].timestamp(), updated_at=now,
+                created_at=_epoch(message["created_at"]), updated_at=now,
             ))
+
+
+async def _interrupt_tools(store: EventStore, request_id: str, now: float) -> None:
+    """Tool executions the stop left ``running`` end ``interrupted``."""
+    fields = [field.name for field in dataclasses.fields(ToolExecutionRow)]
+    rows = await store.aquery(
+        f"SELECT {', '.join(fields)} FROM tool_executions "
+        "WHERE request_id = ? AND status = 'running'", [request_id])
+    for values in rows:
+        row = dict(zip(fields, values, strict=True))
+        row["started_at"] = _epoch(row["started_at"])
+        row.update(status="interrupted", ok=False, error=INTERRUPTED_ERROR, finished_at=now,
+                   duration_ms=None)
+        store.put_tool_execution(ToolExecutionRow(**row))
+
+
+def _epoch(value: datetime.datetime) -> float:
+    return value.replace(tzinfo=datetime.UTC).timestamp()

@@ -33,6 +33,8 @@ import pyarrow as pa
 
 from pipeline.errors import StoreError
 from pipeline.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
+from sinks.query import harden
+from sinks.views import create_views
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,22 @@ CREATE TABLE IF NOT EXISTS messages (
     status          VARCHAR   NOT NULL,     -- assistant: pending, streaming, complete, error, cancelled
     created_at      TIMESTAMP NOT NULL,
     updated_at      TIMESTAMP NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tool_executions (
+    execution_id    VARCHAR   PRIMARY KEY,  -- the tool_call / tool_result events' execution_id
+    request_id      VARCHAR   NOT NULL,
+    conversation_id VARCHAR   NOT NULL,
+    stream_id       INTEGER,
+    agent           VARCHAR,                -- the stream's agent: 'assistant' (model), 'tools' (direct)
+    tool            VARCHAR   NOT NULL,     -- e.g. 'fs.read'
+    params          JSON      NOT NULL,
+    status          VARCHAR   NOT NULL,     -- running, ok, error, cancelled
+    ok              BOOLEAN,
+    result          JSON,                   -- the data, when ok
+    error           VARCHAR,                -- the refusal or failure, when not
+    started_at      TIMESTAMP NOT NULL,
+    finished_at     TIMESTAMP,
+    duration_ms     DOUBLE
 );
 """
 
@@ -123,6 +141,26 @@ class MessageRow:
 
 
 @dataclasses.dataclass(slots=True)
+class ToolExecutionRow:
+    """One row of ``tool_executions``; ``params``/``result`` are JSON text, times epoch s."""
+
+    execution_id: str
+    request_id: str
+    conversation_id: str
+    tool: str
+    params: str
+    status: str
+    started_at: float
+    stream_id: int | None = None
+    agent: str | None = None
+    ok: bool | None = None
+    result: str | None = None
+    error: str | None = None
+    finished_at: float | None = None
+    duration_ms: float | None = None
+
+
+@dataclasses.dataclass(slots=True)
 class _EventRow:
     event: EventBase
     agent: str | None
@@ -145,7 +183,7 @@ class StoreStats:
     last_error: str | None = None
 
 
-_Op = _EventRow | RequestRow | MessageRow | _Barrier
+_Op = _EventRow | RequestRow | MessageRow | ToolExecutionRow | _Barrier
 
 
 class EventStore:
@@ -182,6 +220,8 @@ class EventStore:
         except duckdb.Error as exc:
             raise StoreError(f"cannot open the event store {self.path!r}: {exc}") from exc
         self._con.execute(SCHEMA)
+        create_views(self._con)
+        harden(self._con)  # no file, network or extension access for any SQL on this store
         self._read = self._con.cursor()
         writer = self._con.cursor()
         self._thread = threading.Thread(
@@ -227,6 +267,10 @@ class EventStore:
         """Queue an upsert of a message row (a copy is taken)."""
         self._enqueue(dataclasses.replace(row))
 
+    def put_tool_execution(self, row: ToolExecutionRow) -> None:
+        """Queue an upsert of a tool execution row (a copy is taken)."""
+        self._enqueue(dataclasses.replace(row))
+
     def _enqueue(self, op: _Op) -> None:
         if self._thread is None:
             raise StoreError("the event store is not open")
@@ -253,6 +297,12 @@ class EventStore:
         self._enqueue(_Barrier(done))
         self._wake.set()
         await future
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        """A new cursor on the store's database, for analysts' reads and exports."""
+        if self._con is None:
+            raise StoreError("the event store is not open")
+        return self._con.cursor()
 
     # -- reads: own cursor, in a worker thread ----------------------------------------
     def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
@@ -350,6 +400,7 @@ class EventStore:
         events: list[_EventRow] = []
         requests: dict[str, RequestRow] = {}
         messages: dict[str, MessageRow] = {}
+        tools: dict[str, ToolExecutionRow] = {}
         barriers: list[_Barrier] = []
         error: BaseException | None = None
         ops = self._ops
@@ -361,13 +412,15 @@ class EventStore:
                 requests[op.request_id] = op
             elif isinstance(op, MessageRow):
                 messages[op.message_id] = op
+            elif isinstance(op, ToolExecutionRow):
+                tools[op.execution_id] = op
             else:
                 barriers.append(op)
             if len(events) >= self.flush_max_rows:
                 error = self._write(con, events, {}, {}) or error
                 events = []
-        if events or requests or messages:
-            error = self._write(con, events, requests, messages) or error
+        if events or requests or messages or tools:
+            error = self._write(con, events, requests, messages, tools) or error
         for barrier in barriers:
             barrier.done(error)
 
@@ -377,6 +430,7 @@ class EventStore:
         events: list[_EventRow],
         requests: dict[str, RequestRow],
         messages: dict[str, MessageRow],
+        tools: dict[str, ToolExecutionRow] | None = None,
     ) -> BaseException | None:
         started = time.perf_counter()
         error: BaseException | None = None
@@ -388,6 +442,8 @@ class EventStore:
                 batches["request_batch"] = _rows_table(list(requests.values()), RequestRow)
             if messages:
                 batches["message_batch"] = _rows_table(list(messages.values()), MessageRow)
+            if tools:
+                batches["tool_batch"] = _rows_table(list(tools.values()), ToolExecutionRow)
             for name, table in batches.items():
                 con.register(name, table)
             try:
@@ -425,6 +481,8 @@ def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, stri
         con.execute("INSERT OR REPLACE INTO requests BY NAME SELECT * FROM request_batch")
     if "message_batch" in batches:
         con.execute("INSERT OR REPLACE INTO messages BY NAME SELECT * FROM message_batch")
+    if "tool_batch" in batches:
+        con.execute("INSERT OR REPLACE INTO tool_executions BY NAME SELECT * FROM tool_batch")
     con.commit()
 
 

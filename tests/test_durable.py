@@ -17,6 +17,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -35,11 +36,13 @@ from pipeline.events import (
     StreamStart,
     Text,
     TokenUsage,
+    ToolCall,
 )
 from pipeline.offline_model import compose_answer
 from pipeline.turn import ChatMessage, TurnInput
+from sinks.recovery import INTERRUPTED_ERROR
 from sinks.recovery import SEQ_GAP as GAP
-from sinks.store import EventStore, MessageRow, RequestRow
+from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 from tests.sse_client import (
     Frame,
     after,
@@ -911,3 +914,30 @@ async def test_recovery_when_a_client_saw_more_than_was_stored(tmp_path: Path) -
         events = assert_wire_rules(seen + rest, trace=False)
         assert events[-1]["reason"] == "interrupted"
 
+
+
+async def test_recovery_interrupts_running_tool_executions(tmp_path: Path) -> None:
+    """A tool call the stop left running ends ``interrupted`` with the request."""
+    path = tmp_path / "crashed_tools.duckdb"
+    request_id, conv, now = "req_tool", "conv_tool", time.time()
+    events: list[EventBase] = [
+        RequestReceived(agent="assistant", conversation_id=conv),
+        StreamStart(stream_id=1, agent="assistant", depth=0),
+        ToolCall(stream_id=1, tool="fs.read", execution_id="exe_1", params={"path": "a"}),
+    ]
+    for seq, event in enumerate(events, start=1):
+        numbered(request_id, seq, event)
+    with EventStore(path) as store:
+        store.put_request(RequestRow(request_id=request_id, conversation_id=conv,
+                                     kind="orchestrate", status="running", started_at=now))
+        store.put_tool_execution(ToolExecutionRow(
+            execution_id="exe_1", request_id=request_id, conversation_id=conv, tool="fs.read",
+            params='{"path": "a"}', status="running", started_at=now))
+        for event in events:
+            store.append_event(event, agent="assistant", depth=0)
+    async with TestClient(TestServer(server.create_app(make_settings(tmp_path, db_path=path)))):
+        pass  # start-up recovery runs; stopping flushes
+    with duckdb.connect(str(path), read_only=True) as con:
+        rows = con.execute(
+            "SELECT status, ok, error, started_at IS NOT NULL FROM tool_executions").fetchall()
+    assert rows == [("interrupted", False, INTERRUPTED_ERROR, True)]

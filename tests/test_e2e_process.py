@@ -111,6 +111,9 @@ def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield running.base
     code = running.stop()
     assert code == 0, f"exit code {code}:\n{running.output()}"
+    # Clients that left mid-stream (the disconnect tests) are normal: no error is logged.
+    log = running.log.read_text(errors="replace")
+    assert " ERROR " not in log and "Traceback" not in log, log[-4000:]
 
 
 def user(text: str) -> dict[str, str]:
