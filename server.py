@@ -627,7 +627,8 @@ async def model_ctx(app: web.Application) -> AsyncIterator[None]:
             base_url, api_key = settings.openai_base_url, settings.openai_api_key
         provider = OpenAIProvider(base_url=base_url, api_key=api_key,
                                   timeout_s=settings.model_timeout_s,
-                                  max_retries=settings.model_max_retries)
+                                  max_retries=settings.model_max_retries,
+                                  max_connections=settings.model_max_connections)
         stack.push_async_callback(provider.aclose)
         app[PROVIDER] = provider
         models = [*await _known_models(settings, provider), ROUNDTABLE_MODEL]

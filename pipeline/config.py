@@ -36,6 +36,7 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=list, description="models to offer; default: ask the provider")
     model_timeout_s: float = Field(default=60.0, gt=0)
     model_max_retries: int = Field(default=1, ge=0)
+    model_max_connections: int = Field(default=4096, ge=1, description="concurrent model calls")
 
     # Offline model, started when neither OPENAI_BASE_URL nor OPENAI_API_KEY is set
     offline_token_delay_ms: float = Field(default=20.0, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import contextlib
 import socket
 import time
@@ -208,3 +209,52 @@ async def test_closing_the_stream_early_disconnects_the_server() -> None:
         assert await poll(lambda: srv.stats.disconnected == 1), srv.stats
         assert srv.stats.completed == 0
         assert srv.stats.active_streams == 0
+
+
+def sse_handler(*frames: bytes) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A chat-completions handler that streams ``frames`` as they are."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for frame in frames:
+            await response.write(frame)
+        await response.write_eof()
+        return response
+
+    return handler
+
+
+def chunk_frame(**delta: Any) -> bytes:
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+             "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+    return f"data: {json.dumps(chunk)}\n\n".encode()
+
+
+async def test_comments_ids_and_split_data_lines_are_read_as_sse() -> None:
+    """Upstreams send comment keep-alives, ids and CRLF line ends; none is a chunk."""
+    frames = (
+        b": PROCESSING\n\n",
+        b"id: 1\r\n" + chunk_frame(role="assistant", content="Hel").replace(b"\n", b"\r\n"),
+        b"retry: 1000\n\n",
+        chunk_frame(content="lo"),
+        b"data: [DONE]\n\n",
+    )
+    async with tiny_server(sse_handler(*frames)) as url, provider_for(url) as provider:
+        pieces = await pieces_of(provider)
+    assert pieces == [Delta("Hel"), Delta("lo")]
+
+
+async def test_an_error_payload_mid_stream_is_a_provider_error() -> None:
+    frames = (
+        chunk_frame(content="partial"),
+        b'data: {"error": {"message": "overloaded, try later", "type": "server_error"}}\n\n',
+    )
+    async with tiny_server(sse_handler(*frames)) as url, provider_for(url) as provider:
+        received: list[Piece] = []
+        with pytest.raises(ProviderError) as info:
+            async for piece in provider.stream_chat(model=MODEL, messages=MESSAGES):
+                received.append(piece)
+    assert received == [Delta("partial")]
+    assert "overloaded, try later" in str(info.value) and info.value.status is None
