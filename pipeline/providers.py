@@ -105,7 +105,7 @@ class OpenAIProvider:
         )
         self.client = AsyncOpenAI(
             base_url=base_url, api_key=api_key or "unused", timeout=timeout_s,
-            max_retries=max_retries, http_client=openai.DefaultAsyncHttpxClient(limits=limits),
+            max_retries=max_retries, http_client=openai.DefaultAioHttpClient(limits=limits),
         )
         self.name = str(self.client.base_url).rstrip("/")
 
@@ -177,6 +177,10 @@ class OpenAIProvider:
                     f"HTTP {status}: {_message_of(exc)}", provider=self.name, model=model,
                     status=status, retryable=status == 429 or status >= 500,
                 )
+            case openai.APITimeoutError() if _refused(exc):
+                # The aiohttp transport reports a refused connection as a connect timeout.
+                return ProviderError(f"unreachable ({_refused(exc)})", provider=self.name,
+                                     model=model, retryable=True)
             case openai.APITimeoutError():
                 return ProviderError("timed out", provider=self.name, model=model, retryable=True)
             case openai.APIConnectionError():
@@ -234,6 +238,16 @@ async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChun
             ChatCompletionChunk.model_validate(body)  # raises the validation error
         if chunk is not None:
             yield chunk
+
+
+def _refused(exc: BaseException) -> str | None:
+    """The connection error under ``exc``, if the provider refused the connection."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ConnectionRefusedError):
+            return str(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _is_transport_error(exc: Exception) -> bool:
