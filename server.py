@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -35,7 +35,7 @@ from pipeline.roundtable import Pacer, Panelist, RoundtableHarness, RoundtableRe
 from pipeline.sessions import SessionCoordinator, TurnFailedError
 from pipeline.tools import ToolRegistry, build_registry, speech_provider_info
 from pipeline.turn import TurnInput
-from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest
+from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest, read_body
 from sinks.analytics_http import ANALYTICS, Analytics, add_analytics_routes
 from sinks.async_iter import heartbeat
 from sinks.recovery import recover_interrupted
@@ -64,7 +64,6 @@ CLIENTS = web.AppKey("clients", ClientStats)
 COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
 TOOLS = web.AppKey("tools", ToolRegistry)
 
-_B = TypeVar("_B", bound=BaseModel)
 
 
 # -- errors: JSON in OpenAI's shape on every endpoint ----------------------------------
@@ -96,26 +95,6 @@ async def json_errors(
 def _allow(exc: web.HTTPException) -> dict[str, str]:
     allow = exc.headers.get("Allow")
     return {"Allow": allow} if allow else {}
-
-
-async def read_body(request: web.Request, model: type[_B]) -> _B:
-    """Read and validate a JSON body; every failure is a 400 that says what was wrong."""
-    raw = await request.read()  # over client_max_size → 413 via the middleware
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "body must be a JSON object", code="invalid_body")
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
-        )
-        raise ApiError(400, f"invalid body: {problems}", code="invalid_body", param=where) from exc
 
 
 def check_model(request: web.Request, model: str | None) -> str:

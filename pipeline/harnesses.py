@@ -7,11 +7,12 @@ them; a harness knows *how* to do its step, the orchestrator knows *when*.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeAlias
 
 from pipeline.events import Event, LlmCall, Memory, Route, StreamEnd, StreamStart, Text, TokenUsage
-from pipeline.providers import ChatProvider, Delta, Finish, ToolCallRequest, Usage
+from pipeline.providers import ChatProvider, Delta, Finish, Piece, ToolCallRequest, Usage
 from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
 from pipeline.turn import TurnContext
 
@@ -53,6 +54,35 @@ class MemoryHarness:
             ctx.conversation_id, limit=self.limit, exclude_request_id=ctx.request_id
         )
         yield Memory(messages_loaded=len(ctx.history))
+
+
+@dataclasses.dataclass
+class ModelReply:
+    """One model call's reply, mapped to events as it streams (the one place pieces become
+    ``text`` and ``token_usage`` events); what is left to decide on is kept: the text,
+    the finish reason and the tool calls asked for."""
+
+    text: list[str] = dataclasses.field(default_factory=list)
+    finish: str | None = None
+    tool_calls: list[ToolCallRequest] = dataclasses.field(default_factory=list)
+
+    async def events(self, pieces: AsyncIterator[Piece], *, stream_id: int) -> AsyncIterator[Event]:
+        async for piece in pieces:
+            match piece:
+                case Delta(text=delta):
+                    self.text.append(delta)
+                    yield Text(stream_id=stream_id, delta=delta)
+                case Finish(reason=reason):
+                    self.finish = reason
+                case Usage():
+                    yield TokenUsage(
+                        stream_id=stream_id, model=piece.model,
+                        prompt_tokens=piece.prompt_tokens,
+                        completion_tokens=piece.completion_tokens,
+                        total_tokens=piece.total_tokens,
+                    )
+                case ToolCallRequest():
+                    self.tool_calls.append(piece)
 
 
 class ResponseHarness:
@@ -98,30 +128,17 @@ class ResponseHarness:
         finish: str | None = None
         steps = 0
         while True:
-            text: list[str] = []
-            requests: list[ToolCallRequest] = []
+            reply = ModelReply()
             pieces = (
                 self.provider.stream_chat(model=model, messages=messages,
                                           max_tokens=ctx.max_tokens, tools=offered)
                 if offered else
                 self.provider.stream_chat(model=model, messages=messages, max_tokens=ctx.max_tokens)
             )
-            async for piece in pieces:
-                match piece:
-                    case Delta(text=delta):
-                        text.append(delta)
-                        yield Text(stream_id=stream_id, delta=delta)
-                    case Finish(reason=reason):
-                        finish = reason
-                    case Usage():
-                        yield TokenUsage(
-                            stream_id=stream_id, model=piece.model,
-                            prompt_tokens=piece.prompt_tokens,
-                            completion_tokens=piece.completion_tokens,
-                            total_tokens=piece.total_tokens,
-                        )
-                    case ToolCallRequest():
-                        requests.append(piece)
+            async for event in reply.events(pieces, stream_id=stream_id):
+                yield event
+            finish = reply.finish or finish
+            text, requests = reply.text, reply.tool_calls
             if not requests or self.tools is None or not offered:
                 break  # calls of tools never offered are not run
             steps += 1

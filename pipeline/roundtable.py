@@ -45,10 +45,9 @@ from pipeline.events import (
     StreamEnd,
     StreamStart,
     Text,
-    TokenUsage,
 )
-from pipeline.harnesses import Harness
-from pipeline.providers import ChatProvider, Delta, Finish, Usage
+from pipeline.harnesses import Harness, ModelReply
+from pipeline.providers import ChatProvider
 from pipeline.turn import ChatMessage, TurnContext
 
 MODERATOR = "moderator"
@@ -254,25 +253,12 @@ class RoundtableHarness:
         yield LlmCall(stream_id=stream_id, model=model, messages=messages)
         yield StreamStart(stream_id=stream_id, agent=panelist.name, depth=1,
                           parent_stream_id=table.moderator)
-        parts: list[str] = []
-        finish: str | None = None
+        reply = ModelReply()
         try:
-            async for piece in self.provider.stream_chat(
-                model=model, messages=messages, max_tokens=ctx.max_tokens
-            ):
-                match piece:
-                    case Delta(text=text):
-                        parts.append(text)
-                        yield Text(stream_id=stream_id, delta=text)
-                    case Finish(reason=reason):
-                        finish = reason
-                    case Usage():
-                        yield TokenUsage(
-                            stream_id=stream_id, model=piece.model,
-                            prompt_tokens=piece.prompt_tokens,
-                            completion_tokens=piece.completion_tokens,
-                            total_tokens=piece.total_tokens,
-                        )
+            pieces = self.provider.stream_chat(model=model, messages=messages,
+                                               max_tokens=ctx.max_tokens)
+            async for event in reply.events(pieces, stream_id=stream_id):
+                yield event
         except ProviderError as exc:
             # One panelist failing ends its own stream; the table goes on.
             table.failures[k] = table.failures.get(k, 0) + 1
@@ -280,8 +266,8 @@ class RoundtableHarness:
             yield ErrorEvent(stream_id=stream_id, error=str(exc), retryable=exc.retryable)
             yield StreamEnd(stream_id=stream_id, status="error")
             return
-        table.transcript.append((k, panelist.name, "".join(parts)))
-        yield StreamEnd(stream_id=stream_id, status="ok", finish_reason=finish)
+        table.transcript.append((k, panelist.name, "".join(reply.text)))
+        yield StreamEnd(stream_id=stream_id, status="ok", finish_reason=reply.finish)
 
     def _prompt(self, table: _Table, k: int, panelist: Panelist) -> list[dict[str, Any]]:
         spec = self.spec

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import json
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from pipeline.errors import PipelineError
 from pipeline.turn import ChatMessage, ToolCallSpec
+
+_B = TypeVar("_B", bound=BaseModel)
 
 
 class ApiError(PipelineError):
@@ -64,3 +68,23 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1, le=100_000)
     conversation_id: str | None = Field(default=None, min_length=1, max_length=200)
+
+
+async def read_body(request: web.Request, model: type[_B]) -> _B:
+    """Read and validate a JSON body; every failure is a 400 that says what was wrong."""
+    raw = await request.read()  # over client_max_size → 413 via the middleware
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, f"body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(data, dict):
+        raise ApiError(400, "body must be a JSON object", code="invalid_body")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ApiError(400, f"invalid body: {problems}", code="invalid_body", param=where) from exc

@@ -29,10 +29,10 @@ from typing import Any, Literal, TypeVar
 
 import duckdb
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from pipeline.config import Settings
-from pipeline.wire import ApiError
+from pipeline.wire import ApiError, read_body
 from sinks.lake import ExportReport, export_lake, list_lake, read_state
 from sinks.query import QueryError, QueryRefusedError, parquet_bytes, run_query, run_query_arrow
 
@@ -116,23 +116,6 @@ def _denied(request: web.Request) -> web.Response | None:
                              headers={"WWW-Authenticate": 'Bearer realm="analytics"'})
 
 
-async def _read_query(request: web.Request) -> QueryRequest:
-    raw = await request.read()
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ApiError(400, f"body is not valid JSON: {exc}", code="invalid_json") from exc
-    if not isinstance(data, dict):
-        raise ApiError(400, "body must be a JSON object", code="invalid_body")
-    try:
-        return QueryRequest.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        raise ApiError(400, f"invalid body: {where}: {first['msg']}", code="invalid_body",
-                       param=where) from exc
-
-
 def _wanted_format(request: web.Request, body: QueryRequest) -> str:
     if body.format is not None:
         return body.format
@@ -157,7 +140,7 @@ async def query(request: web.Request) -> web.StreamResponse:
         return denied
     analytics = _analytics(request)
     settings = analytics.settings
-    body = await _read_query(request)
+    body = await read_body(request, QueryRequest)
     fmt = _wanted_format(request, body)
     max_rows = min(body.max_rows or settings.query_max_rows, settings.query_max_rows)
     await analytics.flush()  # every event recorded before the query is in it

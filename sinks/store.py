@@ -2,7 +2,7 @@
 
 Writes are queued by any thread without blocking (a deque append) and applied by one
 dedicated writer thread in batches, by count (``flush_max_rows``) and by time
-(``flush_interval_ms``), through Arrow bulk inserts: DuckDB's ``executemany`` manages
+(``flush_interval_ms``), through Arrow bulk inserts: DuckDB's many-row parameter binding manages
 about 900 rows/s, an Arrow ``INSERT … SELECT`` several hundred thousand. A ``kill -9``
 loses at most one flush interval; :meth:`EventStore.close` loses nothing.
 
