@@ -12,7 +12,7 @@ import asyncio
 import collections
 import contextlib
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TypeVar
 
 from reactivex import Observable, abc
@@ -22,7 +22,9 @@ from pipeline.errors import BufferOverflowError
 _T = TypeVar("_T")
 
 
-async def to_async_iterator(source: Observable[_T], *, max_buffer: int) -> AsyncGenerator[_T]:
+async def to_async_iterator(
+    source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None
+) -> AsyncGenerator[_T]:
     """Iterate an Observable with at most ``max_buffer`` items waiting.
 
     Subscribes on the first ``__anext__`` and disposes the subscription when the iterator
@@ -34,6 +36,9 @@ async def to_async_iterator(source: Observable[_T], *, max_buffer: int) -> Async
                 ...
 
     Notifications may arrive from other threads; they are handed to the loop safely.
+    ``on_consumed`` runs each time the consumer is done with an item (comes back for the
+    next) while the source is still going: the demand signal of a source that honours it
+    (see :func:`sinks.fair_iter.iterate_with_demand`).
 
     Raises:
         BufferOverflowError: the consumer fell more than ``max_buffer`` items behind.
@@ -90,6 +95,8 @@ async def to_async_iterator(source: Observable[_T], *, max_buffer: int) -> Async
         while True:
             while buffer:
                 yield buffer.popleft()
+                if on_consumed is not None and failure is None and not finished:
+                    on_consumed()
             if failure is not None:
                 raise failure
             if finished:

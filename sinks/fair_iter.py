@@ -10,17 +10,16 @@ the consumer's (an SSE writer awaiting ``drain``, a model call, a slow client).
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import threading
+import contextlib
 from collections.abc import AsyncGenerator, Callable
 from typing import TypeVar
 
+import reactivex
 from reactivex import Observable
-from reactivex.disposable import SingleAssignmentDisposable
+from reactivex import operators as ops
 from reactivex.subject import Subject
 
-from pipeline.errors import BufferOverflowError
+from sinks.async_iter import to_async_iterator
 
 _T = TypeVar("_T")
 
@@ -61,62 +60,12 @@ async def iterate_with_demand(
     """
     if prefetch < 1:
         raise ValueError(f"prefetch must be >= 1, got {prefetch}")
-    loop = asyncio.get_running_loop()
-    loop_thread = threading.get_ident()
-    buffer: collections.deque[_T] = collections.deque()
-    wakeup = asyncio.Event()
-    finished = False
-    failure: BaseException | None = None
     demand: Subject[int] = Subject()
-    subscription = SingleAssignmentDisposable()  # assigned after subscribe; may overflow before
-
-    def in_loop(fn: Callable[[], None]) -> None:
-        if threading.get_ident() == loop_thread:
-            fn()
-        else:
-            loop.call_soon_threadsafe(fn)
-
-    def push(item: _T) -> None:
-        nonlocal failure
-        if failure is not None or finished:
-            return
-        if len(buffer) >= prefetch:  # a source that does not honour demand
-            failure = BufferOverflowError(max_buffer=prefetch)
-            subscription.dispose()
-        else:
-            buffer.append(item)
-        wakeup.set()
-
-    def fail(exc: Exception) -> None:
-        nonlocal failure
-        if failure is None:
-            failure = exc
-        wakeup.set()
-
-    def complete() -> None:
-        nonlocal finished
-        finished = True
-        wakeup.set()
-
-    subscription.disposable = build(demand).subscribe(
-        on_next=lambda item: in_loop(lambda: push(item)),
-        on_error=lambda exc: in_loop(lambda: fail(exc)),
-        on_completed=lambda: in_loop(complete),
-    )
-    try:
-        demand.on_next(prefetch)
-        while True:
-            while buffer:
-                yield buffer.popleft()
-                # The loop body is done with that event: ask for one more. A source that
-                # holds events releases the next at once, into ``buffer``.
-                if failure is None and not finished:
-                    demand.on_next(1)
-            if failure is not None:
-                raise failure
-            if finished:
-                return
-            wakeup.clear()
-            await wakeup.wait()
-    finally:
-        subscription.dispose()
+    # The first request goes out as the source subscribes to demand; one more each time the
+    # loop body is done with an event. A source that ignores demand overflows the buffer.
+    source = reactivex.defer(lambda _: build(demand.pipe(ops.start_with(prefetch))))
+    async with contextlib.aclosing(to_async_iterator(
+        source, max_buffer=prefetch, on_consumed=lambda: demand.on_next(1)
+    )) as items:
+        async for item in items:
+            yield item
