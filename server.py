@@ -37,7 +37,6 @@ from pipeline.tools import ToolRegistry, build_registry, speech_provider_info
 from pipeline.turn import TurnInput
 from pipeline.wire import ApiError, ChatCompletionRequest, OrchestrateRequest, read_body
 from sinks.analytics_http import ANALYTICS, Analytics, add_analytics_routes
-from sinks.async_iter import heartbeat
 from sinks.recovery import recover_interrupted
 from sinks.sse import DONE_FRAME, comment_frame, data_frame, event_frame, open_sse, retry_frame
 from sinks.store import EventStore
@@ -131,7 +130,8 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
             status=202, headers=_turn_headers(turn),
         )
     settings = request.app[SETTINGS]
-    events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events)
+    events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events,
+                         idle_s=settings.heartbeat_s)
     return await stream_native(
         request, events, headers=_turn_headers(turn),
         on_disconnect=turn.cancel if body.on_disconnect == "cancel" else None,
@@ -139,12 +139,13 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
 
 
 async def stream_native(
-    request: web.Request, events: AsyncGenerator[Event], *, headers: dict[str, str],
+    request: web.Request, events: AsyncGenerator[Event | None], *, headers: dict[str, str],
     on_written: Callable[[int], None] | None = None,
     on_disconnect: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Write native SSE frames: ``retry:`` advice and a comment at once, then the events,
-    with a comment heartbeat whenever the stream is idle for ``HEARTBEAT_S``.
+    and a comment heartbeat for each ``None`` in ``events`` (a live turn's iterator yields
+    one per ``HEARTBEAT_S`` of silence: ``turn.events(idle_s=...)``).
 
     A client that falls more than ``CLIENT_BUFFER_EVENTS`` behind, or whose writes block
     for ``CLIENT_WRITE_TIMEOUT_S``, gets a final comment and is disconnected; it resumes
@@ -158,10 +159,8 @@ async def stream_native(
     app[CLIENTS].open += 1
     try:
         await response.write(retry_frame(settings.sse_retry_ms) + comment_frame("stream open"))
-        async with contextlib.aclosing(events) as source, contextlib.aclosing(
-            heartbeat(source, period_s=settings.heartbeat_s)
-        ) as beats:
-            async for event in beats:
+        async with contextlib.aclosing(events) as source:
+            async for event in source:
                 frame = comment_frame("keep-alive") if event is None else event_frame(event)
                 await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
                 if on_written is not None and event is not None:
@@ -229,7 +228,9 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
         )
     # The client paces the panel by what it has consumed, hidden trace events included:
     # credit spent on an llm_call it never sees must come back, or the panel would stall.
-    everything = turn.events(trace=True, max_buffer=request.app[SETTINGS].client_buffer_events)
+    settings = request.app[SETTINGS]
+    everything = turn.events(trace=True, max_buffer=settings.client_buffer_events,
+                             idle_s=settings.heartbeat_s)
     events = _acking_hidden(everything, trace=body.trace, ack=pacer.ack)
     try:
         return await stream_native(
@@ -241,13 +242,13 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
 
 
 async def _acking_hidden(
-    events: AsyncGenerator[Event], *, trace: bool, ack: Callable[[int], None]
-) -> AsyncGenerator[Event]:
+    events: AsyncGenerator[Event | None], *, trace: bool, ack: Callable[[int], None]
+) -> AsyncGenerator[Event | None]:
     """The client's view of ``events``; trace events it does not see are acknowledged
-    as consumed when they pass."""
+    as consumed when they pass (idle marks pass through)."""
     async with contextlib.aclosing(events) as source:
         async for event in source:
-            if trace or not is_trace(event):
+            if event is None or trace or not is_trace(event):
                 yield event
             else:
                 ack(event.seq)
@@ -299,11 +300,11 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     trace = parse_flag(request, "trace")
     app = request.app
     turn = app[ORCHESTRATOR].live.get(request_id)
-    events: AsyncGenerator[Event]
+    events: AsyncGenerator[Event | None]
     if turn is not None:
         events = turn.view(
             compose(resume_after(since), visible(trace=trace)),
-            max_buffer=app[SETTINGS].client_buffer_events,
+            max_buffer=app[SETTINGS].client_buffer_events, idle_s=app[SETTINGS].heartbeat_s,
         )
     else:
         store = app[STORE]
@@ -320,7 +321,7 @@ async def request_events(request: web.Request) -> web.StreamResponse:
 
 async def _stored(
     store: EventStore, request_id: str, since: int, *, trace: bool
-) -> AsyncGenerator[Event]:
+) -> AsyncGenerator[Event | None]:
     async for event in store.events_since(request_id, since):
         if trace or not is_trace(event):
             yield event

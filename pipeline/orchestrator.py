@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
-from typing import TypeVar
+from typing import TypeVar, overload
 
 from reactivex import Observable
 from reactivex.subject import Subject
@@ -100,13 +100,34 @@ class Turn:
         """The seq of the newest event so far."""
         return self._recorder.state.last_seq
 
-    def events(self, *, trace: bool = False, max_buffer: int = 4096) -> AsyncGenerator[Event]:
-        """The turn's events as an async iterator (use under ``contextlib.aclosing``)."""
-        return self.view(visible(trace=trace), max_buffer=max_buffer)
+    @overload
+    def events(self, *, trace: bool = ..., max_buffer: int = ..., idle_s: None = None
+               ) -> AsyncGenerator[Event]: ...
 
-    async def view(
-        self, transform: Callable[[Observable[Event]], Observable[_T]], *, max_buffer: int = 4096
-    ) -> AsyncGenerator[_T]:
+    @overload
+    def events(self, *, trace: bool = ..., max_buffer: int = ..., idle_s: float
+               ) -> AsyncGenerator[Event | None]: ...
+
+    def events(self, *, trace: bool = False, max_buffer: int = 4096, idle_s: float | None = None
+               ) -> AsyncGenerator[Event] | AsyncGenerator[Event | None]:
+        """The turn's events as an async iterator (use under ``contextlib.aclosing``);
+        with ``idle_s``, ``None`` marks each silence of that length (for heartbeats)."""
+        if idle_s is None:
+            return self.view(visible(trace=trace), max_buffer=max_buffer)
+        return self.view(visible(trace=trace), max_buffer=max_buffer, idle_s=idle_s)
+
+    @overload
+    def view(self, transform: Callable[[Observable[Event]], Observable[_T]], *,
+             max_buffer: int = ..., idle_s: None = None) -> AsyncGenerator[_T]: ...
+
+    @overload
+    def view(self, transform: Callable[[Observable[Event]], Observable[_T]], *,
+             max_buffer: int = ..., idle_s: float) -> AsyncGenerator[_T | None]: ...
+
+    def view(
+        self, transform: Callable[[Observable[Event]], Observable[_T]], *, max_buffer: int = 4096,
+        idle_s: float | None = None,
+    ) -> AsyncGenerator[_T] | AsyncGenerator[_T | None]:
         """``stream.pipe(transform)`` as a bounded async iterator.
 
         A subscriber that joins late is replayed everything so far in one burst; that
@@ -114,11 +135,13 @@ class Turn:
         consumer may fall behind the live turn. (It subscribes, and measures the history,
         on the first ``__anext__``.)
         """
-        async with contextlib.aclosing(to_async_iterator(
-            self.stream.pipe(transform), max_buffer=max_buffer + self.last_seq
-        )) as items:
-            async for item in items:
-                yield item
+        def history() -> int:
+            return self.last_seq
+
+        source = self.stream.pipe(transform)
+        if idle_s is None:
+            return to_async_iterator(source, max_buffer=max_buffer, replayed=history)
+        return to_async_iterator(source, max_buffer=max_buffer, replayed=history, idle_s=idle_s)
 
 
 class StreamingOrchestrator:

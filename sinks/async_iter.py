@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import threading
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from typing import TypeVar
+from collections.abc import AsyncGenerator, Callable
+from typing import TypeVar, overload
 
 from reactivex import Observable, abc
 
@@ -22,9 +21,24 @@ from pipeline.errors import BufferOverflowError
 _T = TypeVar("_T")
 
 
+@overload
+def to_async_iterator(
+    source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None,
+    idle_s: None = None, replayed: Callable[[], int] | None = None,
+) -> AsyncGenerator[_T]: ...
+
+
+@overload
+def to_async_iterator(
+    source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None,
+    idle_s: float, replayed: Callable[[], int] | None = None,
+) -> AsyncGenerator[_T | None]: ...
+
+
 async def to_async_iterator(
-    source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None
-) -> AsyncGenerator[_T]:
+    source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None,
+    idle_s: float | None = None, replayed: Callable[[], int] | None = None,
+) -> AsyncGenerator[_T | None]:
     """Iterate an Observable with at most ``max_buffer`` items waiting.
 
     Subscribes on the first ``__anext__`` and disposes the subscription when the iterator
@@ -38,7 +52,11 @@ async def to_async_iterator(
     Notifications may arrive from other threads; they are handed to the loop safely.
     ``on_consumed`` runs each time the consumer is done with an item (comes back for the
     next) while the source is still going: the demand signal of a source that honours it
-    (see :func:`sinks.fair_iter.iterate_with_demand`).
+    (see :func:`sinks.fair_iter.iterate_with_demand`). With ``idle_s``, ``None`` is
+    yielded whenever nothing arrived for that long (an SSE writer's heartbeat), at the cost
+    of one timer per wait rather than a task per item as :func:`heartbeat` needs.
+    ``replayed`` tells, at subscription time, how many items a replaying source sends at
+    once; they do not count against ``max_buffer``, which bounds the consumer's lag only.
 
     Raises:
         BufferOverflowError: the consumer fell more than ``max_buffer`` items behind.
@@ -65,7 +83,7 @@ async def to_async_iterator(
         nonlocal failure
         if failure is not None or finished:
             return
-        if len(buffer) >= max_buffer:
+        if len(buffer) >= limit:
             failure = BufferOverflowError(max_buffer=max_buffer)
             if subscription is not None:
                 subscription.dispose()
@@ -84,6 +102,7 @@ async def to_async_iterator(
         finished = True
         wakeup.set()
 
+    limit = max_buffer + (replayed() if replayed is not None else 0)
     subscription = source.subscribe(
         on_next=lambda item: in_loop(lambda: push(item)),
         on_error=lambda exc: in_loop(lambda: fail(exc)),
@@ -102,38 +121,15 @@ async def to_async_iterator(
             if finished:
                 return
             wakeup.clear()
-            await wakeup.wait()
+            if idle_s is None:
+                await wakeup.wait()
+                continue
+            timer = loop.call_later(idle_s, wakeup.set)
+            try:
+                await wakeup.wait()
+            finally:
+                timer.cancel()
+            if not buffer and failure is None and not finished:
+                yield None
     finally:
         subscription.dispose()
-
-
-async def heartbeat(source: AsyncIterator[_T], *, period_s: float) -> AsyncGenerator[_T | None]:
-    """Yield ``source``'s items, and ``None`` whenever it has been idle for ``period_s``.
-
-    The pending ``__anext__`` is kept across idle periods (never cancelled by a timeout),
-    so no item is lost; closing this iterator cancels it, which closes ``source``'s wait.
-    SSE writers turn each ``None`` into a comment line that keeps proxies from cutting an
-    idle stream.
-    """
-    pending: asyncio.Future[_T] | None = None
-    try:
-        while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(source))
-            done, _ = await asyncio.wait({pending}, timeout=period_s)
-            if not done:
-                yield None
-                continue
-            try:
-                item = pending.result()
-            except StopAsyncIteration:
-                return
-            finally:
-                if pending.done():
-                    pending = None
-            yield item
-    finally:
-        if pending is not None and not pending.done():
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending

@@ -19,7 +19,7 @@ from reactivex import operators as ops
 from reactivex.disposable import Disposable
 from reactivex.subject import Subject
 
-from operators import from_async_iterable
+from operators import ReplayLog, from_async_iterable
 from pipeline.errors import BufferOverflowError
 from sinks.async_iter import to_async_iterator
 
@@ -466,3 +466,38 @@ async def test_bridges_round_trip() -> None:
 
     await asyncio.wait_for(finalized.wait(), WAIT)
     assert got == [0, 1, 2, 3]
+
+
+async def test_to_async_iterator_marks_silences_with_none() -> None:
+    """With idle_s, a silence of that length yields None (a heartbeat), never an item lost."""
+    subject: Subject[int] = Subject()
+    got: list[int | None] = []
+    async with contextlib.aclosing(
+        to_async_iterator(subject, max_buffer=10, idle_s=0.01)
+    ) as items:
+        first = asyncio.ensure_future(anext(items))
+        await asyncio.sleep(0)  # subscribed, waiting
+        got.append(await first)  # nothing came: the idle mark
+        subject.on_next(1)
+        subject.on_next(2)
+        got.append(await anext(items))
+        got.append(await anext(items))
+        subject.on_completed()
+        got += [item async for item in items]
+    assert got[0] is None
+    assert [item for item in got if item is not None] == [1, 2]
+    assert got[1:3] == [1, 2]  # items waiting are yielded before any idle mark
+
+
+async def test_replayed_history_does_not_count_against_the_buffer() -> None:
+    log: ReplayLog[int] = ReplayLog()
+    for i in range(20):
+        log.on_next(i)
+    log.on_completed()
+    items = to_async_iterator(log, max_buffer=2, replayed=lambda: 20)
+    async with contextlib.aclosing(items) as it:
+        assert [item async for item in it] == list(range(20))
+    strict = to_async_iterator(log, max_buffer=2)
+    with pytest.raises(BufferOverflowError):
+        async with contextlib.aclosing(strict) as it:
+            [item async for item in it]

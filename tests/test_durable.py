@@ -13,7 +13,7 @@ import itertools
 import json
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +453,7 @@ async def test_turn_cuts_loose_a_slow_consumer_and_not_the_fast_one(
         async with contextlib.aclosing(slow) as rest:
             async for event in rest:
                 slow_got.append(event)
-    assert raised.value.max_buffer == allowance
+    assert raised.value.max_buffer == 8  # the lag allowed; the history came on top
 
     await asyncio.wait_for(fast, WAIT_S)
     result = await asyncio.wait_for(turn.result, WAIT_S)
@@ -497,7 +497,7 @@ class StalledClient:
     Over loopback a slow HTTP reader does not block the server's writes: the kernel and
     transport buffers took 480 KB (3,000 frames) from a reader with a 1 KB receive buffer
     without a write waiting, so the server's bounded per-client buffer never filled. So the
-    next ``heartbeat(...)`` that ``server.stream_native`` builds after :meth:`arm` is wrapped:
+    events of the next ``server.stream_native`` call after :meth:`arm` are wrapped:
     after the first event it stops pulling from the client's bounded iterator until
     :attr:`release` is set, exactly as if ``await response.write(...)`` had blocked. The rest
     (overflow, final comment, disconnect, resume) is the server's own code.
@@ -506,16 +506,17 @@ class StalledClient:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = asyncio.Event()
         self._armed = False
-        real = server.heartbeat
+        real = server.stream_native
 
-        def heartbeat(source: AsyncIterator[Any], *, period_s: float) -> AsyncGenerator[Any]:
-            beats = real(source, period_s=period_s)
-            if not self._armed:
-                return beats
-            self._armed = False
-            return self._stall(beats)
+        async def stream_native(
+            request: web.Request, events: AsyncGenerator[Any], **options: Any
+        ) -> web.StreamResponse:
+            if self._armed:
+                self._armed = False
+                events = self._stall(events)
+            return await real(request, events, **options)
 
-        monkeypatch.setattr(server, "heartbeat", heartbeat)
+        monkeypatch.setattr(server, "stream_native", stream_native)
 
     def arm(self) -> None:
         self._armed = True
