@@ -28,6 +28,8 @@ lint: install
 bench: install
 	$(PY) bench/pipeline_bench.py
 	$(PY) bench/store_bench.py
+	$(PY) bench/fairness_bench.py
+	$(PY) bench/fanout_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
