@@ -167,7 +167,7 @@ async def stream_native(
                     on_written(event.seq)
     except BufferOverflowError as exc:
         app[CLIENTS].cut_off += 1
-        await response.write(comment_frame(f"{exc}; reconnect with Last-Event-ID to resume"))
+        await _last_words(response, comment_frame(f"{exc}; reconnect with Last-Event-ID to resume"))
     except TimeoutError:
         app[CLIENTS].cut_off += 1
         log.warning("cut off a client whose writes blocked for %.0fs", settings.client_write_timeout_s)
@@ -178,9 +178,20 @@ async def stream_native(
         if on_disconnect is not None:
             on_disconnect()
         raise
+    except Exception:
+        # The stream has started: a JSON error response can no longer be sent. Say so in a
+        # comment and end the stream; the client resumes from its last id.
+        log.exception("native stream %s failed", request.path)
+        await _last_words(response, comment_frame("server error; reconnect with Last-Event-ID"))
     finally:
         app[CLIENTS].open -= 1
     return response
+
+
+async def _last_words(response: web.StreamResponse, frame: bytes) -> None:
+    """A final frame for a client that may already be gone (never blocks long, never raises)."""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):
+        await asyncio.wait_for(response.write(frame), 1.0)
 
 
 def start_roundtable(app: web.Application, spec: RoundtableRequest, *, kind: str,
@@ -271,8 +282,8 @@ def parse_cursor(request: web.Request) -> int:
         if raw is None or raw == "":
             continue
         text = raw
-        if not (text.isascii() and text.isdigit()):
-            raise ApiError(400, f"{name} must be a non-negative integer, got {raw!r}",
+        if not (text.isascii() and text.isdigit()) or len(text) > 18:
+            raise ApiError(400, f"{name} must be a non-negative integer, got {raw[:40]!r}",
                            code="invalid_cursor", param=name)
         cursor = max(cursor, int(text))
     return cursor
@@ -394,7 +405,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 continue
             task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
             chats.add(task)
-            task.add_done_callback(chats.discard)
+            task.add_done_callback(_ws_chat_ended(chats))
     finally:
         for task in chats:  # tasks made in a handler are not cancelled with it
             task.cancel()
@@ -402,18 +413,32 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def ended(task: asyncio.Task[None]) -> None:
+        chats.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # e.g. the socket closed under a send: the turn is unaffected and recorded.
+            log.info("websocket chat ended early: %r", task.exception())
+
+    return ended
+
+
 async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
     handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
     await ws.send_json({"type": "response_id", "response_id": handle.response_id,
                         "session_id": handle.session_id})
-    async with contextlib.aclosing(handle.updates) as updates:
-        async for update in updates:
-            await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")})
+    note: str | None = None
+    try:
+        async with contextlib.aclosing(handle.updates) as updates:
+            async for update in updates:
+                await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")})
+    except BufferOverflowError as exc:  # this socket fell behind; the turn went on
+        note = f"{exc}; GET /v1/requests/{handle.response_id} for the round"
     try:
         result = await handle.completion
-        status, error = result.status, None
+        status, error = result.status, note
     except TurnFailedError as exc:
-        status, error = exc.result.status, exc.result.error
+        status, error = exc.result.status, exc.result.error or note
     await ws.send_json({"type": "complete", "response_id": handle.response_id,
                         "status": status, "error": error})
 
@@ -484,18 +509,28 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response(completion_of(chunks), headers=_turn_headers(turn))
     response = await open_sse(request, headers=_turn_headers(turn))
     settings = request.app[SETTINGS]
+    app[CLIENTS].open += 1
     try:
         async with contextlib.aclosing(
             turn.view(to_chunks, max_buffer=settings.client_buffer_events)
         ) as stream:
             async for chunk in stream:
-                await response.write(data_frame(json.dumps(chunk, separators=(",", ":"))))
-        await response.write(DONE_FRAME)
-    except BufferOverflowError as exc:
-        error = ApiError(500, str(exc), type="server_error", code="client_too_slow")
-        await response.write(data_frame(json.dumps(error.body())))
+                frame = data_frame(json.dumps(chunk, separators=(",", ":")))
+                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
+        await asyncio.wait_for(response.write(DONE_FRAME), settings.client_write_timeout_s)
+    except (BufferOverflowError, TimeoutError) as exc:
+        app[CLIENTS].cut_off += 1
+        error = ApiError(500, str(exc) or "client too slow", type="server_error",
+                         code="client_too_slow")
+        await _last_words(response, data_frame(json.dumps(error.body())))
     except ConnectionResetError:
         pass  # the client left; the turn runs on and is recorded
+    except Exception:
+        log.exception("chat completion stream %s failed", turn.request_id)
+        error = ApiError(500, "internal server error", type="server_error", code="internal")
+        await _last_words(response, data_frame(json.dumps(error.body())))
+    finally:
+        app[CLIENTS].open -= 1
     return response
 
 
@@ -506,6 +541,10 @@ def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
     finish: dict[int, str | None] = {}
     usage: Any = None
     for chunk in chunks:
+        if "error" in chunk:  # the turn failed part-way (e.g. a panelist, then a cancel)
+            error = chunk["error"]
+            raise ApiError(502, str(error.get("message", "the turn failed")),
+                           type="upstream_error", code="provider_error")
         usage = chunk.get("usage") or usage
         for choice in chunk["choices"]:
             index = choice["index"]

@@ -80,6 +80,8 @@ class TurnRecorder(Observer[Event]):
             self._record(event)
         except Exception:  # a failing sink must never break the turn for other sinks
             log.exception("recording %s seq=%s failed", event.type, event.seq)
+        if isinstance(event, Done):
+            self._finish()
 
     def _record(self, event: Event) -> None:
         state = self.state
@@ -104,8 +106,6 @@ class TurnRecorder(Observer[Event]):
                 store.put_message(self._assistant)
             if isinstance(event, ToolCall | ToolResult):
                 self._record_tool(store, event, agent)
-        if isinstance(event, Done):
-            self._finish()
 
     def _record_tool(self, store: EventStore, event: ToolCall | ToolResult, agent: str | None) -> None:
         row = self._tools.get(event.execution_id)
@@ -128,8 +128,15 @@ class TurnRecorder(Observer[Event]):
         store.put_tool_execution(row)
 
     def _finish(self) -> None:
-        state = self.state
-        result = state.result()
+        result = self.state.result()
+        try:
+            self._write_final(result)
+        except Exception:  # the result must resolve even if the store cannot write
+            log.exception("recording the end of turn %s failed", self.ctx.request_id)
+        if self.on_done is not None:
+            self.on_done(result)
+
+    def _write_final(self, result: TurnResult) -> None:
         if self.store is not None:
             now = time.time()
             for row in self._tools.values():  # calls the turn ended before they finished
@@ -153,8 +160,6 @@ class TurnRecorder(Observer[Event]):
             self._assistant.status = {"completed": "complete"}.get(result.status, result.status)
             self._assistant.updated_at = now
             self.store.put_message(self._assistant)
-        if self.on_done is not None:
-            self.on_done(result)
 
     def _on_error_core(self, error: Exception) -> None:
         # The turn envelope turns failures into events; reaching here is a bug upstream.

@@ -63,14 +63,16 @@ async def _close(store: EventStore, request_id: str) -> None:
             open_streams.remove(event.stream_id)
     started = _epoch(request["started_at"]) if request["started_at"] else time.time()
     closing: list[tuple[Event, str | None, int | None]] = []
-    if state.last_seq == 0:  # the row was written, the first event was not
+    finished = state.status != "running"  # its done was stored, its row was not
+    if not finished and state.last_seq == 0:  # the row was written, the first event was not
         closing.append((RequestReceived(agent="assistant",
                                         conversation_id=request["conversation_id"]), None, None))
-    for stream_id in reversed(open_streams):
-        closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
-    closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
-    closing.append((Done(ok=False, duration_ms=0.0, reason="interrupted"), None, None))
-    seq = state.last_seq + SEQ_GAP if state.last_seq else 0
+    if not finished:
+        for stream_id in reversed(open_streams):
+            closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
+        closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
+        closing.append((Done(ok=False, duration_ms=0.0, reason="interrupted"), None, None))
+    seq = state.last_seq + SEQ_GAP if state.last_seq and closing else state.last_seq
     for event, agent, depth in closing:
         seq += 1
         event.request_id = request_id
@@ -80,10 +82,12 @@ async def _close(store: EventStore, request_id: str) -> None:
     now = time.time()
     store.put_request(RequestRow(
         request_id=request_id, conversation_id=request["conversation_id"], kind=request["kind"],
-        status="interrupted", started_at=started, trace=request["trace"], finished_at=now,
-        duration_ms=None, first_token_ms=request["first_token_ms"], model=request["model"],
+        status=state.status, started_at=started, trace=request["trace"], finished_at=now,
+        duration_ms=state.duration_ms if finished else None,
+        first_token_ms=request["first_token_ms"], model=request["model"],
         prompt_tokens=state.usage.prompt_tokens, completion_tokens=state.usage.completion_tokens,
-        total_tokens=state.usage.total_tokens, last_seq=seq, error=INTERRUPTED_ERROR,
+        total_tokens=state.usage.total_tokens, last_seq=seq,
+        error=state.error if finished else INTERRUPTED_ERROR,
     ))
     await _interrupt_tools(store, request_id, now)
     for message in await store.messages_of(request_id):
@@ -91,7 +95,8 @@ async def _close(store: EventStore, request_id: str) -> None:
             store.put_message(MessageRow(
                 message_id=message["message_id"], conversation_id=message["conversation_id"],
                 request_id=request_id, ordinal=message["ordinal"], role="assistant",
-                content=state.content, status="interrupted",
+                content=state.content,
+                status={"completed": "complete"}.get(state.status, state.status),
                 created_at=_epoch(message["created_at"]), updated_at=now,
             ))
 

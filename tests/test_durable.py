@@ -365,7 +365,7 @@ async def test_replay_errors_are_json(aiohttp_client: ClientFactory, tmp_path: P
 
     # A cursor at or past the end of a finished request: 204, so EventSource stops.
     done_seq = int(event_frames(await replay(client, request_id))[-1].id or 0)
-    for cursor in (done_seq, done_seq + 1, 10**30):
+    for cursor in (done_seq, done_seq + 1, 10**18 - 1):  # more than 18 digits: 400
         for options in ({"params": {"since_seq": str(cursor)}},
                         {"headers": {"Last-Event-ID": str(cursor)}}):
             async with client.get(events_url(request_id), **options) as resp:
@@ -942,3 +942,45 @@ async def test_recovery_interrupts_running_tool_executions(tmp_path: Path) -> No
         rows = con.execute(
             "SELECT status, ok, error, started_at IS NOT NULL FROM tool_executions").fetchall()
     assert rows == [("interrupted", False, INTERRUPTED_ERROR, True)]
+
+
+async def test_recovery_of_a_request_whose_done_was_stored_adds_nothing(tmp_path: Path) -> None:
+    """A kill between the commit of a turn's last events and of its row: the stored done
+    stands; the row takes its status and no second done is appended."""
+    path = tmp_path / "done_stored.duckdb"
+    request_id, conv, now = "req_done", "conv_done", time.time()
+    events: list[EventBase] = [
+        RequestReceived(agent="assistant", conversation_id=conv),
+        StreamStart(stream_id=1, agent="assistant", depth=0),
+        Text(stream_id=1, delta="All there."),
+        StreamEnd(stream_id=1),
+        Done(ok=True, duration_ms=12.5, reason="completed"),
+    ]
+    for seq, event in enumerate(events, start=1):
+        numbered(request_id, seq, event)
+    with EventStore(path) as store:
+        store.put_request(RequestRow(request_id=request_id, conversation_id=conv,
+                                     kind="orchestrate", status="running", started_at=now))
+        store.put_message(MessageRow(
+            message_id=f"{request_id}:assistant", conversation_id=conv, request_id=request_id,
+            ordinal=1, role="assistant", content="", status="streaming", created_at=now,
+            updated_at=now))
+        for event in events:
+            store.append_event(event, agent="assistant", depth=0)
+    async with TestClient(TestServer(server.create_app(make_settings(tmp_path, db_path=path)))) as c:
+        frames = await replay(c, request_id)
+        assert [f.event for f in event_frames(frames)] == [e.type for e in events]
+        body = await get_json(c, f"/v1/requests/{request_id}")
+    assert body["status"] == "completed" and body["last_seq"] == len(events)
+    assert body["response"]["status"] == "complete"
+    assert body["response"]["content"] == "All there."
+
+
+async def test_an_absurdly_long_cursor_is_a_400(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    client = await start(aiohttp_client, tmp_path)
+    request_id, _ = await orchestrate(client, {"messages": [user("Long cursor.")]})
+    for params, headers in (({"since_seq": "9" * 5000}, {}), ({}, {"Last-Event-ID": "1" * 40})):
+        async with client.get(events_url(request_id), params=params, headers=headers) as resp:
+            assert resp.status == 400
+            body = await resp.json()
+            assert body["error"]["code"] == "invalid_cursor"

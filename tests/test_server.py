@@ -18,6 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 import server
 from pipeline.config import Settings
 from pipeline.offline_model import compose_answer, count_prompt_tokens
+from pipeline.wire import ApiError
 from tests.sse_client import (
     TRACE_TYPES,
     Frame,
@@ -634,3 +635,20 @@ def test_wire_rules_checker_rejects_broken_streams() -> None:
         with pytest.raises(AssertionError):
             assert_wire_rules(frames, trace=trace)
             pytest.fail(f"accepted: {name}")
+
+
+def test_a_failed_turn_folds_into_a_502_not_a_crash() -> None:
+    """Non-streamed completions fold the stream's chunks; an error chunk among them (a
+    panelist failed, then the turn was cancelled) is a 502 in OpenAI's shape."""
+    chunks: list[dict[str, Any]] = [
+        {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": MODEL,
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"},
+                      "finish_reason": None}]},
+        {"error": {"message": "panelist bob: HTTP 500", "type": "upstream_error",
+                   "code": "turn_failed"}},
+    ]
+    with pytest.raises(ApiError) as raised:
+        server.completion_of(chunks)
+    assert raised.value.status == 502 and "bob" in raised.value.message
+    whole = server.completion_of(chunks[:1])
+    assert whole["choices"][0]["message"]["content"] == "Hi"

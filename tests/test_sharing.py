@@ -181,3 +181,26 @@ def test_turn_updates_keep_state_per_subscription() -> None:
     view.subscribe(on_next=lambda u: first.append(f"{u.status}:{u.content}"))
     view.subscribe(on_next=lambda u: second.append(f"{u.status}:{u.content}"))
     assert first == second == ["pending:", "complete:"]
+
+
+def test_the_recorder_reports_the_result_even_when_the_store_cannot_write(
+    tmp_path: Any,
+) -> None:
+    """A store that fails (here: closed) must not leave the turn's result unresolved."""
+    from pipeline.turn import TurnContext, TurnResult
+    from sinks.recorder import TurnRecorder
+    from sinks.store import EventStore
+
+    ctx = TurnContext(request_id="req_1", conversation_id="c", messages=[], trace=False,
+                      model="m", max_tokens=None, kind="orchestrate")
+    results: list[TurnResult] = []
+    recorder = TurnRecorder(ctx, store=EventStore(tmp_path / "never_opened.duckdb"),
+                            on_done=results.append)
+    for event in numbered(
+        RequestReceived(agent="a", conversation_id="c"),
+        StreamStart(stream_id=1, agent="a", depth=0),
+        Text(stream_id=1, delta="kept"),
+        Done(ok=True, duration_ms=1.0, reason="completed"),
+    ):
+        recorder.on_next(event)
+    assert [(r.status, r.content) for r in results] == [("completed", "kept")]
