@@ -237,6 +237,14 @@ class EventStore:
             self._wake.set()
             self._thread.join()
             self._thread = None
+            if self._ops and self._con is not None:
+                # Queued after the writer's last drain (another thread, racing close):
+                # written here, and their flush barriers settled, rather than dropped.
+                late = self._con.cursor()
+                try:
+                    self._drain(late)
+                finally:
+                    late.close()
         if self._con is not None:
             with self._read_lock:
                 try:

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.errors import StoreError
 from pipeline.events import Route, Text
-from sinks.store import EventStore, MessageRow, RequestRow
+from sinks.store import EventStore, MessageRow, RequestRow, _EventRow
 
 T0 = 1_700_000_000.0
 
@@ -332,3 +332,20 @@ async def test_load_history_sees_unflushed_writes(store: EventStore) -> None:
     store.put_message(message("r1", 0, "user", "queued", created_at=T0))
     # No flush: load_history is itself a barrier.
     assert await store.load_history("c1", limit=10) == [{"role": "user", "content": "queued"}]
+
+
+async def test_close_writes_what_was_queued_after_the_writer_stopped(tmp_path: Path) -> None:
+    """An append that races close (after the writer's last drain) is written, not lost."""
+    path = tmp_path / "late.duckdb"
+    store = EventStore(path, flush_interval_ms=60_000).open()
+    writer = store._thread
+    assert writer is not None
+    store._stopping = True  # the writer drains once more and exits ...
+    store._wake.set()
+    writer.join()
+    late = Text(stream_id=1, delta="late")  # ... and then this arrives
+    late.seq, late.request_id = 1, "req_late"
+    store._ops.append(_EventRow(late, "a", 0))
+    store.close()
+    with duckdb.connect(str(path), read_only=True) as con:
+        assert con.execute("SELECT request_id, seq FROM events").fetchall() == [("req_late", 1)]
