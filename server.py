@@ -124,11 +124,7 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         model=model, max_tokens=body.max_tokens, kind="orchestrate", tool_calls=body.tool_calls,
     ))
     if body.background:
-        return web.json_response(
-            {"request_id": turn.request_id, "conversation_id": turn.conversation_id,
-             "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
-            status=202, headers=_turn_headers(turn),
-        )
+        return _accepted(turn)
     settings = request.app[SETTINGS]
     events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events,
                          idle_s=settings.heartbeat_s)
@@ -232,11 +228,7 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:
-        return web.json_response(
-            {"request_id": turn.request_id, "conversation_id": turn.conversation_id,
-             "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
-            status=202, headers=_turn_headers(turn),
-        )
+        return _accepted(turn)
     # The client paces the panel by what it has consumed, hidden trace events included:
     # credit spent on an llm_call it never sees must come back, or the panel would stall.
     settings = request.app[SETTINGS]
@@ -560,6 +552,15 @@ def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
         ],
         "usage": usage,
     }
+
+
+def _accepted(turn: Turn) -> web.Response:
+    """``202``: the turn runs on; follow it with its events URL (``background: true``)."""
+    return web.json_response(
+        {"request_id": turn.request_id, "conversation_id": turn.conversation_id,
+         "status": "running", "events_url": f"/v1/requests/{turn.request_id}/events"},
+        status=202, headers=_turn_headers(turn),
+    )
 
 
 def _turn_headers(turn: Turn) -> dict[str, str]:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-# Settings read these from the environment; a developer's shell must not turn a test's
-# offline model into a real provider (or change its limits).
-PROVIDER_ENV = ("OPENAI_BASE_URL", "OPENAI_API_KEY")
+from pipeline.config import Settings
 
 
 @pytest.fixture(autouse=True)
-def _no_provider_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in PROVIDER_ENV:
-        monkeypatch.delenv(name, raising=False)
+def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only the Settings a test builds count, whatever the shell exports: a developer's
+    OPENAI_* must not turn a test's offline model into a real provider, nor a stray
+    FLUSH_INTERVAL_MS change a test's limits."""
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name.upper(), raising=False)

@@ -31,9 +31,9 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+import server
 from pipeline.cli import main as cli_main
 from pipeline.config import Settings
-from pipeline.wire import ApiError
 from sinks.analytics_http import ANALYTICS, PARQUET_TYPE, Analytics, add_analytics_routes
 from sinks.lake import STATE_FILE, export_lake, lake_views_sql, list_lake
 from sinks.query import (
@@ -47,16 +47,11 @@ from sinks.query import (
 from sinks.store import SCHEMA, EventStore
 from sinks.views import VIEWS, create_views
 from tests.analytics_data import DAY1, TurnBuilder, create_store_views, record, synthetic_turns
+from tests.procs import free_port
 from tests.test_docs import sql_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
-
-
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
 
 
 def lake_blocks() -> list[str]:
@@ -542,23 +537,13 @@ def test_lake_views_sql_runs_the_views_over_the_files(tmp_path: Path) -> None:
 # -- HTTP -------------------------------------------------------------------------------------
 
 
-@web.middleware
-async def api_errors(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """The server's ``json_errors`` in short: ApiError → its JSON body and status."""
-    try:
-        return await handler(request)
-    except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status)
-
-
 def analytics_app(store: EventStore, **settings: Any) -> web.Application:
     options: dict[str, Any] = {"db_path": Path(store.path), "export_interval_s": 0}
     options.update(settings)
-    app = web.Application(middlewares=[api_errors])
+    app = web.Application(middlewares=[server.json_errors])
+    app[server.SETTINGS] = Settings(**options)
     app[ANALYTICS] = Analytics(connect=lambda: duckdb.connect(store.path), flush=store.flush,
-                               settings=Settings(**options))
+                               settings=app[server.SETTINGS])
     add_analytics_routes(app)
     return app
 
@@ -835,14 +820,6 @@ def test_cli_on_a_file_a_server_holds(tmp_path: Path, capsys: pytest.CaptureFixt
 
 
 # -- end to end: the real server, the CLI through it, and a separate reader of the lake ---------
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def post(base: str, path: str, body: Any, key: str | None = None, timeout: float = 30) -> bytes:

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pipeline.config import Settings
+from tests.procs import free_port
 from tests.sse_client import parse_sse
 
 if TYPE_CHECKING:
@@ -67,12 +67,6 @@ def chromium() -> str:
 
 
 # -- a real server process ------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _get(url: str) -> tuple[int, bytes]:
     with urllib.request.urlopen(url, timeout=10) as resp:
         return resp.status, resp.read()
@@ -81,7 +75,7 @@ def _get(url: str) -> tuple[int, bytes]:
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     folder = tmp_path_factory.mktemp("browser")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
     env.update(OFFLINE_TOKEN_DELAY_MS=str(TOKEN_DELAY_MS), PYTHONUNBUFFERED="1")
     log = folder / "server.log"

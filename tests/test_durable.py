@@ -61,13 +61,6 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 WAIT_S = 10.0  # upper bound of every wait; never reached when things work
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the Settings a test builds count, whatever the shell exports."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     options: dict[str, Any] = {
         "db_path": tmp_path / "events.duckdb", "offline_token_delay_ms": 1,

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.offline_model import compose_answer
+from tests.procs import free_port
 from tests.sse_client import (
     Frame,
     after,
@@ -42,12 +42,6 @@ MODEL = "offline"
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
 WAIT_S = 10.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 
 from pipeline.config import Settings
 from pipeline.offline_model import compose_answer
+from tests.procs import free_port
 from tests.sse_client import Frame, assert_wire_rules, iter_frames, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,12 +56,6 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
             pytest.fail(f"server did not stop within {STOP_TIMEOUT_S}s:\n{self.output()}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def server_env(token_delay_ms: float) -> dict[str, str]:

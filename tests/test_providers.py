@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -16,6 +15,7 @@ from aiohttp import web
 from pipeline.errors import ProviderError
 from pipeline.offline_model import OfflineModelServer, compose_answer, count_prompt_tokens
 from pipeline.providers import Delta, Finish, OpenAIProvider, Piece, Usage
+from tests.procs import free_port
 
 MODEL = "offline"
 MESSAGES = [{"role": "user", "content": "tell me about streams"}]
@@ -100,12 +100,6 @@ async def test_list_models(offline: OfflineModelServer) -> None:
 
 
 # -- error translation ----------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def test_unreachable_port_is_retryable_without_status() -> None:

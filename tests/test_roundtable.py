@@ -55,13 +55,6 @@ MODES = ["parallel", "sequential"]
 _IN_STREAM_TYPES = frozenset({"text", "tool_call", "tool_result", "token_usage", "advisor"})
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the Settings a test builds count, whatever the shell exports."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
     options: dict[str, Any] = {
         "db_path": tmp_path / "events.duckdb", "offline_token_delay_ms": 1,

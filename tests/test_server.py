@@ -34,13 +34,6 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 ServerFactory = Callable[[web.Application], Awaitable[TestServer]]
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Only the Settings a test builds count, whatever the shell exports."""
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 def user(text: str) -> dict[str, str]:
     return {"role": "user", "content": text}
 

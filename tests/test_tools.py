@@ -29,12 +29,6 @@ from pipeline.tools.unidiff import PatchError, apply_hunks, parse_patch
 HAS_GIT = shutil.which("git") is not None
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 @pytest.fixture
 def base(tmp_path: Path) -> Path:
     """``tmp/base`` is the workspace; ``tmp/outside`` holds a secret next to it."""

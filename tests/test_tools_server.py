@@ -23,12 +23,6 @@ ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 NOTES = "The launch code is 7421, keep it safe."
 
 
-@pytest.fixture(autouse=True)
-def _no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in Settings.model_fields:
-        monkeypatch.delenv(name.upper(), raising=False)
-
-
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     options: dict[str, Any] = {"db_path": tmp_path / "events.duckdb", "offline_token_delay_ms": 0,
                                "flush_interval_ms": 20, "allow_fs_base": tmp_path / "ws"}
