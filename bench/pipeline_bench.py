@@ -48,7 +48,7 @@ except ImportError:  # not installed: run from a checkout
 
 from reactivex import Observer
 
-from pipeline.events import (
+from core.events import (
     TRACE_TYPES,
     Done,
     ErrorEvent,
@@ -62,8 +62,8 @@ from pipeline.events import (
     Text,
     TokenUsage,
 )
+from core.turn import ChatMessage, TurnInput, TurnState
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.turn import ChatMessage, TurnInput, TurnState
 from sinks.sse import event_frame
 
 TARGET_RATIO = 0.4

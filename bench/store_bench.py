@@ -41,7 +41,7 @@ except ImportError:  # not installed: run from a checkout
 import duckdb
 import pyarrow as pa
 
-from pipeline.events import (
+from core.events import (
     Done,
     EventBase,
     LlmCall,

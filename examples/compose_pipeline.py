@@ -14,6 +14,8 @@ import asyncio
 import contextlib
 import sys
 
+from core.events import Text
+from core.turn import TurnContext, new_id
 from operators import (
     from_async_iterable,
     merge_panel,
@@ -22,11 +24,9 @@ from operators import (
     turn_envelope,
     visible,
 )
-from pipeline.events import Text
 from pipeline.harnesses import ResponseHarness, RouterHarness
 from pipeline.offline_model import OfflineModelServer
 from pipeline.providers import OpenAIProvider
-from pipeline.turn import TurnContext, new_id
 from sinks.async_iter import to_async_iterator
 from sinks.sse import event_frame
 

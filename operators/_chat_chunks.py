@@ -8,7 +8,7 @@ from typing import Any
 import reactivex
 from reactivex import Observable, abc
 
-from pipeline.events import Done, ErrorEvent, Event, StreamEnd, StreamStart, Text, TokenUsage
+from core.events import Done, ErrorEvent, Event, StreamEnd, StreamStart, Text, TokenUsage
 
 ChatChunk = dict[str, Any]
 

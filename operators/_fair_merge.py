@@ -11,7 +11,7 @@ import reactivex
 from reactivex import Observable, abc
 from reactivex.disposable import CompositeDisposable, Disposable, SingleAssignmentDisposable
 
-from pipeline.errors import BufferOverflowError
+from core.errors import BufferOverflowError
 
 _T = TypeVar("_T")
 
@@ -60,7 +60,7 @@ def merge_fair(
 
     - ``"error"`` (default, nothing is lost silently): the sources are disposed at once,
       the events already queued are still released on demand, then
-      :class:`~pipeline.errors.BufferOverflowError`.
+      :class:`~core.errors.BufferOverflowError`.
     - ``"drop_oldest"``: the key's oldest queued event is discarded (latest wins).
     - ``"drop_newest"``: the arriving event is discarded.
 

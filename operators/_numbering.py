@@ -8,7 +8,7 @@ from typing import TypeVar
 from reactivex import Observable
 from reactivex import operators as ops
 
-from pipeline.events import EventBase
+from core.events import EventBase
 
 _E = TypeVar("_E", bound=EventBase)
 

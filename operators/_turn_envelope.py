@@ -11,7 +11,7 @@ from reactivex import Observable, abc
 from reactivex import operators as ops
 from reactivex.disposable import CompositeDisposable, SingleAssignmentDisposable
 
-from pipeline.events import (
+from core.events import (
     Done,
     DoneReason,
     ErrorEvent,

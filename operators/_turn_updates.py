@@ -10,7 +10,7 @@ from pydantic import BaseModel
 from reactivex import Observable
 from reactivex import operators as ops
 
-from pipeline.events import Done, ErrorEvent, Event, RequestReceived, StreamStart, Text
+from core.events import Done, ErrorEvent, Event, RequestReceived, StreamStart, Text
 
 UpdateStatus: TypeAlias = Literal[
     "pending", "streaming", "complete", "error", "cancelled", "interrupted"

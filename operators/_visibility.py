@@ -8,7 +8,7 @@ from typing import TypeVar
 from reactivex import Observable
 from reactivex import operators as ops
 
-from pipeline.events import TRACE_TYPES, EventBase
+from core.events import TRACE_TYPES, EventBase
 
 _E = TypeVar("_E", bound=EventBase)
 

@@ -1,1 +1,2 @@
-"""Agent-stream pipeline: events, harnesses, providers, orchestrator, config."""
+"""Harnesses and orchestration: providers, tools, the orchestrator, sessions, the
+roundtable, and the analysts' CLI. Imports ``core``, ``operators`` and ``sinks``; never ``api``."""

@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 import duckdb
 
-from pipeline.config import Settings
-from pipeline.errors import PipelineError
+from core.config import Settings
+from core.errors import PipelineError
 from sinks.lake import export_lake
 from sinks.query import QueryError, QueryResult, json_safe, run_query
 from sinks.views import create_views

@@ -11,10 +11,10 @@ import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeAlias
 
-from pipeline.events import Event, LlmCall, Memory, Route, StreamEnd, StreamStart, Text, TokenUsage
+from core.events import Event, LlmCall, Memory, Route, StreamEnd, StreamStart, Text, TokenUsage
+from core.turn import TurnContext
 from pipeline.providers import ChatProvider, Delta, Finish, Piece, ToolCallRequest, Usage
 from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
-from pipeline.turn import TurnContext
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
 
@@ -92,7 +92,7 @@ class ResponseHarness:
     The messages sent are the harness's ``system`` prompt (if any), the loaded history, this
     turn's messages and the direct tool calls' results (:class:`ToolHarness`); ``model`` and
     ``depth`` default to the turn's model and 0. A provider failure propagates as
-    :class:`~pipeline.errors.ProviderError`; the turn envelope turns it into an ``error``
+    :class:`~core.errors.ProviderError`; the turn envelope turns it into an ``error``
     event and closes the stream with status ``error``.
 
     The agent loop: the enabled tools are offered to the model; when it answers with tool

@@ -26,6 +26,8 @@ from typing import TypeVar, overload
 from reactivex import Observable
 from reactivex.subject import Subject
 
+from core.events import Event
+from core.turn import TurnContext, TurnInput, TurnResult, new_id
 from operators import (
     ReplayLog,
     from_async_iterable,
@@ -34,7 +36,6 @@ from operators import (
     turn_envelope,
     visible,
 )
-from pipeline.events import Event
 from pipeline.harnesses import (
     Archivist,
     Harness,
@@ -45,7 +46,6 @@ from pipeline.harnesses import (
 )
 from pipeline.providers import ChatProvider
 from pipeline.tools import ToolRegistry
-from pipeline.turn import TurnContext, TurnInput, TurnResult, new_id
 from sinks.async_iter import to_async_iterator
 from sinks.recorder import TurnRecorder
 from sinks.store import EventStore

@@ -21,7 +21,7 @@ from openai.types.chat import (
     ChatCompletionToolUnionParam,
 )
 
-from pipeline.errors import ProviderError
+from core.errors import ProviderError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

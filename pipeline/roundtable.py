@@ -34,9 +34,8 @@ from reactivex import Observable, abc
 from reactivex import operators as ops
 from reactivex.disposable import Disposable
 
-from operators import from_async_iterable, merge_fair, sequence
-from pipeline.errors import ProviderError
-from pipeline.events import (
+from core.errors import ProviderError
+from core.events import (
     Advisor,
     ErrorEvent,
     Event,
@@ -46,9 +45,10 @@ from pipeline.events import (
     StreamStart,
     Text,
 )
+from core.turn import ChatMessage, TurnContext
+from operators import from_async_iterable, merge_fair, sequence
 from pipeline.harnesses import Harness, ModelReply
 from pipeline.providers import ChatProvider
-from pipeline.turn import ChatMessage, TurnContext
 
 MODERATOR = "moderator"
 UNLIMITED = 1 << 60

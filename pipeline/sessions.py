@@ -23,10 +23,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core.errors import PipelineError
+from core.turn import ChatMessage, TurnInput, TurnResult
 from operators import TurnUpdate, turn_updates
-from pipeline.errors import PipelineError
 from pipeline.orchestrator import StreamingOrchestrator, Turn
-from pipeline.turn import ChatMessage, TurnInput, TurnResult
 from sinks.store import EventStore
 
 

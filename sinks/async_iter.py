@@ -3,7 +3,7 @@
 Rx has no backpressure, so the edge where a push source meets a pull consumer (an SSE
 writer, a ``for await`` loop) needs a bound and a policy. The policy here: when the buffer
 overflows, the subscription is disposed at once (the producer is never slowed) and the
-consumer gets :class:`~pipeline.errors.BufferOverflowError` after the items buffered so far.
+consumer gets :class:`~core.errors.BufferOverflowError` after the items buffered so far.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import TypeVar, overload
 
 from reactivex import Observable, abc
 
-from pipeline.errors import BufferOverflowError
+from core.errors import BufferOverflowError
 
 _T = TypeVar("_T")
 

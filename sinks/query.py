@@ -47,7 +47,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 # -- errors ------------------------------------------------------------------------------
 

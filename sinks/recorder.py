@@ -6,7 +6,7 @@ assistant message as it goes (``pending → streaming → complete | error | can
 one ``tool_executions`` row per tool call, from its ``tool_call`` and ``tool_result`` events.
 Deriving the rows from the events (rather than having tools write them) keeps one source of
 truth: a replayed or re-recorded stream gives the same rows, and tools stay free of storage.
-It also folds the events into a :class:`~pipeline.turn.TurnState` and calls ``on_done``
+It also folds the events into a :class:`~core.turn.TurnState` and calls ``on_done``
 with the final result.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 from reactivex import Observer
 
-from pipeline.events import (
+from core.events import (
     Done,
     Event,
     RequestReceived,
@@ -29,7 +29,7 @@ from pipeline.events import (
     ToolResult,
     stream_id_of,
 )
-from pipeline.turn import TurnContext, TurnResult, TurnState
+from core.turn import TurnContext, TurnResult, TurnState
 from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 
 log = logging.getLogger(__name__)

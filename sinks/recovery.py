@@ -22,8 +22,8 @@ import datetime
 import logging
 import time
 
-from pipeline.events import Done, ErrorEvent, Event, RequestReceived, StreamEnd
-from pipeline.turn import TurnState
+from core.events import Done, ErrorEvent, Event, RequestReceived, StreamEnd
+from core.turn import TurnState
 from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 from aiohttp import web
 
-from pipeline.events import EventBase
+from core.events import EventBase
 
 DONE_FRAME = b"data: [DONE]\n\n"
 

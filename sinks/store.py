@@ -31,8 +31,8 @@ from typing import Any, Final
 import duckdb
 import pyarrow as pa
 
-from pipeline.errors import StoreError
-from pipeline.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
+from core.errors import StoreError
+from core.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
 from sinks.query import harden
 from sinks.views import create_views
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import duckdb
 
-from pipeline.events import (
+from core.events import (
     Done,
     ErrorEvent,
     EventBase,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import Settings
+from core.config import Settings
 
 
 @pytest.fixture(autouse=True)

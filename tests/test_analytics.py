@@ -32,9 +32,9 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import server
+from api.analytics import ANALYTICS, PARQUET_TYPE, Analytics, add_analytics_routes
+from core.config import Settings
 from pipeline.cli import main as cli_main
-from pipeline.config import Settings
-from sinks.analytics_http import ANALYTICS, PARQUET_TYPE, Analytics, add_analytics_routes
 from sinks.lake import STATE_FILE, export_lake, lake_views_sql, list_lake
 from sinks.query import (
     QueryError,

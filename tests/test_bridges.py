@@ -19,8 +19,8 @@ from reactivex import operators as ops
 from reactivex.disposable import Disposable
 from reactivex.subject import Subject
 
+from core.errors import BufferOverflowError
 from operators import ReplayLog, from_async_iterable
-from pipeline.errors import BufferOverflowError
 from sinks.async_iter import to_async_iterator
 
 WAIT = 2.0  # upper bound for a hand-off; only reached when something hangs

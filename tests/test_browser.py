@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pipeline.config import Settings
+from core.config import Settings
 from tests.procs import free_port
 from tests.sse_client import parse_sse
 

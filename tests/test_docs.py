@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from core.turn import ChatMessage, TurnInput
 from pipeline.offline_model import OfflineModelServer, compose_answer
 from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider
-from pipeline.turn import ChatMessage, TurnInput
 from sinks.store import EventStore
 from tests.analytics_data import create_store_views, record, synthetic_turns
 

@@ -22,10 +22,11 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+import api.native
 import server
-from pipeline.config import Settings
-from pipeline.errors import BufferOverflowError
-from pipeline.events import (
+from core.config import Settings
+from core.errors import BufferOverflowError
+from core.events import (
     Done,
     EventBase,
     LlmCall,
@@ -38,8 +39,8 @@ from pipeline.events import (
     TokenUsage,
     ToolCall,
 )
+from core.turn import ChatMessage, TurnInput
 from pipeline.offline_model import compose_answer
-from pipeline.turn import ChatMessage, TurnInput
 from sinks.recovery import INTERRUPTED_ERROR
 from sinks.recovery import SEQ_GAP as GAP
 from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
@@ -490,7 +491,7 @@ class StalledClient:
     Over loopback a slow HTTP reader does not block the server's writes: the kernel and
     transport buffers took 480 KB (3,000 frames) from a reader with a 1 KB receive buffer
     without a write waiting, so the server's bounded per-client buffer never filled. So the
-    events of the next ``server.stream_native`` call after :meth:`arm` are wrapped:
+    events of the next ``api.native.stream_native`` call after :meth:`arm` are wrapped:
     after the first event it stops pulling from the client's bounded iterator until
     :attr:`release` is set, exactly as if ``await response.write(...)`` had blocked. The rest
     (overflow, final comment, disconnect, resume) is the server's own code.
@@ -499,7 +500,7 @@ class StalledClient:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.release = asyncio.Event()
         self._armed = False
-        real = server.stream_native
+        real = api.native.stream_native
 
         async def stream_native(
             request: web.Request, events: AsyncGenerator[Any], **options: Any
@@ -509,7 +510,7 @@ class StalledClient:
                 events = self._stall(events)
             return await real(request, events, **options)
 
-        monkeypatch.setattr(server, "stream_native", stream_native)
+        monkeypatch.setattr(api.native, "stream_native", stream_native)
 
     def arm(self) -> None:
         self._armed = True

@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.offline_model import compose_answer
 from tests.procs import free_port
 from tests.sse_client import (

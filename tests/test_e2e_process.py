@@ -25,7 +25,7 @@ import duckdb
 import openai
 import pytest
 
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.offline_model import compose_answer
 from tests.procs import free_port
 from tests.sse_client import Frame, assert_wire_rules, iter_frames, read_frames

@@ -26,9 +26,9 @@ from reactivex.testing.coldobservable import ColdObservable
 from reactivex.testing.marbles import marbles_testing
 from reactivex.testing.recorded import Recorded
 
+from core.errors import BufferOverflowError
+from core.events import Event, Text, stream_id_of
 from operators import from_async_iterable, merge_fair
-from pipeline.errors import BufferOverflowError
-from pipeline.events import Event, Text, stream_id_of
 from sinks.fair_iter import iterate_with_demand
 
 on_next = ReactiveTest.on_next

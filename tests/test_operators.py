@@ -21,18 +21,8 @@ from reactivex.testing.marbles import marbles_testing
 from reactivex.testing.mockobserver import MockObserver
 from reactivex.testing.recorded import Recorded
 
-from operators import (
-    alongside,
-    merge_panel,
-    number_events,
-    sequence,
-    then,
-    to_chat_chunks,
-    turn_envelope,
-    visible,
-)
-from pipeline.errors import ProviderError
-from pipeline.events import (
+from core.errors import ProviderError
+from core.events import (
     Advisor,
     Done,
     ErrorEvent,
@@ -47,6 +37,16 @@ from pipeline.events import (
     TokenUsage,
     ToolCall,
     ToolResult,
+)
+from operators import (
+    alongside,
+    merge_panel,
+    number_events,
+    sequence,
+    then,
+    to_chat_chunks,
+    turn_envelope,
+    visible,
 )
 
 on_next = ReactiveTest.on_next

@@ -12,12 +12,12 @@ from typing import Any, TypeAlias
 
 import pytest
 
-from pipeline.errors import ProviderError
-from pipeline.events import Event
+from core.errors import ProviderError
+from core.events import Event
+from core.turn import ChatMessage, TurnInput, TurnResult, TurnUsage
 from pipeline.offline_model import OfflineModelServer, compose_answer, count_prompt_tokens
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import Delta, Finish, OpenAIProvider, Piece, Usage
-from pipeline.turn import ChatMessage, TurnInput, TurnResult, TurnUsage
 from sinks.store import EventStore
 
 # -- a scripted provider --------------------------------------------------------------------

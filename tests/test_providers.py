@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from pipeline.errors import ProviderError
+from core.errors import ProviderError
 from pipeline.offline_model import OfflineModelServer, compose_answer, count_prompt_tokens
 from pipeline.providers import Delta, Finish, OpenAIProvider, Piece, Usage
 from tests.procs import free_port

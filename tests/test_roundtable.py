@@ -39,13 +39,13 @@ from reactivex import operators as ops
 from reactivex.subject import Subject
 
 import server
+from core.config import Settings
+from core.events import Event, StreamStart, Text
+from core.turn import TurnContext
 from operators import merge_fair
-from pipeline.config import Settings
-from pipeline.events import Event, StreamStart, Text
 from pipeline.offline_model import compose_answer
 from pipeline.providers import Delta, Finish
 from pipeline.roundtable import Pacer, Panelist, RoundtableHarness, RoundtableRequest
-from pipeline.turn import TurnContext
 from tests.sse_client import TRACE_TYPES, Frame, assert_wire_rules, parse_sse, read_frames
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]

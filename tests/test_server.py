@@ -16,9 +16,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 import server
-from pipeline.config import Settings
+from api.openai import completion_of
+from api.wire import ApiError
+from core.config import Settings
 from pipeline.offline_model import compose_answer, count_prompt_tokens
-from pipeline.wire import ApiError
 from tests.sse_client import (
     TRACE_TYPES,
     Frame,
@@ -641,7 +642,7 @@ def test_a_failed_turn_folds_into_a_502_not_a_crash() -> None:
                    "code": "turn_failed"}},
     ]
     with pytest.raises(ApiError) as raised:
-        server.completion_of(chunks)
+        completion_of(chunks)
     assert raised.value.status == 502 and "bob" in raised.value.message
-    whole = server.completion_of(chunks[:1])
+    whole = completion_of(chunks[:1])
     assert whole["choices"][0]["message"]["content"] == "Hi"

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import server
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.offline_model import OfflineModelServer, compose_answer
 from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider

@@ -6,8 +6,8 @@ from typing import Any
 
 from reactivex.testing import ReactiveTest, TestScheduler
 
+from core.events import Done, ErrorEvent, Event, RequestReceived, StreamStart, Text
 from operators import ReplayLog, resume_after, turn_updates
-from pipeline.events import Done, ErrorEvent, Event, RequestReceived, StreamStart, Text
 
 on_next = ReactiveTest.on_next
 on_error = ReactiveTest.on_error
@@ -187,7 +187,7 @@ def test_the_recorder_reports_the_result_even_when_the_store_cannot_write(
     tmp_path: Any,
 ) -> None:
     """A store that fails (here: closed) must not leave the turn's result unresolved."""
-    from pipeline.turn import TurnContext, TurnResult
+    from core.turn import TurnContext, TurnResult
     from sinks.recorder import TurnRecorder
     from sinks.store import EventStore
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from pipeline.errors import StoreError
-from pipeline.events import Route, Text
+from core.errors import StoreError
+from core.events import Route, Text
 from sinks.store import EventStore, MessageRow, RequestRow, _EventRow
 
 T0 = 1_700_000_000.0

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.tools import Tool, ToolOutcome, ToolRegistry, Workspace, build_registry
 from pipeline.tools import terminal as terminal_module
 from pipeline.tools.safety import ToolRefusal

@@ -17,8 +17,9 @@ import pytest
 from aiohttp import web
 from pydantic import BaseModel
 
-from pipeline.config import Settings
-from pipeline.events import Event
+from core.config import Settings
+from core.events import Event
+from core.turn import ChatMessage, ToolCallSpec, TurnInput, TurnResult
 from pipeline.offline_model import (
     OfflineModelServer,
     compose_answer,
@@ -29,7 +30,6 @@ from pipeline.offline_model import (
 from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import Delta, Finish, OpenAIProvider, Piece, ToolCallRequest, Usage
 from pipeline.tools import Tool, ToolLimits, ToolRegistry, build_registry
-from pipeline.turn import ChatMessage, ToolCallSpec, TurnInput, TurnResult
 from sinks.store import EventStore
 from tests.test_providers import tiny_server
 

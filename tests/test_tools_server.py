@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 import server
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.offline_model import synthesize_wav
 from tests.sse_client import Frame, assert_wire_rules, read_frames
 

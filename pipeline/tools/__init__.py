@@ -13,7 +13,7 @@ from typing import Any
 
 import openai
 
-from pipeline.config import Settings
+from core.config import Settings
 from pipeline.tools.calls import PlannedCall, assistant_message, plan_call, run_calls
 from pipeline.tools.fs import fs_tools
 from pipeline.tools.git import git_tools

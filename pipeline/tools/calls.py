@@ -17,10 +17,10 @@ import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
-from pipeline.events import Event, ToolCall, ToolResult
+from core.events import Event, ToolCall, ToolResult
+from core.turn import new_id
 from pipeline.tools.registry import ToolOutcome, ToolRegistry, function_name
 from pipeline.tools.safety import ToolRefusal
-from pipeline.turn import new_id
 
 __all__ = ["PlannedCall", "assistant_message", "plan_call", "run_calls"]
 

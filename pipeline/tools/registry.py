@@ -24,7 +24,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 from pipeline.tools.safety import ToolRefusal
 
 log = logging.getLogger(__name__)

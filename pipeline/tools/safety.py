@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote
 
-from pipeline.errors import PipelineError
+from core.errors import PipelineError
 
 __all__ = ["ReadResult", "ToolRefusal", "Workspace", "check_text"]
 

@@ -8,8 +8,8 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
-from pipeline.errors import PipelineError
-from pipeline.turn import ChatMessage, ToolCallSpec
+from core.errors import PipelineError
+from core.turn import ChatMessage, ToolCallSpec
 
 _B = TypeVar("_B", bound=BaseModel)
 

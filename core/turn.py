@@ -10,7 +10,7 @@ from typing import Any, Literal, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from pipeline.events import (
+from core.events import (
     Done,
     ErrorEvent,
     Event,

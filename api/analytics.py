@@ -31,8 +31,8 @@ import duckdb
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from pipeline.config import Settings
-from pipeline.wire import ApiError, read_body
+from api.wire import ApiError, read_body
+from core.config import Settings
 from sinks.lake import ExportReport, export_lake, list_lake, read_state
 from sinks.query import QueryError, QueryRefusedError, parquet_bytes, run_query, run_query_arrow
 

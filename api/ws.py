@@ -1,0 +1,123 @@
+"""The WebSocket wire ``/v1/ws`` (seed 001's SessionCoordinator over a socket)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from api.common import (
+    COORDINATOR,
+    ORCHESTRATOR,
+    SETTINGS,
+    check_model,
+)
+from api.wire import ApiError
+from core.errors import BufferOverflowError
+from pipeline.sessions import SessionCoordinator, TurnFailedError
+
+log = logging.getLogger(__name__)
+
+
+class WsChat(BaseModel):
+    """A ``chat`` message on ``/v1/ws``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["chat"]
+    content: str = Field(min_length=1)
+    session_id: str | None = Field(default=None, min_length=1, max_length=200)
+    model: str | None = None
+
+
+class WsCancel(BaseModel):
+    """A ``cancel`` message on ``/v1/ws``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["cancel"]
+    response_id: str
+
+
+_WS_MESSAGE: TypeAdapter[WsChat | WsCancel] = TypeAdapter(
+    Annotated[WsChat | WsCancel, Field(discriminator="type")]
+)
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """``/v1/ws``: ``{"type": "chat", "content", "session_id"?}`` starts a turn; the socket
+    gets ``response_id``, then ``update`` frames, then ``complete``. ``{"type": "cancel",
+    "response_id"}`` cancels. Bad messages get an ``error`` frame; the socket stays open.
+    Closing the socket abandons the updates; the turns run on."""
+    app = request.app
+    ws = web.WebSocketResponse(heartbeat=app[SETTINGS].heartbeat_s,
+                               max_msg_size=app[SETTINGS].max_body_bytes)
+    await ws.prepare(request)
+    chats: set[asyncio.Task[None]] = set()
+    try:
+        async for message in ws:
+            if message.type != web.WSMsgType.TEXT:
+                continue
+            try:
+                parsed = _WS_MESSAGE.validate_json(message.data)
+                if isinstance(parsed, WsChat):
+                    check_model(request, parsed.model)
+            except ValidationError as exc:
+                await ws.send_json({"type": "error", **ApiError(
+                    400, f"invalid message: {exc.errors()[0]['msg']}", code="invalid_message",
+                ).body()})
+                continue
+            except ApiError as exc:
+                await ws.send_json({"type": "error", **exc.body()})
+                continue
+            if isinstance(parsed, WsCancel):
+                turn = app[ORCHESTRATOR].live.get(parsed.response_id)
+                if turn is not None:
+                    turn.cancel()
+                continue
+            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
+            chats.add(task)
+            task.add_done_callback(_ws_chat_ended(chats))
+    finally:
+        for task in chats:  # tasks made in a handler are not cancelled with it
+            task.cancel()
+        await asyncio.gather(*chats, return_exceptions=True)
+    return ws
+
+
+def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def ended(task: asyncio.Task[None]) -> None:
+        chats.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # e.g. the socket closed under a send: the turn is unaffected and recorded.
+            log.info("websocket chat ended early: %r", task.exception())
+
+    return ended
+
+
+async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
+    handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
+    await ws.send_json({"type": "response_id", "response_id": handle.response_id,
+                        "session_id": handle.session_id})
+    note: str | None = None
+    try:
+        async with contextlib.aclosing(handle.updates) as updates:
+            async for update in updates:
+                await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")})
+    except BufferOverflowError as exc:  # this socket fell behind; the turn went on
+        note = f"{exc}; GET /v1/requests/{handle.response_id} for the round"
+    try:
+        result = await handle.completion
+        status, error = result.status, note
+    except TurnFailedError as exc:
+        status, error = exc.result.status, exc.result.error or note
+    await ws.send_json({"type": "complete", "response_id": handle.response_id,
+                        "status": status, "error": error})
+
+
+
