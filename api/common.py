@@ -80,6 +80,14 @@ def _allow(exc: web.HTTPException) -> dict[str, str]:
     return {"Allow": allow} if allow else {}
 
 
+def admit(request: web.Request) -> None:
+    """Refuse a new turn at the door, before anything starts, when the server cannot take it.
+
+    Every handler that starts a turn calls this first (orchestrate, roundtable, chat
+    completions, the WebSocket's chat). Raises :class:`ApiError` (a 4xx/503).
+    """
+
+
 def check_model(request: web.Request, model: str | None) -> str:
     """The model to use; an unknown one is a 404 ``model_not_found``."""
     settings = request.app[SETTINGS]

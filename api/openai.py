@@ -19,6 +19,7 @@ from api.common import (
     SETTINGS,
     _last_words,
     _turn_headers,
+    admit,
     check_model,
 )
 from api.native import start_roundtable
@@ -40,6 +41,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ``choice.index``.
     """
     body = await read_body(request, ChatCompletionRequest)
+    admit(request)
     app = request.app
     settings = app[SETTINGS]
     max_tokens = body.max_tokens or body.max_completion_tokens

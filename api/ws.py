@@ -15,6 +15,7 @@ from api.common import (
     COORDINATOR,
     ORCHESTRATOR,
     SETTINGS,
+    admit,
     check_model,
 )
 from api.wire import ApiError
@@ -67,6 +68,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 parsed = _WS_MESSAGE.validate_json(message.data)
                 if isinstance(parsed, WsChat):
                     check_model(request, parsed.model)
+                    admit(request)
             except ValidationError as exc:
                 await ws.send_json({"type": "error", **ApiError(
                     400, f"invalid message: {exc.errors()[0]['msg']}", code="invalid_message",

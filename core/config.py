@@ -111,6 +111,18 @@ class Settings(BaseSettings):
     export_interval_s: float = Field(default=300.0, ge=0, description="scheduled export; 0 = on demand only")
     admin_key: str | None = Field(default=None, repr=False, description="Bearer key for /v1/query, export")
 
+    # -- the door and the store's trust (issue 10): add settings of that area below ----------
+    # (end of the trust settings)
+
+    # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
+    # (end of the operations settings)
+
+    # -- the OpenAI wire (issue 11): add settings of that area below ------------------------
+    # (end of the OpenAI wire settings)
+
+    # -- providers and agents (issue 14): add settings of that area below --------------------
+    # (end of the agents settings)
+
     @property
     def lake_dir(self) -> Path:
         """Where Parquet exports go: ``EXPORT_DIR``, else ``lake/`` beside the DuckDB file."""
