@@ -57,7 +57,7 @@ async def json_errors(
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
     except web.HTTPRequestEntityTooLarge as exc:
         limit = request.app[SETTINGS].max_body_bytes
         error = ApiError(413, f"request body over the limit of {limit} bytes (MAX_BODY_BYTES)",

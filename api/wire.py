@@ -15,13 +15,16 @@ _B = TypeVar("_B", bound=BaseModel)
 
 
 class ApiError(PipelineError):
-    """An error answered as ``{"error": {"message", "type", "code"}}`` with ``status``."""
+    """An error answered as ``{"error": {"message", "type", "code"}}`` with ``status``
+    (and ``headers``, e.g. ``Retry-After`` on a 429 or 503)."""
 
     def __init__(
         self, status: int, message: str, *, type: str = "invalid_request_error",
         code: str | None = None, param: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.type = type
