@@ -201,7 +201,7 @@ async def stream_once(session: aiohttp.ClientSession, base: str, tokens: int, ou
                     if out.first is None:
                         out.first = now
                     out.arrivals.append(now)
-    except (aiohttp.ClientError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         out.error = repr(exc)
 
 
@@ -268,7 +268,7 @@ def stage_breakdown(n: int = 20_000) -> dict[str, float]:
 
     from core.events import Text
     from sinks.sse import event_frame
-    from sinks.store import _events_table, _EventRow
+    from sinks.store import _EventRow, _events_table
 
     chunk = json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
                         "model": "offline", "choices": [{"index": 0, "delta": {"content": "tok "},
