@@ -58,7 +58,8 @@ log = logging.getLogger("server")
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
-                       flush_max_rows=settings.flush_max_rows)
+                       flush_max_rows=settings.flush_max_rows,
+                       storage_version=settings.store_storage_version)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)

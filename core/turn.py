@@ -122,8 +122,8 @@ class TurnResult(BaseModel):
     model: str
     finish_reason: str | None = None
     usage: TurnUsage = Field(default_factory=TurnUsage)
-    duration_ms: float | None = None
-    first_token_ms: float | None = None
+    duration_ms: int | None = None
+    first_token_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -144,8 +144,8 @@ class TurnState:
     depths: dict[int, int] = dataclasses.field(default_factory=dict)
     finish_reason: str | None = None
     usage: TurnUsage = dataclasses.field(default_factory=TurnUsage)
-    first_token_ms: float | None = None
-    duration_ms: float | None = None
+    first_token_ms: int | None = None
+    duration_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -157,7 +157,7 @@ class TurnState:
                 if self.depths.get(stream_id, 0) == 0:
                     self.parts.append(delta)
                 if self.first_token_ms is None:
-                    self.first_token_ms = round((event.ts - self.started) * 1000, 3)
+                    self.first_token_ms = round((event.ts - self.started) * 1000)
             case StreamStart(stream_id=stream_id, depth=depth):
                 self.depths[stream_id] = depth
             case StreamEnd(stream_id=stream_id, finish_reason=reason):
