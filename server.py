@@ -41,6 +41,7 @@ from api.native import (
     roundtable,
 )
 from api.openai import chat_completions, list_models
+from api.openapi import openapi_json
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.ws import websocket
 from core.config import Settings
@@ -153,6 +154,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/roundtable", roundtable)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi_json)  # every route has a row in api/openapi.py
     return app
 
 
