@@ -292,3 +292,24 @@ def test_the_duckdb_cli_opens_the_store_the_server_wrote(tmp_path: Path) -> None
     assert row["request_id"] == request_id and row["status"] == "completed"
     assert isinstance(row["duration_ms"], int)
     assert storage == [{"storage": "v1.4.0+"}]
+
+
+# -- python -m pipeline sql --server ---------------------------------------------------------
+def test_the_sql_prompt_goes_through_a_running_server(live: Server) -> None:
+    """While the server holds the file, ``--server`` reaches it through ``/v1/query``."""
+    reply = httpx.post(f"{live.base}/v1/orchestrate", timeout=20, json={
+        "messages": [{"role": "user", "content": "Count me"}], "max_tokens": 2})
+    request_id = reply.headers["X-Request-Id"]
+    run = subprocess.run(
+        [sys.executable, "-m", "pipeline", "sql", "--server", live.base, "--format", "csv"],
+        input=f"SELECT request_id, status FROM requests WHERE request_id = '{request_id}';\n"
+              ".tables\nSELECT 1 +;\n",
+        capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert run.returncode == 1, run  # the last statement is a syntax error
+    assert run.stdout.startswith(f"request_id,status\n{request_id},completed\nname,kind\n"), run.stdout
+    assert "request_latency,VIEW" in run.stdout and "events,BASE TABLE" in run.stdout
+    assert run.stderr.startswith("error: POST /v1/query: HTTP 400"), run.stderr
+    # … and --db is refused while the server holds the file, with the way out.
+    held = subprocess.run([sys.executable, "-m", "pipeline", "sql", "--db", str(live.db)],
+                          input="SELECT 1;\n", capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert held.returncode == 2 and "--server" in held.stderr, held
