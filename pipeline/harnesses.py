@@ -53,7 +53,9 @@ class MemoryHarness:
         self.limit = limit
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
-        ctx.history = await self.archivist.load_history(
+        # A conversation made for this turn has no history: no store barrier to wait for
+        # (which also lets new conversations run while the store cannot write).
+        ctx.history = [] if ctx.new_conversation else await self.archivist.load_history(
             ctx.conversation_id, limit=self.limit, exclude_request_id=ctx.request_id
         )
         yield Memory(messages_loaded=len(ctx.history))

@@ -213,6 +213,7 @@ class StreamingOrchestrator:
             max_tokens=turn_input.max_tokens,
             kind=turn_input.kind,
             tool_calls=list(turn_input.tool_calls),
+            new_conversation=turn_input.conversation_id is None,
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()

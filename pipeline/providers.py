@@ -258,7 +258,9 @@ async def _chunks(lines: AsyncIterator[str], ended: _End) -> AsyncIterator[ChatC
                 error = body.get("error", body) if isinstance(body, dict) else body
                 message = error.get("message") if isinstance(error, dict) else None
                 raise StreamFailure(str(message or error))
-            ChatCompletionChunk.model_validate(body)  # raises the validation error
+            # Not a chunk: raises the validation error. A chunk that only the strict JSON
+            # parser refused (a lone surrogate escape) is kept, never skipped in silence.
+            chunk = ChatCompletionChunk.model_validate(body)
         if chunk is not None:
             yield chunk
 

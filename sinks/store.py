@@ -234,13 +234,15 @@ _Op = _Row | _Barrier
 #: How many turns' dead-letter counts are kept for their barriers to collect.
 _DEAD_COUNTS_MAX = 10_000
 
+_QUOTED_PATH = re.compile(r""""/[^"]*"|'/[^']*'""")
 _PATH = re.compile(r"""(?<![\w.:/])/(?:[^\s"'/:]+/)*[^\s"'/:]*""")
 
 
 def scrub_paths(text: str) -> str:
     """``text`` with every absolute file system path replaced by ``<path>``: store errors
     (DuckDB names the file it could not write) reach clients, logs stay detailed."""
-    return _PATH.sub("<path>", text)
+    quoted = _QUOTED_PATH.sub(lambda m: f"{m.group(0)[0]}<path>{m.group(0)[0]}", text)
+    return _PATH.sub("<path>", quoted)
 
 
 def _safe(text: str) -> str:
@@ -400,6 +402,11 @@ class EventStore:
             with self._read_lock:
                 try:
                     self._con.execute("CHECKPOINT")
+                except duckdb.Error as exc:
+                    # What was committed is in the write-ahead log, which the next open
+                    # replays: a failed checkpoint (a full disk) loses nothing.
+                    log.error("the event store could not checkpoint on close (%s); the "
+                              "write-ahead log keeps the data", _safe(str(exc)))
                 finally:
                     if self._read is not None:
                         self._read.close()
