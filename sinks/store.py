@@ -375,6 +375,9 @@ class EventStore:
         create_views(self._con)
         harden(self._con)  # no file, network or extension access for any SQL on this store
         self._read = self._con.cursor()
+        # pyarrow's first table costs about a second (lazy set-up): pay it here, not in the
+        # first turn's flush barrier.
+        _events_table([])
         writer = self._con.cursor()
         self._thread = threading.Thread(
             target=self._run_writer, args=(writer,), name="event-store-writer", daemon=True
