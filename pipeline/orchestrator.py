@@ -250,7 +250,7 @@ class StreamingOrchestrator:
 
         async def flushed() -> None:
             try:
-                await store.flush(request_id=request_id)
+                await store.flush(request_id=request_id, events_only=True)
             except StoreError as exc:
                 log.error("turn %s: its events are not durable: %s", request_id, exc)
                 raise

@@ -189,6 +189,7 @@ class _EventRow:
 class _Barrier:
     done: Callable[[BaseException | None], None]
     request_id: str | None = None
+    events_only: bool = False
 
 
 @dataclasses.dataclass(slots=True)
@@ -447,15 +448,16 @@ class EventStore:
         if len(self._ops) >= self.flush_max_rows and not self._wake.is_set():
             self._wake.set()  # a lock: only once per batch, not on every append
 
-    async def flush(self, *, request_id: str | None = None,
-                    timeout_s: float | None = None) -> None:
+    async def flush(self, *, request_id: str | None = None, timeout_s: float | None = None,
+                    events_only: bool = False) -> None:
         """Return once everything queued before the call is written (a barrier).
 
         Raises :class:`StoreError` when the store has not taken those rows within
         ``timeout_s`` (default ``barrier_timeout_s``: they stay queued and are written when
         it can), or, with ``request_id``, when rows of that request could not be written
         (dead letters; each is reported to one such barrier). The message names no file
-        system path.
+        system path. ``events_only``: wait for the events only, not for the request,
+        message and tool rows (derived from the events, written right after them).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
@@ -471,7 +473,7 @@ class EventStore:
 
             loop.call_soon_threadsafe(settle)
 
-        self._enqueue(_Barrier(done, request_id))
+        self._enqueue(_Barrier(done, request_id, events_only))
         self._wake.set()
         timeout = self.barrier_timeout_s if timeout_s is None else timeout_s
         try:
@@ -612,35 +614,57 @@ class EventStore:
         self._backlog_rows = backlog.rows()
         if backlog.rows() and (self._writable or force or time.monotonic() >= self._retry_at):
             self._write_backlog(con)
-        if not self._backlog.rows():
-            waiting, self._waiting = self._waiting, []
-            for barrier in waiting:
+        self._settle()
+
+    def _settle(self) -> None:
+        """Settle the barriers nothing waits for any more: all of them when the backlog is
+        empty, those for events only when no event waits."""
+        if not self._waiting:
+            return
+        empty, no_events = not self._backlog.rows(), not self._backlog.events
+        waiting, self._waiting = self._waiting, []
+        for barrier in waiting:
+            if empty or (barrier.events_only and no_events):
                 barrier.done(self._barrier_error(barrier))
+            else:
+                self._waiting.append(barrier)
 
     def _write_backlog(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the backlog: the events first (in chunks), then the upserts, so a barrier
+        for events (a turn's done) does not wait for the (slower) upserts."""
         if not self._writable:
             self.stats.retries += 1
-        parts = self._backlog.chunks(self.flush_max_rows)
-        parts.reverse()  # a stack: the first chunk on top
+        backlog = self._backlog
+        upserts = _Batch(requests=backlog.requests, messages=backlog.messages, tools=backlog.tools)
+        events = _Batch(events=backlog.events).chunks(self.flush_max_rows)
         self._backlog = _Batch()
-        try:
-            self._write_parts(con, parts)
-        except _Unwritable as exc:
-            kept = _Batch()
-            for part in reversed(parts):
-                kept.extend(part)
-            self._backlog = kept
-            self._writable = False
-            self._retry_at = time.monotonic() + self._retry_s
-            log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
-                      exc.__cause__, kept.rows(), self._retry_s)
-            self._retry_s = min(self._retry_s * 2, self.retry_max_s)
-        else:
-            if not self._writable:
-                log.warning("the event store writes again; the backlog is written")
-            self._writable = True
-            self._retry_s = self.retry_min_s
-        self._backlog_rows = self._backlog.rows()
+        for phase in (events, [upserts]):
+            parts = [part for part in reversed(phase) if part.rows()]  # a stack: first on top
+            try:
+                self._write_parts(con, parts)
+            except _Unwritable as exc:
+                kept = _Batch()
+                for part in reversed(parts):
+                    kept.extend(part)
+                if phase is events:
+                    kept.extend(upserts)
+                self._backlog = kept
+                self._backlog_rows = kept.rows()
+                self._writable = False
+                self._retry_at = time.monotonic() + self._retry_s
+                log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
+                          exc.__cause__, kept.rows(), self._retry_s)
+                self._retry_s = min(self._retry_s * 2, self.retry_max_s)
+                return
+            if phase is events:
+                self._backlog = upserts
+                self._settle()  # the events are written: a turn's done may go
+        if not self._writable:
+            log.warning("the event store writes again; the backlog is written")
+        self._writable = True
+        self._retry_s = self.retry_min_s
+        self._backlog = _Batch()
+        self._backlog_rows = 0
 
     def _write_parts(self, con: duckdb.DuckDBPyConnection, parts: list[_Batch]) -> None:
         """Write each part on the stack; split a part that fails, down to single rows,
