@@ -60,7 +60,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
                        flush_max_rows=settings.flush_max_rows,
-                       storage_version=settings.store_storage_version)
+                       storage_version=settings.store_storage_version,
+                       backlog_max_rows=settings.store_backlog_max_rows,
+                       retry_min_ms=settings.store_retry_min_ms,
+                       retry_max_ms=settings.store_retry_max_ms,
+                       barrier_timeout_s=settings.store_barrier_timeout_s)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
@@ -115,6 +119,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)

@@ -86,6 +86,14 @@ def admit(request: web.Request) -> None:
     Every handler that starts a turn calls this first (orchestrate, roundtable, chat
     completions, the WebSocket's chat). Raises :class:`ApiError` (a 4xx/503).
     """
+    health = request.app[STORE].health()
+    if not health.accepting:  # the store cannot write and its backlog is full
+        retry = max(1, round(health.retry_in_s or 1))
+        raise ApiError(
+            503, f"the event store cannot write now and {health.backlog_rows} rows wait "
+            f"(STORE_BACKLOG_MAX_ROWS={health.backlog_max_rows}); no new turn starts until it "
+            f"writes again (last error: {health.last_error})",
+            type="server_error", code="store_unavailable", headers={"Retry-After": str(retry)})
 
 
 def check_model(request: web.Request, model: str | None) -> str:

@@ -112,6 +112,15 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(default=None, repr=False, description="Bearer key for /v1/query, export")
 
     # -- the door and the store's trust (issue 10): add settings of that area below ----------
+    # store and upstream
+    store_backlog_max_rows: int = Field(
+        default=200_000, ge=1, description="rows kept while the store cannot write; then new turns get 503")
+    store_retry_min_ms: float = Field(default=100.0, gt=0, description="first retry of a refused write")
+    store_retry_max_ms: float = Field(default=5_000.0, gt=0, description="longest wait between retries")
+    store_barrier_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest a turn waits for the store to hold its events")
+    done_barrier: bool = Field(default=True, description="send done only once the turn's events are stored")
+    turn_deadline_s: float = Field(default=600.0, gt=0, description="longest a turn may run")
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
