@@ -108,7 +108,7 @@ def test_durable_done_a_failed_barrier_makes_done_say_not_ok() -> None:
     results = scheduler.start(lambda: source.pipe(durable_done(lambda: barrier)))
     assert kinds(results.messages) == [
         (210, "text"),
-        (225, "error", "the turn's events are not durable: disk full", True),
+        (225, "turn_error", "the turn's events are not durable: disk full", True),
         (225, "done", False, "error"), (225, "C")]
 
 
@@ -122,7 +122,7 @@ def test_durable_done_keeps_the_reason_of_a_turn_that_did_not_complete() -> None
 
     results = scheduler.start(lambda: source.pipe(durable_done(failing)))
     assert kinds(results.messages) == [
-        (210, "error", "the turn's events are not durable: closed", True),
+        (210, "turn_error", "the turn's events are not durable: closed", True),
         (210, "done", False, "cancelled"), (210, "C")]
 
 
@@ -305,7 +305,7 @@ async def test_process_a_poisoned_model_answer_costs_other_turns_nothing(tmp_pat
         poisoned = await replay("poison")  # stored without its poisoned text
         assert [(e["type"], e.get("delta")) for e in poisoned] == [
             ("request_received", None), ("stream_start", None), ("text", "w0 "),
-            ("text", "w2 "), ("token_usage", None), ("stream_end", None), ("error", None),
+            ("text", "w2 "), ("token_usage", None), ("stream_end", None), ("turn_error", None),
             ("done", None)]
         assert poisoned[-1]["ok"] is False and "not durable" in poisoned[-2]["error"]
         async with session.get(srv.url("/healthz")) as resp:
@@ -404,7 +404,7 @@ async def test_in_process_outage_refuses_turns_then_writes_everything_kept(
         frames = await read_frames(resp)
         events = assert_wire_rules(frames, trace=False)
         seen[events[0]["request_id"]] = [f for f in frames if f.data is not None]
-        assert [e["type"] for e in events][-3:] == ["stream_end", "error", "done"]
+        assert [e["type"] for e in events][-3:] == ["stream_end", "turn_error", "done"]
         assert events[-1]["ok"] is False and events[-1]["reason"] == "error"
         error = events[-2]["error"]
         assert error.startswith("the turn's events are not durable: the event store has not "

@@ -113,8 +113,8 @@ def shape(events: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
                 out.append(("text", e["delta"]))
             case "stream_end":
                 out.append(("stream_end", e["status"], e.get("finish_reason")))
-            case "error":
-                out.append(("error", e["error"], e["retryable"]))
+            case "turn_error":
+                out.append(("turn_error", e["error"], e["retryable"]))
             case "done":
                 out.append(("done", e["ok"], e["reason"]))
             case other:
@@ -130,7 +130,7 @@ async def test_in_process_a_cut_stream_is_an_error_not_completed(
     assert shape(events) == [
         ("request_received",), ("stream_start",),
         ("text", "w0 "), ("text", "w1 "), ("text", "w2 "),
-        ("error", f"model call to 'no-finish' at {standin.base_url} failed: the stream ended "
+        ("turn_error", f"model call to 'no-finish' at {standin.base_url} failed: the stream ended "
                   "without a finish_reason or [DONE]", True),
         ("stream_end", "error", None), ("done", False, "error"),
     ]
@@ -162,7 +162,7 @@ async def test_in_process_the_turn_deadline_ends_an_endless_upstream(
     assert texts, "the upstream streamed before the deadline"
     assert [k for k in kinds if k[0] != "text"] == [
         ("request_received",), ("stream_start",),
-        ("error", "the turn ran past its deadline of 0.5s (TURN_DEADLINE_S); stopped", False),
+        ("turn_error", "the turn ran past its deadline of 0.5s (TURN_DEADLINE_S); stopped", False),
         ("stream_end", "error", None), ("done", False, "error"),
     ]
     await poll(lambda: standin.closed == 1, "the upstream stream was closed")
@@ -190,12 +190,12 @@ async def test_process_every_misbehaviour_ends_loudly(standin: StandIn, tmp_path
         assert await run({"model": "no-finish"}) == [
             ("request_received",), ("stream_start",), ("text", "w0 "), ("text", "w1 "),
             ("text", "w2 "),
-            ("error", failed.format("no-finish")
+            ("turn_error", failed.format("no-finish")
              + "the stream ended without a finish_reason or [DONE]", True),
             ("stream_end", "error", None), ("done", False, "error")]
         assert await run({"model": "html"}) == [
             ("request_received",), ("stream_start",),
-            ("error", failed.format("html") + "HTTP 200 answer is not an event stream "
+            ("turn_error", failed.format("html") + "HTTP 200 answer is not an event stream "
              "(content-type 'text/html; charset=utf-8')", True),
             ("stream_end", "error", None), ("done", False, "error")]
         assert await run({"model": "endless", "max_tokens": 3}) == [
@@ -205,7 +205,7 @@ async def test_process_every_misbehaviour_ends_loudly(standin: StandIn, tmp_path
         deadline = await run({"model": "endless"})
         assert [k for k in deadline if k[0] != "text"] == [
             ("request_received",), ("stream_start",),
-            ("error", "the turn ran past its deadline of 1s (TURN_DEADLINE_S); stopped", False),
+            ("turn_error", "the turn ran past its deadline of 1s (TURN_DEADLINE_S); stopped", False),
             ("stream_end", "error", None), ("done", False, "error")]
         await poll(lambda: standin.closed == 2, "the deadline closed the upstream")
         # The OpenAI wire says the same: a cut stream is not a completed answer.
