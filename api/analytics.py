@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path

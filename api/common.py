@@ -150,12 +150,11 @@ class RateLimiter:
 
 RATE_LIMITER = web.AppKey("rate_limiter", RateLimiter)
 #: The request's client identity for rate limits: its API key (hashed) or its address.
-CLIENT_ID = "door.client_id"
+CLIENT_ID = web.RequestKey("client_id", str)
 
 
 def client_id(request: web.Request) -> str:
-    known = request.get(CLIENT_ID)
-    return known if isinstance(known, str) else f"addr:{request.remote}"
+    return request.get(CLIENT_ID) or f"addr:{request.remote}"
 
 
 def path_id(request: web.Request, name: str) -> str:

@@ -72,14 +72,11 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                 if isinstance(parsed, WsChat):
                     check_model(request, parsed.model)
                     admit(request)
-                elif (turn := app[ORCHESTRATOR].live.get(parsed.response_id)) is None:
-                    raise ApiError(404, f"no running response {parsed.response_id!r} to cancel",
-                                   code="response_not_found", param="response_id")
+                else:
+                    _cancel(app, parsed)
+                    continue
             except ApiError as exc:
                 await ws.send_json({"type": "error", **exc.body()}, dumps=frame_json)
-                continue
-            if isinstance(parsed, WsCancel):
-                turn.cancel()
                 continue
             task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
             chats.add(task)
@@ -91,6 +88,14 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
+def _cancel(app: web.Application, cancel: WsCancel) -> None:
+    turn = app[ORCHESTRATOR].live.get(cancel.response_id)
+    if turn is None:
+        raise ApiError(404, f"no running response {cancel.response_id!r} to cancel",
+                       code="response_not_found", param="response_id")
+    turn.cancel()
+
+
 def _ws_message(request: web.Request, message: WSMessage) -> WsChat | WsCancel:
     """One client message, checked like a request body (:func:`api.wire.parse_json`);
     anything but a text frame is refused."""
@@ -98,7 +103,11 @@ def _ws_message(request: web.Request, message: WSMessage) -> WsChat | WsCancel:
         raise ApiError(400, f"only text frames with JSON messages are accepted, got "
                        f"{message.type.name.lower()}", code="invalid_message")
     limits = request.app.get(BODY_LIMITS) or BodyLimits()
-    return parse_json(message.data, _WS_MESSAGE.validate_python, limits=limits)
+    try:
+        return parse_json(message.data, _WS_MESSAGE.validate_python, limits=limits)
+    except ApiError as exc:
+        raise ApiError(400, exc.message.replace("body", "message", 1), code="invalid_message",
+                       param=exc.param) from exc
 
 
 def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:

@@ -465,10 +465,13 @@ def _fetch_arrow(relation: Any, *, max_bytes: int | None, deadline: float,
     size = 0
     cut = False
     for batch in reader:
-        size += batch.nbytes
-        if max_bytes is not None and size > max_bytes:
+        if max_bytes is not None and size + batch.nbytes > max_bytes:
+            fits = int((max_bytes - size) // max(1.0, batch.nbytes / max(1, batch.num_rows)))
+            if fits > 0:
+                batches.append(batch.slice(0, fits))
             cut = True
             break
+        size += batch.nbytes
         batches.append(batch)
         if time.perf_counter() > deadline:
             raise QueryTimeoutError(timeout_s)
