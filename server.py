@@ -220,8 +220,7 @@ class _DoorHandler(RequestHandler):
         if self._idle() and self.transport is not None:
             log.info("closed a connection whose request head did not arrive within %.0fs "
                      "(HEADER_TIMEOUT_S)", self._door_deadline)
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport
 
     def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
                      message: str | None = None) -> web.StreamResponse:
