@@ -118,6 +118,16 @@ def admit(request: web.Request) -> None:
             )
 
 
+def admit_stream(request: web.Request) -> None:
+    """Refuse a new follower stream (``GET /v1/requests/{id}/events``) past
+    ``MAX_OPEN_STREAMS`` with a 503 and ``Retry-After``."""
+    limit = request.app[SETTINGS].max_open_streams
+    if request.app[CLIENTS].open >= limit:
+        raise ApiError(503, f"the server is at its limit of {limit} open streams "
+                       "(MAX_OPEN_STREAMS); retry shortly", type="server_error",
+                       code="overloaded", headers={"Retry-After": "1"})
+
+
 class RateLimiter:
     """A token bucket per client: ``per_minute`` tokens, refilled evenly; a burst of up to
     ``per_minute`` at once."""

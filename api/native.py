@@ -21,6 +21,7 @@ from api.common import (
     _accepted,
     _turn_headers,
     admit,
+    admit_stream,
     check_model,
     parse_cursor,
     parse_flag,
@@ -150,6 +151,7 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     request_id = path_id(request, "request_id")
     since = parse_cursor(request)
     trace = parse_flag(request, "trace")
+    admit_stream(request)
     app = request.app
     turn = app[ORCHESTRATOR].live.get(request_id)
     events: AsyncGenerator[Event | None]

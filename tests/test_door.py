@@ -590,6 +590,9 @@ async def test_open_stream_limit_sheds_with_503(aiohttp_client: ClientFactory, t
         async with client.post("/v1/orchestrate", json={"messages": [user("x")]}) as resp:
             error = await error_of(resp, 503)
         assert "MAX_OPEN_STREAMS" in error["message"] and resp.headers["Retry-After"] == "1"
+        request_id = first.headers["X-Request-Id"]
+        async with client.get(f"/v1/requests/{request_id}/events") as resp:  # a follower too
+            assert "MAX_OPEN_STREAMS" in (await error_of(resp, 503))["message"]
         frames = parse_sse(await first.read())
     assert frames[-1].event == "done" and frames[-1].json["ok"] is True
 
