@@ -4,6 +4,7 @@ and the viewer page."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from api.common import (
     STORE,
     TOOLS,
     WEB_ROOT,
+    api_keys,
 )
 from pipeline.tools import speech_provider_info
 
@@ -28,7 +30,8 @@ async def index_page(request: web.Request) -> web.FileResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: liveness plus the figures an operator looks at first."""
+    """``GET /healthz``: liveness plus the figures an operator looks at first. It is open
+    to anyone (no key), so it names no file system paths."""
     app = request.app
     settings = app[SETTINGS]
     stats = app[STORE].stats
@@ -49,19 +52,21 @@ async def healthz(request: web.Request) -> web.Response:
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
                   "last_flush_ms": round(stats.last_flush_ms), "last_error": store.last_error},
         "tools": {"enabled": [tool.name for tool in app[TOOLS].enabled()],
-                  "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled],
-                  "workspace": app[TOOLS].info.get("workspace")},
+                  "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled]},
     })
 
 
 async def list_tools(request: web.Request) -> web.Response:
-    """``GET /v1/tools``: every tool with its parameters' JSON schema and whether it is on."""
+    """``GET /v1/tools``: every tool with its parameters' JSON schema and whether it is on;
+    the workspace folder only when API keys are configured (the caller holds one)."""
     registry = request.app[TOOLS]
-    return web.json_response({
-        "object": "list", "workspace": registry.info.get("workspace"),
-        "max_steps": registry.limits.max_steps,
+    answer: dict[str, Any] = {
+        "object": "list", "max_steps": registry.limits.max_steps,
         "data": [tool.describe() for tool in registry.tools],
-    })
+    }
+    if api_keys(request.app[SETTINGS]):  # the door let only a caller with a key in
+        answer["workspace"] = registry.info.get("workspace")
+    return web.json_response(answer)
 
 
 async def speech_providers(request: web.Request) -> web.Response:
