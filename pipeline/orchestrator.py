@@ -204,6 +204,8 @@ class StreamingOrchestrator:
             max_tokens=turn_input.max_tokens,
             kind=turn_input.kind,
             tool_calls=list(turn_input.tool_calls),
+            model_params=dict(turn_input.model_params),
+            server_tools=turn_input.server_tools,
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()

@@ -9,26 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias, cast
 
 import openai
 import pydantic
 from openai import AsyncOpenAI
-from openai.types.chat import (
-    ChatCompletionChunk,
-    ChatCompletionMessageParam,
-    ChatCompletionToolUnionParam,
-)
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from core.errors import ProviderError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delta:
-    """A piece of generated text."""
+    """A piece of generated text (of choice ``index`` when the request asked for ``n``;
+    with its per-token ``logprobs`` when it asked for ``logprobs``)."""
 
     text: str
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +35,7 @@ class Finish:
     """The model stopped: ``stop``, ``length``, ``tool_calls``, ``content_filter``."""
 
     reason: str
+    index: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,6 +56,7 @@ class ToolCallRequest:
     id: str
     name: str
     arguments_json: str
+    index: int = 0  # the choice that made it
 
 
 Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest
@@ -69,12 +70,15 @@ class ChatProvider(Protocol):
     def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Piece]:
         """Stream one chat completion as pieces; raise :class:`ProviderError` on failure.
 
         With ``tools`` (OpenAI function-calling specs) the model may answer with
         :class:`ToolCallRequest` pieces, one per complete call, before its :class:`Finish`.
-        Callers that offer no tools do not pass the argument.
+        ``params`` are further request fields sent as given (a client's ``temperature``,
+        ``stop``, ``n``, ``tools``, ``tool_choice``…); with ``n`` pieces carry their
+        choice's ``index``. Callers that use neither do not pass the arguments.
         """
         ...
 
@@ -123,10 +127,14 @@ class OpenAIProvider:
     async def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[Piece]:
         # Tool calls arrive in pieces (id and name first, then the arguments in fragments),
-        # keyed by index; they are complete when the choice finishes.
-        calls: dict[int, list[str]] = {}  # index → [id, name, arguments so far]
+        # keyed by choice and index; they are complete when the choice finishes.
+        calls: dict[int, dict[int, list[str]]] = {}  # choice → index → [id, name, arguments]
+        extra = dict(params or {})
+        if tools:
+            extra["tools"] = list(tools)
         try:
             # The SDK makes the request (base URL, auth, retries, timeouts, HTTP errors);
             # the chunks are parsed here with one pydantic ``model_validate_json`` each
@@ -138,26 +146,29 @@ class OpenAIProvider:
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if max_tokens is None else max_tokens,
-                tools=cast("list[ChatCompletionToolUnionParam]", list(tools)) if tools else openai.omit,
+                # Sent as given, not through the SDK's typed arguments: a field this SDK
+                # version does not know still reaches the provider, unchanged.
+                extra_body=extra or None,
             )
             # Leaving this block (finished, failed, or the consumer closed us) closes the
             # HTTP response, so the provider sees the disconnect at once.
             async with response as raw:
                 async for chunk in _chunks(raw.iter_lines()):
                     for choice in chunk.choices:
+                        index = choice.index
                         if choice.delta is not None and choice.delta.content:
-                            yield Delta(choice.delta.content)
+                            yield Delta(choice.delta.content, index, _logprobs(choice))
                         for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
-                            slot = calls.setdefault(call.index, ["", "", ""])
+                            slot = calls.setdefault(index, {}).setdefault(call.index, ["", "", ""])
                             slot[0] = slot[0] or call.id or ""
                             if call.function is not None:
                                 # Some servers repeat the name on every fragment: keep the first.
                                 slot[1] = slot[1] or call.function.name or ""
                                 slot[2] += call.function.arguments or ""
                         if choice.finish_reason:
-                            for piece in _complete_calls(calls):
+                            for piece in _complete_calls(calls.pop(index, {}), index):
                                 yield piece
-                            yield Finish(choice.finish_reason)
+                            yield Finish(choice.finish_reason, index)
                     if chunk.usage is not None:
                         yield Usage(
                             model=chunk.model or model,
@@ -165,8 +176,9 @@ class OpenAIProvider:
                             completion_tokens=chunk.usage.completion_tokens,
                             total_tokens=chunk.usage.total_tokens,
                         )
-            for piece in _complete_calls(calls):  # a stream that ended without finish_reason
-                yield piece
+            for index, pending in sorted(calls.items()):  # ended without finish_reason
+                for piece in _complete_calls(pending, index):
+                    yield piece
         except Exception as exc:  # every failure of the call becomes one ProviderError
             raise self._translate(exc, model=model) from exc
 
@@ -260,10 +272,19 @@ class StreamFailure(Exception):
     """The provider reported an error in the middle of a stream."""
 
 
-def _complete_calls(calls: dict[int, list[str]]) -> list[ToolCallRequest]:
-    """The accumulated calls in index order (then forgotten)."""
+def _logprobs(choice: Any) -> list[dict[str, Any]] | None:
+    """A streamed choice's per-token log probabilities (OpenAI's ``logprobs.content``)."""
+    logprobs = choice.logprobs
+    if logprobs is None or not logprobs.content:
+        return None
+    return [item.model_dump(mode="json") for item in logprobs.content]
+
+
+def _complete_calls(calls: dict[int, list[str]], choice: int = 0) -> list[ToolCallRequest]:
+    """The accumulated calls of one choice in index order (then forgotten)."""
     done = [
-        ToolCallRequest(id=call_id or f"call_{index}", name=name, arguments_json=arguments)
+        ToolCallRequest(id=call_id or f"call_{index}", name=name, arguments_json=arguments,
+                        index=choice)
         for index, (call_id, name, arguments) in sorted(calls.items())
     ]
     calls.clear()
