@@ -59,7 +59,9 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str  # required; null (as OpenAI allows for assistant messages) reads as ""
+    # Required, except beside an assistant's tool_calls; null (as OpenAI allows for
+    # assistant messages) reads as "".
+    content: str = ""
     name: str | None = Field(default=None, max_length=200)
     tool_calls: list[MessageToolCall] | None = None
     tool_call_id: str | None = Field(default=None, min_length=1, max_length=400)
@@ -76,6 +78,13 @@ class ChatMessage(BaseModel):
                     raise ValueError("only text content parts are supported")
                 texts.append(str(part.get("text", "")))
             return "".join(texts)
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _content_given(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "content" not in value and not value.get("tool_calls"):
+            raise ValueError("content is required (it may be absent only beside tool_calls)")
         return value
 
     @model_validator(mode="after")

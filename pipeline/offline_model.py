@@ -4,6 +4,7 @@ Harnesses reach it over HTTP with the official ``openai`` client exactly as they
 real provider, with no network and no API key. It serves:
 
 * ``GET /v1/models``: the configured model ids in OpenAI's list shape.
+* ``GET /stats``: the `OfflineStats` counters (requests, completed, disconnected, active).
 * ``POST /v1/chat/completions``: ``stream: true`` sends SSE ``data:`` frames only (the openai
   SDK's decoder breaks on ``id:``/``retry:``/comment lines), one token per content delta after a
   ``token_delay_ms`` sleep, then ``data: [DONE]``; ``stream: false`` returns one
@@ -939,7 +940,14 @@ def create_offline_app(
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/audio/speech", _audio_speech)
     app.router.add_post("/v1/audio/transcriptions", _audio_transcriptions)
+    app.router.add_get("/stats", _stats)
     return app
+
+
+async def _stats(request: web.Request) -> web.Response:
+    """``GET /stats``: the `OfflineStats` counters (e.g. disconnects, for tests)."""
+    stats = request.app[STATS_KEY]
+    return web.json_response({name: getattr(stats, name) for name in stats.__slots__})
 
 
 @dataclass(slots=True)
