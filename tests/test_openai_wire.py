@@ -410,6 +410,11 @@ async def test_a_dropped_stream_cancels_its_turn_by_default(
     body = await status_of(client, request_id)
     assert body["status"] == "cancelled"
     assert offline.stats.disconnected == 1 and offline.stats.completed == 0
+    # The partial answer is kept: a prefix of the whole answer, shorter than it.
+    partial = body["response"]["content"]
+    whole = "".join(compose_answer(MODEL, ASK, max_tokens=400))
+    assert body["response"]["status"] == "cancelled"
+    assert partial and whole.startswith(partial) and len(partial) < len(whole)
 
 
 async def test_on_disconnect_continue_per_request_and_per_deployment(
