@@ -87,6 +87,20 @@ class ToolCall(EventBase):
     call_id: str | None = Field(default=None, exclude_if=_unset)
 
 
+class ToolCallDelta(EventBase):
+    """A piece of a client's tool call as the model streams it (the OpenAI wire's client
+    tools): the first piece of a call has its ``call_id`` and ``name``, later ones add to
+    its ``arguments``. ``index`` numbers the model's calls within the stream. The complete
+    call follows as a ``tool_call`` with ``side: "client"``."""
+
+    type: Literal["tool_call_delta"] = "tool_call_delta"
+    stream_id: int
+    index: int
+    call_id: str | None = Field(default=None, exclude_if=_unset)
+    name: str | None = Field(default=None, exclude_if=_unset)
+    arguments: str = ""
+
+
 class ToolResult(EventBase):
     type: Literal["tool_result"] = "tool_result"
     stream_id: int
@@ -170,6 +184,7 @@ Event: TypeAlias = Annotated[
     | StreamStart
     | Text
     | ToolCall
+    | ToolCallDelta
     | ToolResult
     | TokenUsage
     | Advisor

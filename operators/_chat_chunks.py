@@ -9,7 +9,17 @@ from typing import Any
 import reactivex
 from reactivex import Observable, abc
 
-from core.events import Done, ErrorEvent, Event, StreamEnd, StreamStart, Text, TokenUsage, ToolCall
+from core.events import (
+    Done,
+    ErrorEvent,
+    Event,
+    StreamEnd,
+    StreamStart,
+    Text,
+    TokenUsage,
+    ToolCall,
+    ToolCallDelta,
+)
 
 ChatChunk = dict[str, Any]
 
@@ -33,9 +43,11 @@ def to_chat_chunks(
       (its next round) starts with a blank line;
     - a stream that carries one of the model's ``n`` choices (``stream_start.choice``)
       puts its deltas on that choice's index; ``text.logprobs`` go in ``choice.logprobs``;
-    - a client's tool call (``tool_call`` with ``side: "client"``) becomes two deltas on its
-      choice: ``tool_calls[k]`` with ``id``, ``type`` and ``function.name`` (and empty
-      arguments), then its ``function.arguments`` (``k`` counts the choice's calls);
+    - a client's tool call streams as its ``tool_call_delta`` events do: the first as
+      ``tool_calls[k]`` with ``id``, ``type`` and ``function.name`` (and its first
+      arguments), the others as ``tool_calls[k].function.arguments`` pieces (``k`` counts the
+      choice's calls); a ``tool_call`` with ``side: "client"`` that came without deltas
+      becomes the head and then its whole arguments;
     - ``done`` becomes a final chunk per choice with ``finish_reason`` (the model's, from
       the choice's last ``stream_end``; ``"stop"`` when none was given), then, when
       ``include_usage``, a chunk with ``choices: []`` and the summed ``token_usage``;
@@ -78,6 +90,8 @@ def to_chat_chunks(
             separate: set[int] = set()  # choices whose next text starts a new stream
             finish: dict[int, str] = {}
             calls: dict[int, int] = {}  # choice → client tool calls so far
+            streamed: dict[tuple[int, int], int] = {}  # (stream, model's index) → k
+            streamed_ids: set[str] = set()
             opened: set[int] = set()  # choices of n with a stream
             failed = False
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
@@ -100,6 +114,26 @@ def to_chat_chunks(
                     case Text(stream_id=stream_id, delta=text, logprobs=logprobs):
                         index = stream_choice.get(stream_id, 0)
                         observer.on_next(chunk(index, delta(index, text), None, logprobs))
+                    case ToolCallDelta(stream_id=stream_id, index=position):
+                        index = stream_choice.get(stream_id, 0)
+                        known = streamed.get((stream_id, position))
+                        if known is None:
+                            known = streamed[(stream_id, position)] = calls.get(index, 0)
+                            calls[index] = known + 1
+                            # The provider names an id-less call "call_<index>" (as here).
+                            call_id = event.call_id or f"call_{position}"
+                            streamed_ids.add(call_id)
+                            piece = delta(index, None)
+                            piece["tool_calls"] = [{
+                                "index": known, "id": call_id, "type": "function",
+                                "function": {"name": event.name or "",
+                                             "arguments": event.arguments}}]
+                        else:
+                            piece = {"tool_calls": [{"index": known, "function": {
+                                "arguments": event.arguments}}]}
+                        observer.on_next(chunk(index, piece, None))
+                    case ToolCall(side="client", call_id=call_id) if call_id in streamed_ids:
+                        pass  # already streamed by its deltas
                     case ToolCall(side="client", stream_id=stream_id, call_id=call_id):
                         index = stream_choice.get(stream_id, 0)
                         k = calls.get(index, 0)

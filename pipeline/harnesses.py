@@ -22,9 +22,18 @@ from core.events import (
     Text,
     TokenUsage,
     ToolCall,
+    ToolCallDelta,
 )
 from core.turn import TurnContext, new_id
-from pipeline.providers import ChatProvider, Delta, Finish, Piece, ToolCallRequest, Usage
+from pipeline.providers import (
+    ChatProvider,
+    Delta,
+    Finish,
+    Piece,
+    ToolCallPiece,
+    ToolCallRequest,
+    Usage,
+)
 from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
@@ -79,8 +88,9 @@ class ModelReply:
     ``text`` and ``token_usage`` events); what is left to decide on is kept: the text,
     the finish reason and the tool calls asked for.
 
-    With ``client_tools`` the model's tool calls are the client's: each becomes a
-    ``tool_call`` event marked ``side: "client"`` at once and is never run here. Pieces of
+    With ``client_tools`` the model's tool calls are the client's: their fragments become
+    ``tool_call_delta`` events as they stream, and each whole call a ``tool_call`` event
+    marked ``side: "client"``; they are never run here. Pieces of
     choices 1… (a request's ``n``) go to child streams of ``stream_id``, opened by ``open``
     as each choice first speaks and closed by :meth:`close_choices`.
     """
@@ -120,6 +130,12 @@ class ModelReply:
                         completion_tokens=piece.completion_tokens,
                         total_tokens=piece.total_tokens,
                     )
+                case ToolCallPiece() if self.client_tools:
+                    yield ToolCallDelta(stream_id=target, index=piece.call_index,
+                                        call_id=piece.id, name=piece.name,
+                                        arguments=piece.arguments)
+                case ToolCallPiece():
+                    pass  # the server's calls run once whole
                 case ToolCallRequest() if self.client_tools:
                     yield client_tool_call(piece, stream_id=target)
                 case ToolCallRequest():
@@ -207,6 +223,8 @@ class ResponseHarness:
                 extra["tools"] = offered
             if params:
                 extra["params"] = params
+            if client_tools:
+                extra["tool_call_pieces"] = True
             pieces = self.provider.stream_chat(model=model, messages=messages,
                                                max_tokens=ctx.max_tokens, **extra)
             async for event in reply.events(pieces, stream_id=stream_id):

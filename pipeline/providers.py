@@ -59,7 +59,20 @@ class ToolCallRequest:
     index: int = 0  # the choice that made it
 
 
-Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCallPiece:
+    """A fragment of a tool call as it streams: call ``call_index`` of choice ``index``; the
+    first fragment has the call's ``id`` and ``name``. The complete call follows as a
+    :class:`ToolCallRequest`; harnesses that need only whole calls ignore these."""
+
+    call_index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    index: int = 0
+
+
+Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest | ToolCallPiece
 
 
 class ChatProvider(Protocol):
@@ -70,7 +83,7 @@ class ChatProvider(Protocol):
     def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
-        params: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None, tool_call_pieces: bool = False,
     ) -> AsyncIterator[Piece]:
         """Stream one chat completion as pieces; raise :class:`ProviderError` on failure.
 
@@ -78,7 +91,8 @@ class ChatProvider(Protocol):
         :class:`ToolCallRequest` pieces, one per complete call, before its :class:`Finish`.
         ``params`` are further request fields sent as given (a client's ``temperature``,
         ``stop``, ``n``, ``tools``, ``tool_choice``…); with ``n`` pieces carry their
-        choice's ``index``. Callers that use neither do not pass the arguments.
+        choice's ``index``. With ``tool_call_pieces`` each tool-call fragment is also a
+        :class:`ToolCallPiece` as it arrives. Callers that use none of these do not pass them.
         """
         ...
 
@@ -127,7 +141,7 @@ class OpenAIProvider:
     async def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
-        params: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None, tool_call_pieces: bool = False,
     ) -> AsyncIterator[Piece]:
         # Tool calls arrive in pieces (id and name first, then the arguments in fragments),
         # keyed by choice and index; they are complete when the choice finishes.
@@ -161,10 +175,19 @@ class OpenAIProvider:
                         for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
                             slot = calls.setdefault(index, {}).setdefault(call.index, ["", "", ""])
                             slot[0] = slot[0] or call.id or ""
+                            name = call.function.name if call.function is not None else None
+                            fragment = (call.function.arguments if call.function is not None
+                                        else None) or ""
+                            first = not slot[1]
                             if call.function is not None:
                                 # Some servers repeat the name on every fragment: keep the first.
-                                slot[1] = slot[1] or call.function.name or ""
-                                slot[2] += call.function.arguments or ""
+                                slot[1] = slot[1] or name or ""
+                                slot[2] += fragment
+                            if tool_call_pieces:
+                                yield ToolCallPiece(call_index=call.index,
+                                                    id=call.id if first else None,
+                                                    name=name if first else None,
+                                                    arguments=fragment, index=index)
                         if choice.finish_reason:
                             for piece in _complete_calls(calls.pop(index, {}), index):
                                 yield piece

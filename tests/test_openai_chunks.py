@@ -16,6 +16,7 @@ from core.events import (
     Text,
     TokenUsage,
     ToolCall,
+    ToolCallDelta,
     ToolResult,
 )
 from operators import to_chat_chunks
@@ -69,6 +70,37 @@ def test_client_tool_calls_become_tool_call_deltas() -> None:
         (250, chunk({"tool_calls": [{"index": 1, "function": {"arguments": "{not json"}}]})),
         (270, chunk({}, "tool_calls")),
     ]
+
+
+def test_streamed_tool_call_pieces_become_argument_deltas() -> None:
+    events = [
+        *head(),
+        ToolCallDelta(stream_id=1, index=0, call_id="call_a", name="f", arguments=""),
+        ToolCallDelta(stream_id=1, index=1, call_id=None, name="g", arguments='{"b"'),
+        ToolCallDelta(stream_id=1, index=0, arguments='{"a": '),
+        ToolCallDelta(stream_id=1, index=0, arguments="1}"),
+        ToolCallDelta(stream_id=1, index=1, arguments=": 2}"),
+        ToolCall(stream_id=1, tool="f", execution_id="e1", params={"a": 1}, side="client",
+                 call_id="call_a"),
+        ToolCall(stream_id=1, tool="g", execution_id="e2", params={"b": 2}, side="client",
+                 call_id="call_1"),
+        StreamEnd(stream_id=1, finish_reason="tool_calls"),
+        Done(ok=True, duration_ms=1, reason="completed"),
+    ]
+    chunks = [c for _, c in run(events)]
+    assert chunks == [
+        chunk({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                                    "function": {"name": "f", "arguments": ""}}]}),
+        chunk({"tool_calls": [{"index": 1, "id": "call_1", "type": "function",
+                               "function": {"name": "g", "arguments": '{"b"'}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": '}}]}),
+        chunk({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        chunk({"tool_calls": [{"index": 1, "function": {"arguments": ": 2}"}}]}),
+        chunk({}, "tool_calls"),  # the whole calls add no chunk: they were streamed
+    ]
+    calls = completion_of(chunks)["choices"][0]["message"]["tool_calls"]
+    assert [(c["id"], c["function"]["arguments"]) for c in calls] == [
+        ("call_a", '{"a": 1}'), ("call_1", '{"b": 2}')]
 
 
 def test_server_tool_calls_stay_out_of_the_chunks() -> None:

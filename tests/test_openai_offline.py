@@ -24,7 +24,15 @@ from pipeline.offline_model import (
     schema_instance,
 )
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.providers import Delta, Finish, OpenAIProvider, Piece, ToolCallRequest, Usage
+from pipeline.providers import (
+    Delta,
+    Finish,
+    OpenAIProvider,
+    Piece,
+    ToolCallPiece,
+    ToolCallRequest,
+    Usage,
+)
 from tests.test_tools_loop import Probe, probe_registry
 
 USER = [{"role": "user", "content": "Plan a trip."}]
@@ -200,6 +208,24 @@ async def test_client_tools_mode_whole_event_list() -> None:
     # The client's tools replace the server's, and the parameters go with them.
     assert provider.kwargs[0]["params"] == {"tools": [tool], "temperature": 0}
     assert "tools" not in provider.kwargs[0]
+
+
+async def test_client_tool_call_pieces_become_tool_call_delta_events() -> None:
+    tool = {"type": "function", "function": {"name": "f"}}
+    provider = Scripted([
+        ToolCallPiece(call_index=0, id="call_1", name="f", arguments=""),
+        ToolCallPiece(call_index=0, id=None, name=None, arguments='{"q": 1}'),
+        ToolCallRequest(id="call_1", name="f", arguments_json='{"q": 1}'),
+        Finish("tool_calls")])
+    events = await run_turn(provider, {"tools": [tool]}, server_tools=False)
+    assert dump(events)[2:5] == [
+        {"type": "tool_call_delta", "stream_id": 1, "index": 0, "call_id": "call_1", "name": "f",
+         "arguments": ""},
+        {"type": "tool_call_delta", "stream_id": 1, "index": 0, "arguments": '{"q": 1}'},
+        {"type": "tool_call", "stream_id": 1, "tool": "f", "execution_id": "X",
+         "params": {"q": 1}, "side": "client", "call_id": "call_1"},
+    ]
+    assert provider.kwargs[0]["tool_call_pieces"] is True
 
 
 async def test_no_server_tools_when_switched_off_and_n_opens_child_streams() -> None:

@@ -227,6 +227,9 @@ async def test_a_client_tool_loop_not_streamed(client: TestClient, sdk: openai.A
     assert [(e["tool"], e["side"], e["call_id"], e["params"]) for e in calls] == [
         ("get_weather", "client", call.id, arguments)]
     assert not [e for e in events if e["type"] == "tool_result"]
+    deltas = [e for e in events if e["type"] == "tool_call_delta"]
+    assert (deltas[0]["call_id"], deltas[0]["name"]) == (call.id, "get_weather")
+    assert "".join(e["arguments"] for e in deltas) == call.function.arguments  # type: ignore[union-attr]
     assert [e["finish_reason"] for e in events if e["type"] == "stream_end"] == ["tool_calls"]
     assert [row[:2] for row in await tool_rows(client)] == [("get_weather", "client")]
 
@@ -241,7 +244,9 @@ async def test_a_client_tool_call_streams_as_openai_deltas(sdk: openai.AsyncOpen
     pieces = [d.tool_calls[0].function.arguments for d in deltas  # type: ignore[union-attr]
               if d.tool_calls and not d.tool_calls[0].id]
     assert [(h.index, h.type, h.function.name) for h in heads] == [(0, "function", "get_weather")]  # type: ignore[union-attr]
-    jsonschema.validate(json.loads("".join(pieces)), WEATHER["function"]["parameters"])  # type: ignore[arg-type, index]
+    assert len([p for p in pieces if p]) == 3  # as the model streamed them (in three pieces)
+    arguments = (heads[0].function.arguments or "") + "".join(pieces)  # type: ignore[union-attr, arg-type]
+    jsonschema.validate(json.loads(arguments), WEATHER["function"]["parameters"])  # type: ignore[index]
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
     assert chunks[-1].usage is not None and chunks[-1].choices == []
 
