@@ -397,6 +397,15 @@ async def left_early(client: TestClient, **extra: Any) -> str:
     return request_id
 
 
+async def until(condition: Callable[[], bool]) -> None:
+    """Wait (10 s at most) for something the model's server notices a moment later."""
+    for _ in range(500):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the condition never held")
+
+
 async def status_of(client: TestClient, request_id: str) -> dict[str, Any]:
     for _ in range(200):
         async with client.get(f"/v1/requests/{request_id}") as resp:
@@ -414,7 +423,8 @@ async def test_a_dropped_stream_cancels_its_turn_by_default(
     request_id = await left_early(client)
     body = await status_of(client, request_id)
     assert body["status"] == "cancelled"
-    assert offline.stats.disconnected == 1 and offline.stats.completed == 0
+    await until(lambda: offline.stats.disconnected == 1)
+    assert offline.stats.completed == 0
     # The partial answer is kept: a prefix of the whole answer, shorter than it.
     partial = body["response"]["content"]
     whole = "".join(compose_answer(MODEL, ASK, max_tokens=400))
@@ -431,3 +441,25 @@ async def test_on_disconnect_continue_per_request_and_per_deployment(
         tmp_path / "b", offline_token_delay_ms=1, openai_wire_on_disconnect="continue")))
     assert (await status_of(other, await left_early(other)))["status"] == "completed"
     assert (await status_of(other, await left_early(other, on_disconnect="cancel")))["status"] == "cancelled"
+
+
+async def test_a_client_that_leaves_a_non_streamed_answer_cancels_it_too(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    client = await aiohttp_client(server.create_app(make_settings(tmp_path, offline_token_delay_ms=5)))
+    offline = client.server.app[OFFLINE]
+    orchestrator = client.server.app[server.ORCHESTRATOR]
+    asking = asyncio.ensure_future(client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": ASK, "max_tokens": 2000}))
+    for _ in range(200):  # until the model is streaming to the server
+        if offline.stats.active_streams:
+            break
+        await asyncio.sleep(0.02)
+    (turn,) = orchestrator.live.values()
+    asking.cancel()  # the client gives up and closes its connection
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    async with asyncio.timeout(10):
+        result = await turn.result
+    assert result.status == "cancelled"
+    await until(lambda: offline.stats.disconnected == 1)
+    assert offline.stats.completed == 0
