@@ -197,7 +197,10 @@ async def test_closing_the_stream_stops_the_upstream_generation(stack: Stack) ->
     assert status["status"] == "cancelled"
     partial = status["response"]["content"]
     assert partial and "".join(compose_answer(MODEL, ASK, max_tokens=2000)).startswith(partial)
-    after = stack.stats()
+    deadline = time.monotonic() + 10  # the upstream notices the closed call a moment later
+    while (after := stack.stats())["disconnected"] == before["disconnected"]:
+        assert time.monotonic() < deadline, "the upstream generation never stopped"
+        await asyncio.sleep(0.05)
     assert after["disconnected"] == before["disconnected"] + 1
     assert after["completed"] == before["completed"]  # the generation never finished
 
