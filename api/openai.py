@@ -168,10 +168,12 @@ def model_params(body: ChatCompletionRequest, settings: Settings) -> dict[str, A
 
 def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
     """Fold ``chat.completion.chunk`` objects into one ``chat.completion``: per choice its
-    text, its tool calls (by their index: id, name and the arguments joined), its log
-    probabilities and its finish reason; ``refusal`` is null (OpenAI's schema asks for it)."""
+    text, its refusal (null unless the model refused: OpenAI's schema asks for the field),
+    its tool calls (by their index: id, name and the arguments joined), its log
+    probabilities and its finish reason."""
     first = chunks[0]
     texts: dict[int, list[str]] = {}
+    refusals: dict[int, list[str]] = {}
     calls: dict[int, dict[int, dict[str, Any]]] = {}
     logprobs: dict[int, list[Any]] = {}
     finish: dict[int, str | None] = {}
@@ -186,6 +188,8 @@ def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
             index = choice["index"]
             delta = choice["delta"]
             texts.setdefault(index, []).append(delta.get("content") or "")
+            if delta.get("refusal"):
+                refusals.setdefault(index, []).append(delta["refusal"])
             for call in delta.get("tool_calls") or ():
                 slot = calls.setdefault(index, {}).setdefault(call["index"], {
                     "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
@@ -199,7 +203,10 @@ def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
 
     def message(index: int) -> dict[str, Any]:
         text = "".join(texts[index])
-        out: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+        refusal = "".join(refusals[index]) if index in refusals else None
+        out: dict[str, Any] = {"role": "assistant", "content": text, "refusal": refusal}
+        if refusal is not None and not text:
+            out["content"] = None  # the model refused instead of answering
         if index in calls:
             out["tool_calls"] = [call for _, call in sorted(calls[index].items())]
             out["content"] = text or None

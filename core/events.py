@@ -65,12 +65,14 @@ class StreamStart(EventBase):
 
 class Text(EventBase):
     """A piece of model output; ``logprobs`` (only when the request asked for them) are
-    the provider's per-token log probabilities of this piece (OpenAI's ``content`` list)."""
+    the provider's per-token log probabilities of this piece (OpenAI's ``content`` list);
+    ``refusal: true`` marks a piece of the model's refusal (OpenAI's ``delta.refusal``)."""
 
     type: Literal["text"] = "text"
     stream_id: int
     delta: str
     logprobs: list[dict[str, Any]] | None = Field(default=None, exclude_if=_unset)
+    refusal: Literal[True] | None = Field(default=None, exclude_if=_unset)
 
 
 class ToolCall(EventBase):

@@ -43,6 +43,7 @@ def to_chat_chunks(
       (its next round) starts with a blank line;
     - a stream that carries one of the model's ``n`` choices (``stream_start.choice``)
       puts its deltas on that choice's index; ``text.logprobs`` go in ``choice.logprobs``;
+      a ``text`` marked ``refusal`` is a ``delta.refusal``;
     - a client's tool call streams as its ``tool_call_delta`` events do: the first as
       ``tool_calls[k]`` with ``id``, ``type`` and ``function.name`` (and its first
       arguments), the others as ``tool_calls[k].function.arguments`` pieces (``k`` counts the
@@ -111,6 +112,11 @@ def to_chat_chunks(
             def on_next(event: Event) -> None:
                 nonlocal failed
                 match event:
+                    case Text(stream_id=stream_id, delta=text, refusal=True):
+                        index = stream_choice.get(stream_id, 0)
+                        piece = delta(index, None)
+                        piece["refusal"] = text
+                        observer.on_next(chunk(index, piece, None))
                     case Text(stream_id=stream_id, delta=text, logprobs=logprobs):
                         index = stream_choice.get(stream_id, 0)
                         observer.on_next(chunk(index, delta(index, text), None, logprobs))

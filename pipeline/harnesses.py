@@ -114,10 +114,11 @@ class ModelReply:
                     yield start
                 target = self.choices[index]
             match piece:
-                case Delta(text=delta, logprobs=logprobs):
+                case Delta(text=delta, logprobs=logprobs, refusal=refusal):
                     if target == stream_id:
                         self.text.append(delta)
-                    yield Text(stream_id=target, delta=delta, logprobs=logprobs)
+                    yield Text(stream_id=target, delta=delta, logprobs=logprobs,
+                               refusal=True if refusal else None)
                 case Finish(reason=reason):
                     if target == stream_id:
                         self.finish = reason

@@ -23,11 +23,13 @@ from core.errors import ProviderError
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delta:
     """A piece of generated text (of choice ``index`` when the request asked for ``n``;
-    with its per-token ``logprobs`` when it asked for ``logprobs``)."""
+    with its per-token ``logprobs`` when it asked for ``logprobs``; ``refusal`` when it is
+    a piece of the model's refusal, OpenAI's ``delta.refusal``)."""
 
     text: str
     index: int = 0
     logprobs: list[dict[str, Any]] | None = None
+    refusal: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -172,6 +174,8 @@ class OpenAIProvider:
                         index = choice.index
                         if choice.delta is not None and choice.delta.content:
                             yield Delta(choice.delta.content, index, _logprobs(choice))
+                        if choice.delta is not None and choice.delta.refusal:
+                            yield Delta(choice.delta.refusal, index, refusal=True)
                         for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
                             slot = calls.setdefault(index, {}).setdefault(call.index, ["", "", ""])
                             slot[0] = slot[0] or call.id or ""

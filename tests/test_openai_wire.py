@@ -23,6 +23,7 @@ from api.wire import FORWARDED_PARAMS, REFUSED_PARAMS
 from core.config import Settings
 from pipeline.offline_model import compose_answer, create_offline_app
 from tests.sse_client import assert_wire_rules, read_frames
+from tests.test_providers import tiny_server
 
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
 MODEL = "offline"
@@ -463,3 +464,33 @@ async def test_a_client_that_leaves_a_non_streamed_answer_cancels_it_too(
     assert result.status == "cancelled"
     await until(lambda: offline.stats.disconnected == 1)
     assert offline.stats.completed == 0
+
+
+async def test_a_model_refusal_reaches_the_client_as_refusal(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    async def refusing(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta in ({"role": "assistant", "refusal": ""}, {"refusal": "I can't"},
+                      {"refusal": " help with that."}):
+            body = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            await response.write(f"data: {json.dumps(body)}\n\n".encode())
+        end = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+               "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        await response.write(f"data: {json.dumps(end)}\n\ndata: [DONE]\n\n".encode())
+        return response
+
+    async with tiny_server(refusing) as url:
+        client = await aiohttp_client(server.create_app(make_settings(
+            tmp_path, openai_base_url=url, openai_api_key="k", models=[MODEL])))
+        async with openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x",
+                                      max_retries=0) as sdk:
+            whole = await sdk.chat.completions.create(model=MODEL, messages=ASK)  # type: ignore[arg-type]
+            chunks = [c async for c in await sdk.chat.completions.create(
+                model=MODEL, messages=ASK, stream=True)]  # type: ignore[arg-type]
+    assert (whole.choices[0].message.content, whole.choices[0].message.refusal) == (
+        None, "I can't help with that.")
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices) == \
+        "I can't help with that."
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
