@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import time
 from typing import Any
 
@@ -88,8 +89,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 turn.cancel()
             raise
         if result.status == "error":
-            raise ApiError(502, result.error or "the model call failed", type="upstream_error",
-                           code="provider_error")
+            raise _refused_upstream(result.error) or ApiError(
+                502, result.error or "the model call failed", type="upstream_error",
+                code="provider_error")
         chunks: list[ChatChunk] = []
         turn.stream.pipe(to_chunks).subscribe(chunks.append)
         return web.json_response(completion_of(chunks), headers=_turn_headers(turn))
@@ -123,6 +125,20 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     finally:
         app[CLIENTS].open -= 1
     return response
+
+
+_UPSTREAM_REFUSAL = re.compile(r"failed: HTTP (400|404|422): (.*)$", re.S)
+
+
+def _refused_upstream(error: str | None) -> ApiError | None:
+    """The provider refused the request itself (e.g. a forwarded parameter it does not take):
+    the client's 400 (or 404), with the provider's words, rather than a 502."""
+    match = _UPSTREAM_REFUSAL.search(error or "")
+    if match is None:
+        return None
+    status = 404 if match.group(1) == "404" else 400
+    return ApiError(status, f"the model provider refused the request: {match.group(2)}",
+                    code="upstream_refused")
 
 
 def model_params(body: ChatCompletionRequest, settings: Settings) -> dict[str, Any]:

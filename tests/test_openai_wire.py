@@ -494,3 +494,24 @@ async def test_a_model_refusal_reaches_the_client_as_refusal(
     assert "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices) == \
         "I can't help with that."
     assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+
+
+async def test_a_parameter_the_provider_refuses_is_the_clients_400(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    async def strict(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        unknown = sorted(set(body) - {"model", "messages", "stream", "stream_options"})
+        return web.json_response({"error": {
+            "message": f"Unrecognized request argument supplied: {unknown[0]}",
+            "type": "invalid_request_error", "param": None, "code": None}}, status=400)
+
+    async with tiny_server(strict) as url:
+        client = await aiohttp_client(server.create_app(make_settings(
+            tmp_path, openai_base_url=url, openai_api_key="k", models=[MODEL],
+            model_max_retries=0)))
+        async with client.post("/v1/chat/completions", json={
+                "model": MODEL, "messages": ASK, "top_k": 5}) as resp:
+            assert resp.status == 400
+            error = (await resp.json())["error"]
+    assert error["code"] == "upstream_refused"
+    assert error["message"].endswith("Unrecognized request argument supplied: top_k")
