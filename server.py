@@ -47,7 +47,7 @@ from api.native import (
     request_status,
     roundtable,
 )
-from api.openai import chat_completions, list_models
+from api.openai import chat_completions, get_model, list_models
 from api.openapi import openapi_json
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
@@ -167,6 +167,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/v1/tools", list_tools)
     app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -147,6 +148,17 @@ class Settings(BaseSettings):
     # (end of the operations settings)
 
     # -- the OpenAI wire (issue 11): add settings of that area below ------------------------
+    # chat completions
+    openai_wire_server_tools: bool = Field(
+        default=False, description="offer the server's own tools to /v1/chat/completions callers"
+    )
+    openai_wire_on_disconnect: Literal["continue", "cancel"] = Field(
+        default="cancel", description="what a dropped chat-completions stream does to its turn"
+    )
+    openai_wire_extra_fields: Literal["forward", "reject"] = Field(
+        default="forward", description="unknown chat-completions body fields: sent on, or a 400"
+    )
+    openai_wire_max_n: int = Field(default=16, ge=1, le=128, description="largest n (choices)")
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------

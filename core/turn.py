@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import Any, Literal, NotRequired, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from typing_extensions import TypedDict  # pydantic wants it on Python < 3.12
 
 from core.events import (
@@ -37,13 +37,42 @@ class TextPart(TypedDict):
     text: NotRequired[str]
 
 
+class ToolCallFunction(BaseModel):
+    """The function of an assistant's tool call: its name and arguments JSON, as sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str = ""
+
+
+class MessageToolCall(BaseModel):
+    """A tool call in an assistant message (OpenAI's ``tool_calls`` item)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=400)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat message; ``content`` may be OpenAI's list of text parts."""
+    """One chat message; ``content`` may be OpenAI's list of text parts.
+
+    Tool loops of a client pass through as OpenAI has them: an assistant message with
+    ``tool_calls`` (its ``content`` may be null), then one ``role: "tool"`` message per call
+    with its ``tool_call_id``. :meth:`as_openai` gives them back unchanged.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str  # required; null (as OpenAI allows for assistant messages) reads as ""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Required, except beside an assistant's tool_calls; null (as OpenAI allows for
+    # assistant messages) reads as "".
+    content: str = ""
+    name: str | None = Field(default=None, max_length=200)
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=400)
 
     # The JSON schema (GET /openapi.json) states what is accepted: a string, null or parts.
     @field_validator("content", mode="before", json_schema_input_type=str | None | list[TextPart])
@@ -63,8 +92,33 @@ class ChatMessage(BaseModel):
             return "".join(texts)
         return value
 
-    def as_openai(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    @model_validator(mode="before")
+    @classmethod
+    def _content_given(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "content" not in value and not value.get("tool_calls"):
+            raise ValueError("content is required (it may be absent only beside tool_calls)")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("tool_call_id belongs to tool messages only")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages only")
+        return self
+
+    def as_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            out["content"] = self.content or None  # OpenAI's null content beside calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ToolCallSpec(BaseModel):
@@ -92,6 +146,11 @@ class TurnInput(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=100_000)
     kind: str = "orchestrate"
     tool_calls: list[ToolCallSpec] = Field(default_factory=list)
+    #: Request parameters sent to the model as given (temperature, stop, n, a client's
+    #: ``tools`` and ``tool_choice``…): the OpenAI wire forwards its caller's.
+    model_params: dict[str, Any] = Field(default_factory=dict)
+    #: Whether the server's own tools are offered to the model (the agent loop).
+    server_tools: bool = True
 
 
 @dataclasses.dataclass
@@ -100,12 +159,12 @@ class TurnContext:
 
     request_id: str
     conversation_id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     trace: bool
     model: str
     max_tokens: int | None
     kind: str
-    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     route: str | None = None
     #: Tool calls the request named directly (run by the tool harness).
     tool_calls: list[ToolCallSpec] = dataclasses.field(default_factory=list)
@@ -113,6 +172,11 @@ class TurnContext:
     tool_context: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     #: True when the conversation id was made for this turn: there is no history to load.
     new_conversation: bool = False
+    #: Request parameters forwarded to the model unchanged (see :class:`TurnInput`); with
+    #: ``tools`` in them the model's tool calls are the client's to run.
+    model_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Whether the server's own tools are offered (never, beside a client's ``tools``).
+    server_tools: bool = True
     _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def next_stream_id(self) -> int:

@@ -214,6 +214,8 @@ class StreamingOrchestrator:
             kind=turn_input.kind,
             tool_calls=list(turn_input.tool_calls),
             new_conversation=turn_input.conversation_id is None,
+            model_params=dict(turn_input.model_params),
+            server_tools=turn_input.server_tools,
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()

@@ -324,7 +324,8 @@ async def test_chat_completions_not_streamed(client: TestClient) -> None:
     assert body["object"] == "chat.completion"
     assert body["model"] == MODEL
     (choice,) = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": answer(messages)}
+    assert choice["message"] == {"role": "assistant", "content": answer(messages),
+                                 "refusal": None}
     assert choice["finish_reason"] == "stop"
     tokens = len(compose_answer(MODEL, messages))
     assert body["usage"] == {
