@@ -163,6 +163,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                                     schema={"type": "object"})}),
     Operation("GET", "/v1/models", "The models a turn may name (OpenAI's list)", "openai",
               responses={200: _json("`{object: list, data: [{id, object, created, owned_by}]}`")}),
+    Operation("GET", "/v1/models/{model}", "One model (OpenAI's model object)", "openai",
+              params=(Param("model", "path", {"type": "string"}, "a model id, e.g. `offline`",
+                            required=True),),
+              responses={200: _json("`{id, object: model, created, owned_by}`"),
+                         404: _json("unknown model (`model_not_found`)")}),
     Operation("GET", "/v1/ws", "WebSocket: chat turns and their updates", "websocket",
               description="Upgrade to a WebSocket. Client messages: `WsChat` (starts a turn) "
                           "and `WsCancel`; the server sends `response_id`, `update` (a turn "
