@@ -9,8 +9,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator
 from typing import Any
@@ -41,9 +45,19 @@ from api.native import (
     roundtable,
 )
 from api.openai import chat_completions, list_models
-from api.ops import healthz, index_page, list_tools, speech_providers
+from api.ops import (
+    METRICS,
+    access_log,
+    add_metrics,
+    healthz,
+    index_page,
+    list_tools,
+    speech_providers,
+)
 from api.ws import websocket
 from core.config import Settings
+from core.errors import PipelineError, StoreError
+from core.logs import configure as configure_logs
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider
@@ -113,6 +127,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        taps=[app[METRICS].tap],
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -134,9 +149,13 @@ async def drain_turns(app: web.Application) -> None:
 def create_app(settings: Settings | None = None) -> web.Application:
     """Build the application; resources start and stop with it (``cleanup_ctx``)."""
     settings = settings or Settings()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[
+        access_log,  # outermost: it sees the final status of every request
+        json_errors,
+    ])
     app[SETTINGS] = settings
     app[CLIENTS] = ClientStats()
+    add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
     app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
@@ -156,30 +175,86 @@ def create_app(settings: Settings | None = None) -> web.Application:
 
 
 async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return."""
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return.
+
+    Raises:
+        StartupError: the server could not start (port taken, store locked, …): the
+            message says what to do.
+    """
     app = create_app(settings)
     # handler_cancellation: notice a dropped client at once, not at the next write.
     runner = web.AppRunner(app, handler_cancellation=True, handle_signals=False,
                            shutdown_timeout=settings.shutdown_grace_s + 5, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # close what did start (the store's lock)
+            app.freeze()
+            await app.cleanup()
+        raise _startup_failure(exc, settings) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
         site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _startup_failure(exc, settings) from exc
         host, port = runner.addresses[0][:2]
-        print(f"serving on http://{host}:{port} (db {settings.db_path}, "
-              f"model {'offline' if settings.offline else app[PROVIDER].name})", flush=True)
+        log.info("serving on http://%s:%s (db %s, model %s)", host, port, settings.db_path,
+                 "offline" if settings.offline else app[PROVIDER].name)
         await stop.wait()
-        print("stopping: no new requests; draining running turns", flush=True)
+        log.info("stopping: no new requests; draining running turns")
     finally:
         await runner.cleanup()
-    print("stopped cleanly", flush=True)
+    log.info("stopped cleanly")
+
+
+class StartupError(PipelineError):
+    """The server cannot start; the message says why and what to do (no traceback)."""
+
+
+def _startup_failure(exc: BaseException, settings: Settings) -> StartupError:
+    if isinstance(exc, StartupError):
+        return exc
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return StartupError(f"port {settings.port} on {settings.host} is already in use (another "
+                            "server?): stop it, or choose another port with PORT=… or --port")
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return StartupError(f"not allowed to listen on {where} (ports below 1024 need root): "
+                            "choose another port with PORT=… or --port")
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME):
+        return StartupError(f"cannot listen on {settings.host!r}: not an address of this machine; "
+                            "set HOST=… or --host (e.g. 127.0.0.1 or 0.0.0.0)")
+    if isinstance(exc, StoreError):
+        text = str(exc)
+        if "lock" in text.lower():
+            pid = re.search(r"PID (\d+)", text)
+            holder = f"process {pid.group(1)}" if pid else "another process"
+            return StartupError(
+                f"the event store {settings.db_path} is held by {holder} (another server on the "
+                "same file?): stop it, or use another file with DB_PATH=… or --db")
+        return StartupError(f"{text.splitlines()[0]}; check DB_PATH (or --db) and its folder")
+    return StartupError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                        "(LOG_LEVEL=DEBUG shows the traceback)")
+
+
+def _describe_invalid(exc: ValidationError) -> str:
+    """One short clause per invalid setting, named as its environment variable."""
+    parts = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"][:1]).upper() or "settings"
+        got = repr(error.get("input"))
+        parts.append(f"{name}: {error['msg']} (got {got[:60]})")
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``python server.py [--host H] [--port P] [--db FILE]``; exit 0 after a clean stop,
+    1 when the server cannot start, 2 for invalid settings."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
@@ -192,15 +267,21 @@ def main(argv: list[str] | None = None) -> int:
         overrides["port"] = args.port
     if args.db is not None:
         overrides["db_path"] = args.db
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "aiohttp.access"):  # one line per model call is noise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        fallback = os.environ.get("LOG_FORMAT", "text").lower()
+        configure_logs(fmt="json" if fallback == "json" else "text")
+        log.error("invalid settings: %s. Fix the variable (or flag) and start again.",
+                  _describe_invalid(exc))
         return 2
-    asyncio.run(serve(settings))
+    configure_logs(level=settings.log_level, fmt=settings.log_format)
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        log.debug("the cause", exc_info=exc.__cause__)
+        return 1
     return 0
 
 
