@@ -58,6 +58,7 @@ from api.ws import websocket
 from core.config import Settings
 from core.errors import PipelineError, StoreError
 from core.logs import configure as configure_logs
+from pipeline.cli import main as pipeline_main
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider
@@ -252,10 +253,11 @@ def _describe_invalid(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """``python server.py [--host H] [--port P] [--db FILE]``; exit 0 after a clean stop,
     1 when the server cannot start, 2 for invalid settings."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
     parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
@@ -283,6 +285,35 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("the cause", exc_info=exc.__cause__)
         return 1
     return 0
+
+
+#: The commands of ``python -m pipeline`` that ``agentflow`` passes on.
+PIPELINE_COMMANDS = ("query", "export", "report", "sql")
+CLI_USAGE = """usage: agentflow {serve,query,export,report,sql} ...
+
+  serve    run the server (python server.py): --host, --port, --db, or HOST, PORT, DB_PATH
+  query    one read-only SQL statement on the event store (python -m pipeline query)
+  export   export closed requests to the Parquet lake (python -m pipeline export)
+  report   an HTML or PNG report with charts (python -m pipeline report)
+  sql      an interactive SQL prompt on the event store (python -m pipeline sql)
+
+'agentflow COMMAND --help' tells more."""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The ``agentflow`` console script (``[project.scripts]``): ``serve`` runs
+    :func:`main`; the analysts' commands are ``python -m pipeline``'s (:mod:`pipeline.cli`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(CLI_USAGE, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return main(rest, prog="agentflow serve")
+    if command in PIPELINE_COMMANDS:
+        return pipeline_main([command, *rest])
+    print(f"agentflow: unknown command {command!r}\n\n{CLI_USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
