@@ -16,11 +16,12 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 from pydantic import ValidationError
+from reactivex import Observer
 
 from api.analytics import ANALYTICS, Analytics, add_analytics_routes
 from api.common import (
@@ -57,7 +58,9 @@ from api.ops import (
 from api.ws import websocket
 from core.config import Settings
 from core.errors import PipelineError, StoreError
+from core.events import Event
 from core.logs import configure as configure_logs
+from core.turn import TurnContext
 from pipeline.cli import main as pipeline_main
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator
@@ -121,14 +124,44 @@ async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[st
     return models
 
 
+Tap = Callable[[TurnContext], Observer[Event]]
+TAPS: web.AppKey[list[Tap]] = web.AppKey("taps")
+
+
+async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The turn taps: metrics always, OpenTelemetry traces when OTEL_EXPORTER_OTLP_ENDPOINT
+    is set (exported on stop, after the turns drained)."""
+    settings = app[SETTINGS]
+    taps: list[Tap] = [app[METRICS].tap]
+    app[TAPS] = taps
+    endpoint = settings.otel_exporter_otlp_endpoint
+    if not endpoint:
+        yield
+        return
+    try:
+        from sinks.telemetry import start_tracing  # the optional `otel` extra
+    except ImportError as exc:
+        raise StartupError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed ({exc.name}): "
+            "pip install -e '.[otel]' (make install does), or unset it") from exc
+    tracing = start_tracing(endpoint=endpoint, service_name=settings.otel_service_name)
+    taps.append(tracing.tap)
+    log.info("sending traces to %s (OTLP/HTTP)", endpoint)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
+
+
 async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    taps: list[Tap] = app[TAPS]
     # The speech tools use the model endpoint's audio API through the same client.
     app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
-        taps=[app[METRICS].tap],
+        taps=taps,
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -157,7 +190,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[SETTINGS] = settings
     app[CLIENTS] = ClientStats()
     add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
-    app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
+    app.cleanup_ctx.extend([store_ctx, model_ctx, telemetry_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
