@@ -32,6 +32,7 @@ bench: install
 	$(PY) bench/store_bench.py
 	$(PY) bench/fairness_bench.py
 	$(PY) bench/fanout_bench.py
+	$(PY) bench/taps_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

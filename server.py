@@ -317,6 +317,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         log.error("cannot start: %s", exc)
         log.debug("the cause", exc_info=exc.__cause__)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        log.info("interrupted while starting")
+        return 130
+    except Exception:  # a bug: still one log line (the traceback in it, JSON with LOG_FORMAT)
+        log.exception("the server failed")
+        return 1
     return 0
 
 

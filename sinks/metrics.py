@@ -18,7 +18,7 @@ process; the global default registry would refuse the second).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -47,8 +47,9 @@ class Metrics:
             "agentflow_turns", "Finished turns, by kind (orchestrate, chat, roundtable, …) and "
             "status (completed, error, cancelled, interrupted).", ["kind", "status"],
             registry=self.registry)
-        self.events = Counter("agentflow_events", "Events produced, by type (trace ones included).",
-                              ["type"], registry=self.registry)
+        # Counted in a plain dict on the event loop (a labelled Counter's lock costs several
+        # µs per event) and exposed at scrape time by the collector below.
+        self.event_counts: dict[str, int] = {}
         self.time_to_first_token = Histogram(
             "agentflow_time_to_first_token_seconds",
             "From request_received to the turn's first text event, by model.", ["model"],
@@ -57,8 +58,9 @@ class Metrics:
             "agentflow_turn_duration_seconds", "A turn's duration (done.duration_ms), by model.",
             ["model"], buckets=DURATION_BUCKETS, registry=self.registry)
         self._state = _StateCollector()
+        self._state.add_labelled("agentflow_events", "Events produced, by type (trace ones included).",
+                                 "type", self.event_counts)
         self.registry.register(self._state)
-        self._event_children: dict[str, Counter] = {}
 
     def tap(self, ctx: TurnContext) -> Observer[Event]:
         """The observer of one turn (pass ``tap`` to the orchestrator's ``taps``)."""
@@ -71,12 +73,6 @@ class Metrics:
     def counter(self, name: str, documentation: str, read: Callable[[], float]) -> None:
         """A counter (``name`` without ``_total``) whose running total ``read()`` gives."""
         self._state.add(name, documentation, read, counter=True)
-
-    def count_event(self, event_type: str) -> None:
-        child = self._event_children.get(event_type)
-        if child is None:
-            child = self._event_children[event_type] = self.events.labels(event_type)
-        child.inc()
 
     def render(self) -> bytes:
         """Every metric in the Prometheus text format."""
@@ -91,12 +87,17 @@ class TurnMeter(Observer[Event]):
     def __init__(self, metrics: Metrics, ctx: TurnContext) -> None:
         super().__init__()
         self._metrics = metrics
+        self._counts = metrics.event_counts
         self._ctx = ctx
         self._model = ctx.model
         self._started: float | None = None
         self._first_token = False
 
     def _on_next_core(self, event: Event) -> None:
+        kind = event.type
+        self._counts[kind] = self._counts.get(kind, 0) + 1
+        if self._first_token and kind == "text":
+            return  # the common case, kept cheap
         try:
             self._observe(event)
         except Exception:  # a failing metric must never break the turn
@@ -104,7 +105,6 @@ class TurnMeter(Observer[Event]):
 
     def _observe(self, event: Event) -> None:
         metrics = self._metrics
-        metrics.count_event(event.type)
         match event:
             case RequestReceived(ts=ts):
                 self._started = ts
@@ -134,9 +134,14 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self._reads: list[tuple[str, str, Callable[[], float], bool]] = []
+        self._labelled: list[tuple[str, str, str, Mapping[str, int]]] = []
 
     def add(self, name: str, documentation: str, read: Callable[[], float], *, counter: bool) -> None:
         self._reads.append((name, documentation, read, counter))
+
+    def add_labelled(self, name: str, documentation: str, label: str, counts: Mapping[str, int]) -> None:
+        """A counter with one label, one sample per key of ``counts``."""
+        self._labelled.append((name, documentation, label, counts))
 
     def describe(self) -> Iterable[Metric]:
         return self._families(values=False)
@@ -145,6 +150,12 @@ class _StateCollector(Collector):
         return self._families(values=True)
 
     def _families(self, *, values: bool) -> Iterator[Metric]:
+        for name, documentation, label, counts in self._labelled:
+            labelled = CounterMetricFamily(name, documentation, labels=[label])
+            if values:
+                for key, count in sorted(counts.items()):
+                    labelled.add_metric([key], count)
+            yield labelled
         for name, documentation, read, counter in self._reads:
             family: Metric
             if counter:

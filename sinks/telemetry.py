@@ -107,6 +107,8 @@ class TurnSpans(Observer[Event]):
         self._early_calls: dict[int, LlmCall] = {}
 
     def _on_next_core(self, event: Event) -> None:
+        if event.type == "text":
+            return  # the common case: no span of its own
         try:
             self._observe(event)
         except Exception:  # a failing exporter must never break the turn
