@@ -52,8 +52,8 @@ def test_the_sample_matcher_can_fail() -> None:
 
 def _as_documented(stream: str) -> str:
     """The stream as it is before the wire changes the README is written for (issue 15's
-    other half): a lone ``retry:`` block and a comment first, ``duration_ms`` a float."""
-    stream = re.sub(r"\Aretry: (\d+)\n\n: stream open\n\n", r"retry: \1\n", stream)
+    other half): a lone ``retry:`` block before the comment, ``duration_ms`` a float."""
+    stream = re.sub(r"\Aretry: (\d+)\n\n: stream open\n\n", r": stream open\n\nretry: \1\n", stream)
     return re.sub(r'("duration_ms":)(\d+)\.\d+', r"\1\2", stream)
 
 
