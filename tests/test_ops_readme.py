@@ -8,8 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.ops_server import ROOT, clean_env
 from tests.procs import free_port
 
@@ -50,13 +48,6 @@ def test_the_sample_matcher_can_fail() -> None:
     assert not pattern.fullmatch('id: 1\ndata: {"a":x,"duration_ms":12}\n\nid: 9')  # … ≥ 1 frame
 
 
-def _as_documented(stream: str) -> str:
-    """The stream as it is before the wire changes the README is written for (issue 15's
-    other half): a lone ``retry:`` block before the comment, ``duration_ms`` a float."""
-    stream = re.sub(r"\Aretry: (\d+)\n\n: stream open\n\n", r": stream open\n\nretry: \1\n", stream)
-    return re.sub(r'("duration_ms":)(\d+)\.\d+', r"\1\2", stream)
-
-
 def test_try_it_pasted_as_one_piece_prints_the_sample(tmp_path: Path) -> None:
     commands, sample = try_it()
     # On a fresh clone the block installs and runs through make; here the venv exists (and
@@ -73,10 +64,5 @@ def test_try_it_pasted_as_one_piece_prints_the_sample(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr + (tmp_path / "server.log").read_text()
     assert "serving on" in (tmp_path / "server.log").read_text()
     stream = done.stdout.strip()
-    pattern = sample_pattern(sample)
-    if pattern.fullmatch(stream):
-        return
-    if pattern.fullmatch(_as_documented(stream)):
-        pytest.xfail("the sample is written for the turn_error/retry:/duration_ms wire changes "
-                     "(issue 15); the rest of it matches the real stream")
-    pytest.fail(f"the README's sample does not match the real stream:\n{stream[:3000]}")
+    assert sample_pattern(sample).fullmatch(stream), (
+        f"the README's sample does not match the real stream:\n{stream[:3000]}")
