@@ -9,8 +9,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import pytest
-
 import server
 from sinks.store import EventStore
 from tests.ops_server import ROOT, clean_env, launch, wait_healthy
@@ -50,15 +48,16 @@ def test_agentflow_without_a_command_or_with_an_unknown_one_says_so() -> None:
     assert server.cli(["--help"]) == 0
 
 
-def test_agentflow_sql_goes_to_the_pipeline_cli(capsys: pytest.CaptureFixture[str]) -> None:
-    # `sql` is python -m pipeline's command: whatever it answers, agentflow passes it on.
-    try:
-        code = server.cli(["sql", "--help"])
-    except SystemExit as exc:
-        code = exc.code  # type: ignore[assignment]
-    captured = capsys.readouterr()
-    assert code in (0, 2)
-    assert "python -m pipeline" in captured.out + captured.err
+def test_agentflow_sql_opens_the_pipelines_prompt(tmp_path: Path) -> None:
+    db = tmp_path / "events.duckdb"
+    EventStore(db).open().close()
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, server; sys.exit(server.cli())", "sql", "--db", str(db)],
+        cwd=ROOT, env=clean_env(), input="SELECT 6 * 7 AS answer;\n", capture_output=True,
+        text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "42" in done.stdout
+    assert "usage: python -m pipeline sql" in _agentflow("sql", "--help").stdout
 
 
 def test_agentflow_serve_serves(tmp_path: Path) -> None:
