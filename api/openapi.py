@@ -196,6 +196,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               responses={200: _json("the providers")}),
     Operation("GET", "/healthz", "Liveness and the figures an operator looks at first", "ops",
               responses={200: _json("status, live turns, clients, store, tools")}),
+    Operation("GET", "/metrics", "Prometheus metrics (text format 0.0.4)", "ops",
+              responses={200: Reply("the metrics", media="text/plain", schema={"type": "string"})}),
     Operation("GET", "/", "The roundtable viewer page", "ops",
               responses={200: Reply("HTML", media="text/html", schema={"type": "string"})}),
     Operation("GET", "/openapi.json", "This document", "ops",

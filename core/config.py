@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -140,6 +140,23 @@ class Settings(BaseSettings):
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="the least severe log line printed")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: every line the server prints is one JSON object")
+    access_log: bool = Field(default=True, description="one log line per HTTP request")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318): traces on")
+    otel_service_name: str = Field(default="agentflow", description="service.name of the traces")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} \
+            else value.lower()
+
     # wire and tools
     store_storage_version: str = Field(
         default="v1.4.0", pattern=r"^(v\d+\.\d+\.\d+|latest)$",

@@ -24,12 +24,13 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar, overload
 
 import reactivex
-from reactivex import Observable
+from reactivex import Observable, Observer
 from reactivex.scheduler.eventloop import AsyncIOScheduler
 from reactivex.subject import Subject
 
 from core.errors import StoreError
 from core.events import Event
+from core.logs import bind_request_id
 from core.turn import TurnContext, TurnInput, TurnResult, new_id
 from operators import (
     ReplayLog,
@@ -74,9 +75,10 @@ class Turn:
 
     def __init__(
         self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
-        cancel: Subject[None], recorder: TurnRecorder, subject: ReplayLog[Event],
+        cancel: Subject[None], recorder: TurnRecorder, subject: ReplayLog[Event], taps: int = 0,
     ) -> None:
         self.ctx = ctx
+        self._taps = taps
         self._subject = subject
         self._recorder = recorder
         self.request_id = ctx.request_id
@@ -97,8 +99,9 @@ class Turn:
 
     @property
     def subscribers(self) -> int:
-        """How many observers follow the turn's hot stream now (recorder included)."""
-        return len(self._subject.observers)
+        """How many observers follow the turn's hot stream now (recorder included; the
+        orchestrator's ``taps``, e.g. metrics and traces, not counted)."""
+        return len(self._subject.observers) - self._taps
 
     @property
     def last_seq(self) -> int:
@@ -162,6 +165,9 @@ class StreamingOrchestrator:
         tools: The tool registry: the default sequence becomes ``(router, memory, tools,
             response)``, the tool harness running a request's direct ``tool_calls`` and the
             response harness offering the enabled tools to the model (the agent loop).
+        taps: Observers of every turn's whole stream besides the recorder (metrics, traces):
+            each factory makes one per turn, subscribed after the recorder and before any
+            client. A tap must not raise.
     """
 
     def __init__(
@@ -175,9 +181,11 @@ class StreamingOrchestrator:
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
         tools: ToolRegistry | None = None,
+        taps: Sequence[Callable[[TurnContext], Observer[Event]]] = (),
         durable_done: bool = True,
         deadline_s: float | None = None,
     ) -> None:
+        self.taps = tuple(taps)
         self.provider = provider
         self.durable_done = durable_done
         self.deadline_s = deadline_s
@@ -219,9 +227,17 @@ class StreamingOrchestrator:
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()
+        # Every line logged for this turn from here on carries its id: the harness tasks
+        # are created below, with this context copied into them.
+        bind_request_id(ctx.request_id)
+        log.info("turn started", extra={"kind": ctx.kind, "model": ctx.model,
+                                        "conversation_id": ctx.conversation_id})
 
         def finished(final: TurnResult) -> None:
             self.live.pop(ctx.request_id, None)
+            log.info("turn %s", final.status, extra={
+                "request_id": ctx.request_id, "kind": ctx.kind, "status": final.status,
+                "duration_ms": final.duration_ms, "model": final.model})
             if not result.done():
                 result.set_result(final)
 
@@ -239,8 +255,10 @@ class StreamingOrchestrator:
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
         shared.subscribe(recorder)  # first, so the store sees each event before any client
+        for tap in self.taps:
+            shared.subscribe(tap(ctx))
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
-                    subject=shared)
+                    subject=shared, taps=len(self.taps))
         self.live[ctx.request_id] = turn
         numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
