@@ -42,6 +42,7 @@ from api.native import (
 )
 from api.openai import chat_completions, list_models
 from api.ops import healthz, index_page, list_tools, speech_providers
+from api.responses import add_responses_routes
 from api.ws import websocket
 from core.config import Settings
 from pipeline.offline_model import OfflineModelServer
@@ -143,6 +144,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    add_responses_routes(app)  # /v1/responses (issue 11)
     app.router.add_get("/v1/tools", list_tools)
     app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)
