@@ -23,7 +23,7 @@ from collections.abc import AsyncGenerator, Iterable
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from reactivex import Observable
 from reactivex import operators as ops
 
@@ -39,6 +39,7 @@ from api.common import (
     parse_flag,
 )
 from api.wire import ApiError, read_body
+from core.config import Settings
 from core.errors import BufferOverflowError
 from core.events import Event
 from core.turn import ChatMessage, TurnInput
@@ -106,7 +107,7 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     tools: list[FunctionTool] = Field(default_factory=list, max_length=128)
-    tool_choice: Literal["auto", "none"] | None = None
+    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextOptions | None = None
     truncation: Literal["disabled"] | None = None
@@ -117,40 +118,109 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = None
 
 
+def client_params_supported() -> bool:
+    """Whether a turn takes the client's model parameters and tools (``TurnInput``'s
+    ``model_params``, the chat-completions half of issue 11). Without it, what would need
+    them is a 400 rather than silently dropped."""
+    return "model_params" in TurnInput.model_fields
+
+
 def _refuse_unsupported(body: ResponsesRequest) -> None:
-    """Parameters the model provider cannot take yet are a 400 naming them."""
-    for name in ("temperature", "top_p"):
-        if getattr(body, name) is not None:
-            raise ApiError(400, f"{name} is not supported by this server's model provider "
-                           "yet; leave it out", code="unsupported_parameter", param=name)
-    if body.tools:
-        raise ApiError(400, "function tools are not supported on /v1/responses yet",
-                       code="unsupported_parameter", param="tools")
+    """Parameters the model provider cannot take are a 400 naming them."""
+    if not client_params_supported():
+        for name in ("temperature", "top_p", "tools"):
+            if getattr(body, name):
+                raise ApiError(400, f"{name} is not supported by this server's model "
+                               "provider yet; leave it out", code="unsupported_parameter",
+                               param=name)
+        if isinstance(body.input, list) and any(
+                item.get("type") in ("function_call", "function_call_output") for item in body.input):
+            raise ApiError(400, "function_call items are not supported by this server's model "
+                           "provider yet", code="unsupported_input", param="input")
+    names = [tool.name for tool in body.tools]
+    if len(set(names)) != len(names):
+        raise ApiError(400, "tools: two function tools have the same name", code="invalid_body",
+                       param="tools")
+    choice = body.tool_choice
+    if isinstance(choice, dict) and (choice.get("type") != "function" or choice.get("name") not in names):
+        raise ApiError(400, "tool_choice must be auto, none, required or "
+                       '{"type": "function", "name": <one of tools>}', code="invalid_body",
+                       param="tool_choice")
+    if choice in ("required",) and not names:
+        raise ApiError(400, "tool_choice required needs tools", code="invalid_body",
+                       param="tool_choice")
     for key, value in (body.metadata or {}).items():
         if len(key) > 64 or len(value) > 512:
             raise ApiError(400, "metadata: keys are at most 64 characters, values 512",
                            code="invalid_body", param="metadata")
 
 
-def input_messages(body: ResponsesRequest) -> list[ChatMessage]:
-    """``instructions`` and ``input`` as chat messages; unsupported items are a 400."""
-    messages: list[ChatMessage] = []
+def input_messages(
+    body: ResponsesRequest, *, earlier_calls: list[dict[str, Any]] | None = None
+) -> list[ChatMessage]:
+    """``instructions`` and ``input`` as chat messages; unsupported items are a 400.
+
+    Message items become messages of their role; ``function_call`` items become an
+    assistant message's ``tool_calls`` (consecutive ones, one message), and
+    ``function_call_output`` items ``role: "tool"`` messages. An output answering a call of
+    the previous response (``earlier_calls``, its ``function_call`` output items) that the
+    input does not repeat brings that call back first, so the model sees call then result.
+    """
+    messages: list[dict[str, Any]] = []
     if body.instructions:
-        messages.append(ChatMessage(role="system", content=body.instructions))
-    if isinstance(body.input, str):
-        return [*messages, ChatMessage(role="user", content=body.input)]
-    for index, item in enumerate(body.input):
+        messages.append({"role": "system", "content": body.instructions})
+    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+    known = {str(item.get("call_id")) for item in items if item.get("type") == "function_call"}
+    earlier = {str(call["call_id"]): call for call in earlier_calls or ()}
+    for index, item in enumerate(items):
         where = f"input.{index}"
         kind = item.get("type", "message")
-        if kind != "message":
-            raise ApiError(400, f"{where}: items of type {kind!r} are not supported; "
-                           "send message items", code="unsupported_input", param=where)
-        role = item.get("role")
-        if role not in ("user", "system", "developer", "assistant"):
-            raise ApiError(400, f"{where}.role must be user, system, developer or assistant, "
-                           f"got {role!r}", code="invalid_body", param=f"{where}.role")
-        messages.append(ChatMessage(role=role, content=_text_of(item.get("content"), where)))
-    return messages
+        if kind == "message":
+            role = item.get("role")
+            if role not in ("user", "system", "developer", "assistant"):
+                raise ApiError(400, f"{where}.role must be user, system, developer or "
+                               f"assistant, got {role!r}", code="invalid_body",
+                               param=f"{where}.role")
+            messages.append({"role": role, "content": _text_of(item.get("content"), where)})
+        elif kind == "function_call":
+            _call_into(messages, _function_call(item, where))
+        elif kind == "function_call_output":
+            call_id = _string(item, "call_id", where)
+            if call_id not in known and call_id in earlier:
+                known.add(call_id)
+                _call_into(messages, _function_call(earlier[call_id], where))
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": call_id,
+                             "content": _text_of(output, f"{where}.output")})
+        else:
+            raise ApiError(400, f"{where}: items of type {kind!r} are not supported; send "
+                           "message, function_call or function_call_output items",
+                           code="unsupported_input", param=where)
+    return [ChatMessage.model_validate(message) for message in messages]
+
+
+def _string(item: dict[str, Any], name: str, where: str) -> str:
+    value = item.get(name)
+    if not isinstance(value, str) or not value:
+        raise ApiError(400, f"{where}.{name} must be a non-empty string", code="invalid_body",
+                       param=f"{where}.{name}")
+    return value
+
+
+def _function_call(item: dict[str, Any], where: str) -> dict[str, Any]:
+    """A ``function_call`` item as a chat ``tool_calls`` entry."""
+    return {"id": _string(item, "call_id", where), "type": "function",
+            "function": {"name": _string(item, "name", where),
+                         "arguments": str(item.get("arguments") or "")}}
+
+
+def _call_into(messages: list[dict[str, Any]], call: dict[str, Any]) -> None:
+    """Add a tool call to the assistant message just before, or to a new one."""
+    last = messages[-1] if messages else None
+    if last is None or last["role"] != "assistant":
+        last = {"role": "assistant", "content": ""}
+        messages.append(last)
+    last.setdefault("tool_calls", []).append(call)
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -363,23 +433,23 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: run a turn and answer in the Responses API's shape."""
     body = await read_body(request, ResponsesRequest)
     _refuse_unsupported(body)
-    messages = input_messages(body)
-    if not messages:
-        raise ApiError(400, "input must hold at least one message", code="invalid_body",
-                       param="input")
+    _checked_messages(body)  # a bad input is a 400 before anything starts
     if body.background and not body.store:
         raise ApiError(400, "background responses must be stored (store: true)",
                        code="invalid_body", param="background")
     admit(request)
     app = request.app
     model = check_model(request, body.model)
-    conversation_id = None
+    conversation_id: str | None = None
+    earlier_calls: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
-        conversation_id = await _conversation_of(request, body.previous_response_id)
-    turn = app[ORCHESTRATOR].run(TurnInput(
-        messages=messages, conversation_id=conversation_id, model=model,
-        max_tokens=body.max_output_tokens, kind="responses",
-    ))
+        conversation_id, earlier_calls = await _continued(request, body.previous_response_id)
+    turn = app[ORCHESTRATOR].run(TurnInput.model_validate({
+        "messages": _checked_messages(body, earlier_calls=earlier_calls),
+        "conversation_id": conversation_id, "model": model,
+        "max_tokens": body.max_output_tokens, "kind": "responses",
+        **_client_params(body, app[SETTINGS]),
+    }))
     response_id = response_id_of(turn.request_id)
     meta = ResponseMeta(request_id=turn.request_id,
                         base=_base(body, response_id=response_id, model=model),
@@ -403,9 +473,61 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     snapshot = _snapshot_of_live(turn, meta)
     if snapshot["status"] == "failed":
         error = snapshot.get("error") or {}
-        raise ApiError(502, str(error.get("message") or "the model call failed"),
-                       type="upstream_error", code="provider_error")
+        raise ApiError(502, f"{response_id} failed: {error.get('message') or 'the model call failed'}",
+                       type="upstream_error", code="provider_error", headers=headers)
     return web.json_response(snapshot, headers=headers)
+
+
+def _checked_messages(
+    body: ResponsesRequest, *, earlier_calls: list[dict[str, Any]] | None = None
+) -> list[ChatMessage]:
+    try:
+        messages = input_messages(body, earlier_calls=earlier_calls)
+    except ValidationError as exc:
+        problem = exc.errors()[0]
+        raise ApiError(400, f"input: {problem['msg']}", code="invalid_body",
+                       param="input") from exc
+    if not messages:
+        raise ApiError(400, "input must hold at least one item", code="invalid_body",
+                       param="input")
+    return messages
+
+
+def _client_params(body: ResponsesRequest, settings: Settings) -> dict[str, Any]:
+    """The turn's ``model_params`` (forwarded to the model as given: sampling, the client's
+    function tools in chat-completions form, ``tool_choice``) and ``server_tools`` (off
+    unless ``OPENAI_WIRE_SERVER_TOOLS``), where turns take them (see
+    :func:`client_params_supported`; otherwise :func:`_refuse_unsupported` refused them)."""
+    if not client_params_supported():
+        return {}
+    params: dict[str, Any] = {}
+    for name in ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
+                 "prompt_cache_key"):
+        value = getattr(body, name)
+        if value is not None:
+            params[name] = value
+    if body.tools:
+        params["tools"] = [
+            {"type": "function", "function": tool.model_dump(exclude={"type"}, exclude_none=True)}
+            for tool in body.tools
+        ]
+    choice = body.tool_choice
+    if isinstance(choice, dict):
+        params["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
+    elif choice is not None and body.tools:
+        params["tool_choice"] = choice
+    return {"model_params": params,
+            "server_tools": bool(getattr(settings, "openai_wire_server_tools", False))}
+
+
+async def _continued(request: web.Request, previous_id: str) -> tuple[str, list[dict[str, Any]]]:
+    """The conversation a ``previous_response_id`` continues, and that response's function
+    calls (which a ``function_call_output`` of the new input may answer)."""
+    conversation_id = await _conversation_of(request, previous_id)
+    meta = await _meta(request, previous_id)
+    snapshot = await _snapshot(request, meta)
+    calls = [item for item in snapshot["output"] if item.get("type") == "function_call"]
+    return conversation_id, calls
 
 
 async def _conversation_of(request: web.Request, previous_id: str) -> str:

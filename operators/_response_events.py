@@ -82,11 +82,12 @@ class ResponseFold:
                     "type": "response.output_text.delta", "item_id": item["id"],
                     "output_index": index, "content_index": 0, "delta": delta, "logprobs": [],
                 }))
-            case ToolCall(tool=tool, execution_id=call_id, params=params) if (
-                tool in self.function_tools and self._top(event.stream_id)
-            ):
+            case ToolCall(tool=tool, params=params) if self._client_call(event):
                 self._close_message(out, status="completed")
-                self._function_call(out, name=tool, call_id=call_id,
+                # The model's id of the call, where the event keeps it (a client call's
+                # ``call_id``); else the execution id.
+                call_id = getattr(event, "call_id", None) or event.execution_id
+                self._function_call(out, name=tool, call_id=str(call_id),
                                     arguments=json.dumps(params, separators=(",", ":")))
             case StreamEnd(stream_id=stream_id, finish_reason=reason) if self._top(stream_id):
                 if reason:
@@ -124,7 +125,7 @@ class ResponseFold:
         if self.usage["total_tokens"] or self.status != "in_progress":
             usage = {
                 "input_tokens": self.usage["input_tokens"],
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
                 "output_tokens": self.usage["output_tokens"],
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.usage["total_tokens"],
@@ -143,6 +144,11 @@ class ResponseFold:
     def _top(self, stream_id: int | None) -> bool:
         """Only the top-level streams' text is the answer (as in :class:`TurnState`)."""
         return stream_id is None or self._depths.get(stream_id, 0) == 0
+
+    def _client_call(self, event: ToolCall) -> bool:
+        """A call of one of the client's function tools (the client runs it)."""
+        client = getattr(event, "side", None) == "client" or event.tool in self.function_tools
+        return client and self._top(event.stream_id)
 
     def _emit(self, body: ResponseEvent) -> ResponseEvent:
         body["sequence_number"] = self._next
