@@ -332,10 +332,38 @@ async def test_a_function_call_and_its_output_make_a_client_tool_loop(
         model=MODEL, previous_response_id=final.id, tools=[WEATHER],  # type: ignore[list-item]
         input=[{"type": "function_call_output", "call_id": calls[0].call_id, "output": "sunny"}])
     assert follow.status == "completed"
+    assert [item.type for item in follow.output] == ["message"]
     assert follow.output_text  # the model answered after the result
-    # The server's own tools never ran for this client.
-    rows = await client.app[server.STORE].aquery(
-        "SELECT count(*) FROM tool_executions WHERE status <> 'running' AND agent <> 'client'")
+    # The model saw the call and its result in order (the call restored from the first
+    # response, since the client sent only its output).
+    store = client.app[server.STORE]
+    await store.flush()
+    [(messages,)] = await store.aquery(
+        "SELECT data->'messages' FROM events WHERE request_id = ? AND type = 'llm_call'",
+        ["req_" + follow.id.removeprefix("resp_")])
+    sent = __import__("json").loads(messages)
+    assert [m["role"] for m in sent[-2:]] == ["assistant", "tool"]
+    assert sent[-2]["tool_calls"][0]["id"] == calls[0].call_id
+    assert sent[-1] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}
+
+
+@needs_client_params
+async def test_the_servers_own_tools_never_run_for_a_responses_client(
+        sdk: AsyncOpenAI, client: TestClient) -> None:
+    workspace = client.app[server.SETTINGS].fs_base
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / "notes.txt").write_text("The launch code is 7421.")
+
+    response = await sdk.responses.create(model=MODEL, input="read the file notes.txt")
+
+    assert response.status == "completed"
+    assert "7421" not in response.output_text
+    assert [item.type for item in response.output] == ["message"]
+    store = client.app[server.STORE]
+    await store.flush()
+    rows = await store.aquery(
+        "SELECT count(*) FROM events WHERE request_id = ? AND type IN ('tool_call', 'tool_result')",
+        ["req_" + response.id.removeprefix("resp_")])
     assert rows == [(0,)]
 
 
