@@ -433,6 +433,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: run a turn and answer in the Responses API's shape."""
     body = await read_body(request, ResponsesRequest)
     _refuse_unsupported(body)
+    limit = request.app[SETTINGS].responses_max_input_items
+    if isinstance(body.input, list) and len(body.input) > limit:
+        raise ApiError(400, f"input: {len(body.input)} items; the limit is {limit} "
+                       "(RESPONSES_MAX_INPUT_ITEMS)", code="invalid_body", param="input")
     _checked_messages(body)  # a bad input is a 400 before anything starts
     if body.background and not body.store:
         raise ApiError(400, "background responses must be stored (store: true)",
@@ -463,8 +467,10 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if body.stream:
         return await _stream(
             request, _live_events(request, turn, meta, -1), headers=headers,
-            # A foreground response dies with its client, as OpenAI's; background ones run on.
-            on_disconnect=None if body.background else turn.cancel,
+            # A foreground response dies with its client, as OpenAI's (unless
+            # RESPONSES_ON_DISCONNECT=continue); background ones always run on.
+            on_disconnect=None if body.background
+            or app[SETTINGS].responses_on_disconnect == "continue" else turn.cancel,
         )
     if body.background:
         snapshot = _snapshot_of_live(turn, meta)

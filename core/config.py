@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -118,6 +119,13 @@ class Settings(BaseSettings):
     # (end of the operations settings)
 
     # -- the OpenAI wire (issue 11): add settings of that area below ------------------------
+    # responses
+    responses_max_input_items: int = Field(
+        default=2048, ge=1, description="items of a /v1/responses input; more → 400"
+    )
+    responses_on_disconnect: Literal["cancel", "continue"] = Field(
+        default="cancel", description="a foreground streamed response whose client leaves"
+    )
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------

@@ -269,6 +269,19 @@ async def test_sampling_parameters_are_refused_while_the_provider_cannot_take_th
     assert (error["code"], error["param"]) == ("unsupported_parameter", name)
 
 
+async def test_too_many_input_items_are_refused(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    client = await aiohttp_client(server.create_app(make_settings(
+        tmp_path, responses_max_input_items=2)))
+    items = [{"role": "user", "content": str(i)} for i in range(3)]
+    async with client.post("/v1/responses", json={"model": MODEL, "input": items}) as resp:
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+    assert error["param"] == "input" and "RESPONSES_MAX_INPUT_ITEMS" in error["message"]
+    async with client.post("/v1/responses", json={"model": MODEL, "input": items[:2]}) as resp:
+        assert resp.status == 200
+
+
 async def test_retrieve_errors(client: TestClient) -> None:
     async with client.get("/v1/responses/resp_nope") as resp:
         assert resp.status == 404

@@ -109,6 +109,31 @@ async def test_resume_with_starting_after_after_a_sigterm_and_a_restart(tmp_path
     assert stored.model_dump(exclude_unset=True) == everything[-1]["response"]
 
 
+async def _status_when_ended(client: AsyncOpenAI, response_id: str) -> str:
+    for _ in range(200):  # bounded poll: about 10 s
+        status = (await client.responses.retrieve(response_id)).status
+        if status not in ("queued", "in_progress"):
+            return str(status)
+        await asyncio.sleep(0.05)
+    pytest.fail(f"{response_id} still in progress")
+
+
+async def test_a_foreground_stream_dies_with_its_client_a_background_one_runs_on(
+        tmp_path: Path) -> None:
+    async with running_server(tmp_path, "d", OFFLINE_TOKEN_DELAY_MS=20) as srv, \
+            sdk(srv.base) as client:
+        ids: dict[bool, str] = {}
+        for background in (False, True):
+            async with await client.responses.create(
+                    model=MODEL, input="leave early", stream=True, background=background,
+                    max_output_tokens=200) as stream:
+                async for event in stream:
+                    ids[background] = dumped(event)["response"]["id"]
+                    break  # the client goes away after response.created
+        assert await _status_when_ended(client, ids[False]) == "cancelled"
+        assert await _status_when_ended(client, ids[True]) == "incomplete"  # ran to its limit
+
+
 # -- the Vercel AI SDK from Node --------------------------------------------------------------
 def _ai_sdk() -> Path:
     """The AI SDK installed in a cached folder under /tmp (never in the repository); skips
