@@ -62,6 +62,7 @@ class ResponseFold:
         self._next = 0
         self._depths: dict[int, int] = {}
         self._open: int | None = None  # output index of the message being written
+        self._texts: list[str] = []  # its text so far
         self._suffix = str(self.base.get("id", "resp")).removeprefix("resp_")
 
     # -- the fold ---------------------------------------------------------------------
@@ -77,7 +78,7 @@ class ResponseFold:
             case Text(stream_id=stream_id, delta=delta) if self._top(stream_id) and delta:
                 index = self._message(out)
                 item = self.output[index]
-                item["content"][0]["text"] += delta
+                self._texts.append(delta)  # joined when the part closes (no O(n²) +=)
                 out.append(self._emit({
                     "type": "response.output_text.delta", "item_id": item["id"],
                     "output_index": index, "content_index": 0, "delta": delta, "logprobs": [],
@@ -130,11 +131,14 @@ class ResponseFold:
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": self.usage["total_tokens"],
             }
+        output = copy.deepcopy(self.output)
+        if self._open is not None:
+            output[self._open]["content"][0]["text"] = "".join(self._texts)
         return {
             **self.base,
             "object": "response",
             "status": self.status,
-            "output": copy.deepcopy(self.output),
+            "output": output,
             "usage": usage,
             "error": dict(self.error) if self.error and self.status == "failed" else None,
             "incomplete_details": self.incomplete_details,
@@ -170,6 +174,7 @@ class ResponseFold:
                                 "status": "in_progress", "role": "assistant", "content": []}
         self.output.append(item)
         self._open = index
+        self._texts = []
         out.append(self._emit({"type": "response.output_item.added", "output_index": index,
                                "item": copy.deepcopy(item)}))
         part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
@@ -185,6 +190,7 @@ class ResponseFold:
         index, self._open = self._open, None
         item = self.output[index]
         part = item["content"][0]
+        part["text"] = "".join(self._texts)
         out.append(self._emit({"type": "response.output_text.done", "item_id": item["id"],
                                "output_index": index, "content_index": 0,
                                "text": part["text"], "logprobs": []}))
