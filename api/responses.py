@@ -19,7 +19,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import AsyncGenerator, Callable, Iterable
 from typing import Any, Literal
 
 from aiohttp import web
@@ -372,7 +372,7 @@ def _frame(event: ResponseEvent) -> bytes:
 
 async def _stream(
     request: web.Request, events: AsyncGenerator[ResponseEvent], *, headers: dict[str, str],
-    on_disconnect: Any = None,
+    on_disconnect: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Write Responses events as SSE. A client too slow for ``CLIENT_BUFFER_EVENTS`` or
     ``CLIENT_WRITE_TIMEOUT_S`` gets an ``error`` event (not numbered) and is cut off; it
