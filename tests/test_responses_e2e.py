@@ -109,6 +109,40 @@ async def test_resume_with_starting_after_after_a_sigterm_and_a_restart(tmp_path
     assert stored.model_dump(exclude_unset=True) == everything[-1]["response"]
 
 
+async def test_after_a_kill_9_the_response_is_failed_and_replays_to_its_end(
+        tmp_path: Path) -> None:
+    """``kill -9`` mid-response: on the next start the turn is closed as interrupted, so the
+    stored response is ``failed`` and its stream, numbered from 0 without gaps, ends with
+    ``response.failed`` (at most ``FLUSH_INTERVAL_MS`` of its events were lost)."""
+    first = await start_server(tmp_path, "first", OFFLINE_TOKEN_DELAY_MS=25,
+                               FLUSH_INTERVAL_MS=20)
+    try:
+        async with sdk(first.base) as client:
+            created = await client.responses.create(model=MODEL, input="crash", background=True,
+                                                    max_output_tokens=400)
+            async with await client.responses.retrieve(created.id, stream=True) as stream:
+                seen = 0
+                async for _ in stream:
+                    seen += 1
+                    if seen == 12:
+                        break
+            await asyncio.sleep(0.2)  # several flush intervals: the seen events are on disk
+    finally:
+        await asyncio.to_thread(first.kill)
+
+    async with running_server(tmp_path, "second") as second, sdk(second.base) as client:
+        stored = await client.responses.retrieve(created.id)
+        events = [dumped(e) async for e in await client.responses.retrieve(created.id, stream=True)]
+
+    assert stored.status == "failed" and stored.error is not None
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert len(events) > 12
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["status"] == "failed"
+    text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text and answer("crash", max_tokens=400).startswith(text)
+
+
 async def _status_when_ended(client: AsyncOpenAI, response_id: str) -> str:
     for _ in range(200):  # bounded poll: about 10 s
         status = (await client.responses.retrieve(response_id)).status
