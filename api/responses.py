@@ -267,7 +267,6 @@ async def _save_meta(store: EventStore, meta: ResponseMeta) -> None:
     def write() -> None:
         cursor = store.cursor()
         try:
-            cursor.execute(RESPONSES_SCHEMA)
             cursor.execute(
                 "INSERT OR REPLACE INTO responses VALUES (?, ?, to_timestamp(?), ?, ?)",
                 [meta.base["id"], meta.request_id, meta.base["created_at"],
@@ -283,7 +282,6 @@ async def _load_meta(store: EventStore, response_id: str) -> ResponseMeta | None
     def read() -> ResponseMeta | None:
         cursor = store.cursor()
         try:
-            cursor.execute(RESPONSES_SCHEMA)
             row = cursor.execute(
                 "SELECT request_id, base, function_tools FROM responses WHERE response_id = ?",
                 [response_id],
@@ -303,7 +301,6 @@ async def _delete_meta(store: EventStore, response_id: str) -> None:
     def delete() -> None:
         cursor = store.cursor()
         try:
-            cursor.execute(RESPONSES_SCHEMA)
             cursor.execute("DELETE FROM responses WHERE response_id = ?", [response_id])
         finally:
             cursor.close()
@@ -634,9 +631,23 @@ async def delete_response(request: web.Request) -> web.Response:
     return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
 
 
+async def _create_table(app: web.Application) -> None:
+    """The ``responses`` table, once per start (after the store opened: ``on_startup``
+    hooks run after the ``cleanup_ctx`` ones)."""
+    def create() -> None:
+        cursor = app[STORE].cursor()
+        try:
+            cursor.execute(RESPONSES_SCHEMA)
+        finally:
+            cursor.close()
+
+    await asyncio.to_thread(create)
+
+
 def add_responses_routes(app: web.Application) -> None:
     """Register the Responses wire on ``app``."""
     app[LIVE] = {}
+    app.on_startup.append(_create_table)
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{response_id}", get_response)
     app.router.add_post("/v1/responses/{response_id}/cancel", cancel_response)

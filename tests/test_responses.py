@@ -220,6 +220,16 @@ async def test_cancel_stops_a_background_response(sdk: AsyncOpenAI, client: Test
     assert caught.value.code == "not_background"
 
 
+async def test_concurrent_creates_are_all_stored(sdk: AsyncOpenAI) -> None:
+    prompts = [f"question {i}" for i in range(12)]
+    created = await asyncio.gather(*(sdk.responses.create(model=MODEL, input=p) for p in prompts))
+    retrieved = await asyncio.gather(*(sdk.responses.retrieve(r.id) for r in created))
+
+    assert [r.output_text for r in retrieved] == [answer([{"role": "user", "content": p}])
+                                                  for p in prompts]
+    assert len({r.id for r in retrieved}) == len(prompts)
+
+
 async def test_store_false_is_not_retrievable_and_delete_forgets(sdk: AsyncOpenAI) -> None:
     unstored = await sdk.responses.create(model=MODEL, input="secret", store=False)
     assert unstored.status == "completed" and unstored.store is False
