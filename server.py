@@ -41,6 +41,7 @@ from api.native import (
     roundtable,
 )
 from api.openai import chat_completions, list_models
+from api.openapi import openapi_json
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.responses import add_responses_routes
 from api.ws import websocket
@@ -59,7 +60,8 @@ log = logging.getLogger("server")
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
-                       flush_max_rows=settings.flush_max_rows)
+                       flush_max_rows=settings.flush_max_rows,
+                       storage_version=settings.store_storage_version)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
@@ -154,6 +156,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/roundtable", roundtable)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi_json)  # every route has a row in api/openapi.py
     return app
 
 

@@ -41,7 +41,7 @@ async def healthz(request: web.Request) -> web.Response:
         "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),
         "store": {"path": app[STORE].path, "events_written": stats.events_written,
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
-                  "last_flush_ms": round(stats.last_flush_ms, 3), "last_error": stats.last_error},
+                  "last_flush_ms": round(stats.last_flush_ms), "last_error": stats.last_error},
         "tools": {"enabled": [tool.name for tool in app[TOOLS].enabled()],
                   "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled],
                   "workspace": app[TOOLS].info.get("workspace")},

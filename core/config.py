@@ -116,6 +116,11 @@ class Settings(BaseSettings):
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
+    # wire and tools
+    store_storage_version: str = Field(
+        default="v1.4.0", pattern=r"^(v\d+\.\d+\.\d+|latest)$",
+        description="DuckDB storage format of a new store file (v1.4.0: read by DuckDB >= 1.4 tools)",
+    )
     # (end of the operations settings)
 
     # -- the OpenAI wire (issue 11): add settings of that area below ------------------------

@@ -14,11 +14,28 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 StreamStatus: TypeAlias = Literal["ok", "error", "cancelled"]
 DoneReason: TypeAlias = Literal["completed", "error", "cancelled", "interrupted"]
 Visibility: TypeAlias = Literal["public", "trace"]
+
+
+def whole_ms(value: Any) -> Any:
+    """Round a float of milliseconds to a whole number (events stored before durations
+    were integers hold floats such as ``354.006``); anything else is left to pydantic."""
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return round(value)
+    return value
+
+
+#: Whole milliseconds: every ``*_ms`` field on the wire is an integer (typed clients decode
+#: an ``int``); a float read back from an older store is rounded.
+Millis: TypeAlias = Annotated[int, BeforeValidator(whole_ms)]
+
+#: The ``type`` of the turn-level error event. Not ``error``: a native frame ``event: error``
+#: fires EventSource's own ``onerror`` handler (browsers, Node's ``eventsource``).
+TURN_ERROR: Final = "turn_error"
 
 
 class EventBase(BaseModel):
@@ -73,7 +90,7 @@ class ToolResult(EventBase):
     ok: bool
     data: Any = None
     error: str | None = None
-    duration_ms: float = 0.0
+    duration_ms: Millis = 0
 
 
 class TokenUsage(EventBase):
@@ -102,9 +119,9 @@ class StreamEnd(EventBase):
 
 
 class ErrorEvent(EventBase):
-    """A failure; the turn still closes its streams and sends ``done``."""
+    """A failure (wire type ``turn_error``); the turn still closes its streams and sends ``done``."""
 
-    type: Literal["error"] = "error"
+    type: Literal["turn_error"] = "turn_error"
     stream_id: int | None = None
     error: str
     retryable: bool = False
@@ -115,7 +132,7 @@ class Done(EventBase):
 
     type: Literal["done"] = "done"
     ok: bool
-    duration_ms: float
+    duration_ms: Millis
     reason: DoneReason
 
 
@@ -161,6 +178,9 @@ Event: TypeAlias = Annotated[
 ]
 
 EVENT_ADAPTER: Final[TypeAdapter[Event]] = TypeAdapter(Event)
+
+#: An alias that says what the event is, beside its historical class name.
+TurnError = ErrorEvent
 
 #: Event types shown to clients only when they ask for ``trace: true``; always stored.
 TRACE_TYPES: Final[frozenset[str]] = frozenset({"llm_call", "route", "memory"})

@@ -6,9 +6,10 @@ import dataclasses
 import itertools
 import time
 import uuid
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NotRequired, TypeAlias
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import TypedDict  # pydantic wants it on Python < 3.12
 
 from core.events import (
     Done,
@@ -29,6 +30,13 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
+class TextPart(TypedDict):
+    """One of OpenAI's content parts; only ``text`` parts are accepted."""
+
+    type: Literal["text"]
+    text: NotRequired[str]
+
+
 class ChatMessage(BaseModel):
     """One chat message; ``content`` may be OpenAI's list of text parts."""
 
@@ -37,7 +45,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str  # required; null (as OpenAI allows for assistant messages) reads as ""
 
-    @field_validator("content", mode="before")
+    # The JSON schema (GET /openapi.json) states what is accepted: a string, null or parts.
+    @field_validator("content", mode="before", json_schema_input_type=str | None | list[TextPart])
     @classmethod
     def _flatten(cls, value: Any) -> Any:
         if value is None:
@@ -47,7 +56,10 @@ class ChatMessage(BaseModel):
             for part in value:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise ValueError("only text content parts are supported")
-                texts.append(str(part.get("text", "")))
+                text = part.get("text", "")
+                if not isinstance(text, str):  # refused, not stringified (e.g. "None", "{}")
+                    raise ValueError("a text part's text must be a string")
+                texts.append(text)
             return "".join(texts)
         return value
 
@@ -122,8 +134,8 @@ class TurnResult(BaseModel):
     model: str
     finish_reason: str | None = None
     usage: TurnUsage = Field(default_factory=TurnUsage)
-    duration_ms: float | None = None
-    first_token_ms: float | None = None
+    duration_ms: int | None = None
+    first_token_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -144,8 +156,8 @@ class TurnState:
     depths: dict[int, int] = dataclasses.field(default_factory=dict)
     finish_reason: str | None = None
     usage: TurnUsage = dataclasses.field(default_factory=TurnUsage)
-    first_token_ms: float | None = None
-    duration_ms: float | None = None
+    first_token_ms: int | None = None
+    duration_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -157,7 +169,7 @@ class TurnState:
                 if self.depths.get(stream_id, 0) == 0:
                     self.parts.append(delta)
                 if self.first_token_ms is None:
-                    self.first_token_ms = round((event.ts - self.started) * 1000, 3)
+                    self.first_token_ms = round((event.ts - self.started) * 1000)
             case StreamStart(stream_id=stream_id, depth=depth):
                 self.depths[stream_id] = depth
             case StreamEnd(stream_id=stream_id, finish_reason=reason):

@@ -33,7 +33,7 @@ def to_chat_chunks(
     - ``done`` becomes a final chunk per choice with ``finish_reason`` (the model's, from
       the choice's last ``stream_end``; ``"stop"`` when none was given), then, when
       ``include_usage``, a chunk with ``choices: []`` and the summed ``token_usage``;
-    - an ``error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
+    - a ``turn_error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
       an ``APIError`` in the client's loop; no finish or usage chunk follows it.
 
     Other events (trace, tools, brackets) produce no chunk. State lives in the

@@ -100,7 +100,7 @@ class ResponseHarness:
     finish), the assistant's calls and the tool messages are appended, and the model is
     called again (a new ``llm_call`` with the exact messages, and its own ``token_usage``).
     After ``MAX_TOOL_STEPS`` rounds a further request for tools raises
-    :class:`~pipeline.tools.ToolStepLimitError`: an ``error`` event, the stream ends
+    :class:`~pipeline.tools.ToolStepLimitError`: a ``turn_error`` event, the stream ends
     ``error``. With ``MAX_TOOL_STEPS=0`` no tools are offered, and calls of tools that were
     not offered are never run.
     """

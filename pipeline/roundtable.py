@@ -17,7 +17,7 @@ Each round is one stream per panelist (``stream_start``/``stream_end`` at depth 
 
 Context sharing: the prompt of round *k* carries the transcript of the rounds before (and,
 in sequential mode, of the earlier speakers of round *k*). A panelist that fails ends its
-own stream with an ``error`` event and status ``error``; the others go on, and ``done``
+own stream with a ``turn_error`` event and status ``error``; the others go on, and ``done``
 reports ``ok: false``. Between rounds the advisor emits an ``advisor`` event: continue
 (``gate_continue``) or end early (``end_early``, when every panelist of the round failed).
 """

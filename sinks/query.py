@@ -342,7 +342,7 @@ class QueryResult:
             "rows": [[json_safe(value) for value in row] for row in self.rows],
             "row_count": len(self.rows),
             "truncated": self.truncated,
-            "elapsed_ms": round(self.elapsed_ms, 3),
+            "elapsed_ms": round(self.elapsed_ms),  # whole ms, as every *_ms on the wire
         }
 
     def to_csv(self) -> str:

@@ -3,7 +3,8 @@
 Frames are built as bytes in one place. The native frame is ``id: <seq>`` /
 ``event: <type>`` / ``data: <one-line JSON>``; JSON never holds a raw CR or LF, the type
 is one of our literals and the id an int, so event data can never break the framing.
-Comments are stripped of line breaks for the same reason.
+Comments are stripped of line breaks for the same reason. Reconnection advice
+(``retry:``) is a line of the first event's frame (:func:`event_frame`), never a block alone.
 """
 
 from __future__ import annotations
@@ -24,10 +25,15 @@ SSE_HEADERS: Mapping[str, str] = {
 }
 
 
-def event_frame(event: EventBase) -> bytes:
-    """The native frame of a numbered event."""
+def event_frame(event: EventBase, *, retry_ms: int | None = None) -> bytes:
+    """The native frame of a numbered event; with ``retry_ms``, a ``retry:`` line in it.
+
+    ``retry:`` rides inside a real event's block, never alone: httpx-sse dispatches a lone
+    ``retry:`` block as an event with empty data (its ``sse.json()`` then fails).
+    """
     kind = getattr(event, "type")  # noqa: B009 - every concrete event has a literal type
-    return f"id: {event.seq}\nevent: {kind}\ndata: {event.model_dump_json()}\n\n".encode()
+    retry = "" if retry_ms is None else f"retry: {int(retry_ms)}\n"
+    return f"{retry}id: {event.seq}\nevent: {kind}\ndata: {event.model_dump_json()}\n\n".encode()
 
 
 def data_frame(payload: str) -> bytes:
@@ -39,11 +45,6 @@ def comment_frame(text: str) -> bytes:
     """A comment line: ignored by clients, keeps proxies from closing idle streams."""
     clean = text.replace("\r", " ").replace("\n", " ")
     return f": {clean}\n\n".encode()
-
-
-def retry_frame(milliseconds: int) -> bytes:
-    """Reconnection advice for EventSource clients."""
-    return f"retry: {int(milliseconds)}\n\n".encode()
 
 
 async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> web.StreamResponse:

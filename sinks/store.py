@@ -58,8 +58,8 @@ CREATE TABLE IF NOT EXISTS requests (
     status            VARCHAR   NOT NULL,   -- running, completed, cancelled, error, interrupted
     started_at        TIMESTAMP NOT NULL,
     finished_at       TIMESTAMP,
-    duration_ms       DOUBLE,
-    first_token_ms    DOUBLE,               -- from start to the first text event
+    duration_ms       BIGINT,               -- whole milliseconds
+    first_token_ms    BIGINT,               -- from start to the first text event, whole ms
     model             VARCHAR,
     prompt_tokens     BIGINT,
     completion_tokens BIGINT,
@@ -93,9 +93,68 @@ CREATE TABLE IF NOT EXISTS tool_executions (
     error           VARCHAR,                -- the refusal or failure, when not
     started_at      TIMESTAMP NOT NULL,
     finished_at     TIMESTAMP,
-    duration_ms     DOUBLE
+    duration_ms     BIGINT                  -- whole milliseconds
 );
 """
+
+#: The DuckDB storage format new store files are written in, on purpose: ``v1.4.0`` (file
+#: version 67) opens in every DuckDB tool from the 1.4 LTS line on — the ``duckdb-cli`` 1.5.x a
+#: user installs today reads file versions 64–68, and the bundled duckdb 2.x writes 69 by
+#: default. An existing file keeps the version it was created with. ``STORE_STORAGE_VERSION``.
+DEFAULT_STORAGE_VERSION: Final[str] = "v1.4.0"
+
+#: Columns the docs call ``*_ms``: whole milliseconds (``BIGINT``); files created before were
+#: ``DOUBLE`` and are migrated when the store opens.
+MS_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("requests", "duration_ms"), ("requests", "first_token_ms"), ("tool_executions", "duration_ms"),
+)
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Bring a store file written by an older version up to :data:`SCHEMA`; returns what it did.
+
+    - ``*_ms`` columns of type ``DOUBLE`` become ``BIGINT`` (rounded);
+    - events of the old turn-level type ``error`` become ``turn_error`` (column and JSON).
+
+    Idempotent and cheap when there is nothing to do; run inside the store's open.
+    """
+    done: list[str] = []
+    for table, column in MS_COLUMNS:
+        row = con.execute(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?",
+            [table, column]).fetchall()
+        if row and row[0][0] != "BIGINT":
+            con.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT "
+                        f"USING CAST(round({column}) AS BIGINT)")
+            done.append(f"{table}.{column}: {row[0][0]} -> BIGINT")
+    (legacy,) = con.execute("SELECT count(*) FROM events WHERE type = 'error'").fetchall()[0]
+    if legacy:
+        con.execute("""UPDATE events SET type = 'turn_error',
+                       data = json_merge_patch(data, '{"type": "turn_error"}')
+                       WHERE type = 'error'""")
+        done.append(f"events: {legacy} of type 'error' -> 'turn_error'")
+    return done
+
+
+def create_file(path: str, *, storage_version: str = DEFAULT_STORAGE_VERSION) -> bool:
+    """Create an empty DuckDB file in ``storage_version`` unless ``path`` exists; True if made.
+
+    The version is a property of the file: later connections (any configuration, so other
+    code in this process can still ``duckdb.connect(path)``) keep writing it.
+    """
+    if Path(path).exists():
+        return False
+    duckdb.connect(path, config={"storage_compatibility_version": storage_version}).close()
+    return True
+
+
+def storage_version_of(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The storage version DuckDB reports for the connection's database, e.g. ``v1.4.0+``."""
+    rows = con.execute("SELECT tags['storage_version'] FROM duckdb_databases() "
+                       "WHERE database_name = current_database()").fetchall()
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
 
 _TS = pa.timestamp("us")
 
@@ -115,8 +174,8 @@ class RequestRow:
     started_at: float
     trace: bool = False
     finished_at: float | None = None
-    duration_ms: float | None = None
-    first_token_ms: float | None = None
+    duration_ms: int | None = None
+    first_token_ms: int | None = None
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -157,7 +216,7 @@ class ToolExecutionRow:
     result: str | None = None
     error: str | None = None
     finished_at: float | None = None
-    duration_ms: float | None = None
+    duration_ms: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -193,12 +252,16 @@ class EventStore:
         path: The DuckDB file (its folder is created); ``":memory:"`` for tests.
         flush_interval_ms: An event waits at most about this long before it is written.
         flush_max_rows: A batch is written as soon as this many rows wait.
+        storage_version: The DuckDB storage format of a file this store creates
+            (:data:`DEFAULT_STORAGE_VERSION`); an existing file keeps its own.
     """
 
     def __init__(
-        self, path: Path | str, *, flush_interval_ms: float = 250.0, flush_max_rows: int = 2048
+        self, path: Path | str, *, flush_interval_ms: float = 250.0, flush_max_rows: int = 2048,
+        storage_version: str = DEFAULT_STORAGE_VERSION,
     ) -> None:
         self.path = str(path)
+        self.storage_version = storage_version
         self.flush_interval_s = flush_interval_ms / 1000
         self.flush_max_rows = flush_max_rows
         self.stats = StoreStats()
@@ -213,13 +276,16 @@ class EventStore:
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> EventStore:
         """Create the file and schema and start the writer thread."""
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                create_file(self.path, storage_version=self.storage_version)
             self._con = duckdb.connect(self.path)
         except duckdb.Error as exc:
             raise StoreError(f"cannot open the event store {self.path!r}: {exc}") from exc
         self._con.execute(SCHEMA)
+        for change in migrate(self._con):
+            log.info("event store %s migrated: %s", self.path, change)
         create_views(self._con)
         harden(self._con)  # no file, network or extension access for any SQL on this store
         self._read = self._con.cursor()
