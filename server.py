@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from pydantic import ValidationError
 
 from api.analytics import ANALYTICS, Analytics, add_analytics_routes
@@ -26,11 +27,17 @@ from api.common import (
     OFFLINE,
     ORCHESTRATOR,
     PROVIDER,
+    RATE_LIMITER,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
     TOOLS,
     ClientStats,
+    RateLimiter,
+    api_keys,
+    cors_headers,
+    door,
+    is_loopback,
     json_errors,
 )
 from api.native import (
@@ -44,6 +51,7 @@ from api.openai import chat_completions, list_models
 from api.openapi import openapi_json
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.responses import add_responses_routes
+from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
 from core.config import Settings
 from pipeline.offline_model import OfflineModelServer
@@ -61,7 +69,11 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
                        flush_max_rows=settings.flush_max_rows,
-                       storage_version=settings.store_storage_version)
+                       storage_version=settings.store_storage_version,
+                       backlog_max_rows=settings.store_backlog_max_rows,
+                       retry_min_ms=settings.store_retry_min_ms,
+                       retry_max_ms=settings.store_retry_max_ms,
+                       barrier_timeout_s=settings.store_barrier_timeout_s)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
@@ -116,6 +128,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -137,8 +150,17 @@ async def drain_turns(app: web.Application) -> None:
 def create_app(settings: Settings | None = None) -> web.Application:
     """Build the application; resources start and stop with it (``cleanup_ctx``)."""
     settings = settings or Settings()
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[
+        json_errors,
+        door,  # hosts, origins, CORS preflight, API keys, announced body size (issue 10)
+    ])
     app[SETTINGS] = settings
+    app[BODY_LIMITS] = BodyLimits(max_messages=settings.max_messages,
+                                  max_json_depth=settings.max_json_depth,
+                                  body_timeout_s=settings.body_timeout_s)
+    if settings.rate_limit_rpm:
+        app[RATE_LIMITER] = RateLimiter(settings.rate_limit_rpm)
+    app.on_response_prepare.append(cors_headers)
     app[CLIENTS] = ClientStats()
     app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
@@ -160,6 +182,99 @@ def create_app(settings: Settings | None = None) -> web.Application:
     return app
 
 
+class _DoorHandler(RequestHandler):
+    """aiohttp's connection handler with a header deadline (it has none of its own): a
+    client that has not sent a whole request head ``HEADER_TIMEOUT_S`` after connecting
+    (or after its previous request ended) is disconnected (slowloris). Errors found
+    before a handler runs (a request line over 8190 bytes, bad framing) are answered in
+    the project's JSON error shape."""
+
+    __slots__ = ("_door_deadline", "_door_timer")
+
+    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(manager, **kwargs)
+        self._door_deadline = header_timeout_s
+        self._door_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._door_arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._door_disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        before = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) > before:
+            self._door_disarm()  # a whole request head arrived
+        elif self._door_timer is None and self._idle():
+            self._door_arm()  # the next request's head began on a kept-alive connection
+
+    def _idle(self) -> bool:
+        return (self._current_request is None and not self._messages
+                and self._payload_parser is None and not self._upgraded)
+
+    def _door_arm(self) -> None:
+        self._door_disarm()
+        self._door_timer = self._loop.call_later(self._door_deadline, self._door_expired)
+
+    def _door_disarm(self) -> None:
+        if self._door_timer is not None:
+            self._door_timer.cancel()
+            self._door_timer = None
+
+    def _door_expired(self) -> None:
+        self._door_timer = None
+        if self._idle() and self.transport is not None:
+            log.info("closed a connection whose request head did not arrive within %.0fs "
+                     "(HEADER_TIMEOUT_S)", self._door_deadline)
+            self.force_close()  # closes the transport
+
+    def handle_error(self, request: Any, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        if status == 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        log.info("refused a malformed request from %s: %s", request.remote, message)
+        error = ApiError(status, message or "bad request", code="bad_request")
+        json_response = web.json_response(error.body(), status=status)
+        json_response.force_close()
+        return json_response
+
+
+class _DoorSite(web.TCPSite):
+    """A TCP site whose connections are :class:`_DoorHandler` s."""
+
+    def __init__(self, runner: web.AppRunner, host: str, port: int, *,
+                 header_timeout_s: float) -> None:
+        super().__init__(runner, host, port)
+        self._header_timeout_s = header_timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        loop = asyncio.get_running_loop()
+        server = self._runner.server
+        assert server is not None
+
+        def connection() -> _DoorHandler:
+            return _DoorHandler(server, loop=loop, header_timeout_s=self._header_timeout_s,
+                                access_log=None)
+
+        self._server = await loop.create_server(connection, self._host, self._port,
+                                                reuse_address=True)
+
+
+def refuse_exposure(settings: Settings) -> str | None:
+    """Why the server must not start on this address, or None: a non-loopback address
+    without API keys serves every conversation and every tool to the network."""
+    if is_loopback(settings.host) or api_keys(settings) or settings.allow_no_auth:
+        return None
+    return (f"refusing to listen on {settings.host} without API keys: anyone who can reach it "
+            "could read every conversation and run tools; set API_KEY or API_KEYS, bind "
+            "127.0.0.1, or pass --allow-no-auth (ALLOW_NO_AUTH=true)")
+
+
 async def serve(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return."""
     app = create_app(settings)
@@ -172,7 +287,8 @@ async def serve(settings: Settings) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = _DoorSite(runner, settings.host, settings.port,
+                         header_timeout_s=settings.header_timeout_s)
         await site.start()
         host, port = runner.addresses[0][:2]
         print(f"serving on http://{host}:{port} (db {settings.db_path}, "
@@ -189,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
     parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
+    parser.add_argument("--allow-no-auth", action="store_true", default=None,
+                        help="serve a non-loopback address without API keys (ALLOW_NO_AUTH)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -197,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["port"] = args.port
     if args.db is not None:
         overrides["db_path"] = args.db
+    if args.allow_no_auth:
+        overrides["allow_no_auth"] = True
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "aiohttp.access"):  # one line per model call is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -204,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings(**overrides)
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if (why := refuse_exposure(settings)) is not None:
+        print(why, file=sys.stderr)
         return 2
     asyncio.run(serve(settings))
     return 0

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -34,7 +33,14 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 from api.wire import ApiError, read_body
 from core.config import Settings
 from sinks.lake import ExportReport, export_lake, list_lake, read_state
-from sinks.query import QueryError, QueryRefusedError, parquet_bytes, run_query, run_query_arrow
+from sinks.query import (
+    QueryError,
+    QueryRefusedError,
+    QueryResult,
+    parquet_bytes,
+    run_query,
+    run_query_arrow,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,26 +150,33 @@ async def query(request: web.Request) -> web.StreamResponse:
     fmt = _wanted_format(request, body)
     max_rows = min(body.max_rows or settings.query_max_rows, settings.query_max_rows)
     await analytics.flush()  # every event recorded before the query is in it
+    limits = {"max_rows": max_rows, "timeout_s": settings.query_timeout_s,
+              "max_bytes": settings.query_max_bytes}
     async with analytics.queries:
         con = analytics.connect()
         try:
             if fmt == "parquet":
                 table, truncated = await asyncio.to_thread(
-                    _closing(con, run_query_arrow), con, body.sql, max_rows=max_rows,
-                    timeout_s=settings.query_timeout_s)
+                    _closing(con, run_query_arrow), con, body.sql, **limits)
                 payload = await asyncio.to_thread(parquet_bytes, table)
                 return web.Response(body=payload, content_type=PARQUET_TYPE,
                                     headers=_result_headers(table.num_rows, truncated))
-            result = await asyncio.to_thread(_closing(con, run_query), con, body.sql,
-                                             max_rows=max_rows, timeout_s=settings.query_timeout_s)
+            # Fetching and serialising share the worker thread and the timeout; the rows
+            # are serialised as they are fetched, up to QUERY_MAX_BYTES.
+            result, text = await asyncio.to_thread(
+                _closing(con, _serialised), con, body.sql, fmt, **limits)
         except QueryError as exc:
             raise _api_error(exc) from exc
     headers = _result_headers(len(result.rows), result.truncated)
     if fmt == "csv":
-        text = await asyncio.to_thread(result.to_csv)
         return web.Response(text=text, content_type="text/csv", charset="utf-8", headers=headers)
-    text = await asyncio.to_thread(lambda: json.dumps(result.to_json(), separators=(",", ":")))
     return web.Response(text=text, content_type="application/json", headers=headers)
+
+
+def _serialised(con: duckdb.DuckDBPyConnection, sql: str, fmt: str, **limits: Any
+                ) -> tuple[QueryResult, str]:
+    result = run_query(con, sql, **limits)
+    return result, result.to_csv() if fmt == "csv" else result.to_json_text()
 
 
 def _result_headers(rows: int, truncated: bool) -> dict[str, str]:
@@ -206,6 +219,9 @@ async def export_file(request: web.Request) -> web.StreamResponse:
     analytics = _analytics(request)
     lake = analytics.settings.lake_dir.resolve()
     wanted = request.match_info["path"]
+    if "\x00" in wanted or not wanted.isprintable():  # NUL, control characters, surrogates
+        raise ApiError(404, f"no file {wanted[:200]!r} in the lake; GET /v1/export lists them",
+                       code="not_found", param="path")
     target = (lake / wanted).resolve()
     parts = Path(wanted).parts
     if (not target.is_relative_to(lake) or target.suffix != ".parquet"

@@ -21,9 +21,11 @@ from api.common import (
     _accepted,
     _turn_headers,
     admit,
+    admit_stream,
     check_model,
     parse_cursor,
     parse_flag,
+    path_id,
     stream_native,
 )
 from api.wire import ApiError, OrchestrateRequest, read_body
@@ -146,9 +148,10 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     before the live events, so nothing is lost or repeated while the store writes in
     batches. A finished request (also after a restart) is read from the store.
     """
-    request_id = request.match_info["request_id"]
+    request_id = path_id(request, "request_id")
     since = parse_cursor(request)
     trace = parse_flag(request, "trace")
+    admit_stream(request)
     app = request.app
     turn = app[ORCHESTRATOR].live.get(request_id)
     events: AsyncGenerator[Event | None]
@@ -180,7 +183,7 @@ async def _stored(
 
 async def request_status(request: web.Request) -> web.Response:
     """``GET /v1/requests/{id}``: status and the round (request, messages, usage, timings)."""
-    request_id = request.match_info["request_id"]
+    request_id = path_id(request, "request_id")
     round_ = await request.app[COORDINATOR].get_round(request_id)
     if round_ is None:
         raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
@@ -190,7 +193,7 @@ async def request_status(request: web.Request) -> web.Response:
 
 async def request_cancel(request: web.Request) -> web.Response:
     """``POST /v1/requests/{id}/cancel``: stop a running turn, keeping its partial answer."""
-    request_id = request.match_info["request_id"]
+    request_id = path_id(request, "request_id")
     app = request.app
     turn = app[ORCHESTRATOR].live.get(request_id)
     if turn is not None:

@@ -4,6 +4,7 @@ and the viewer page."""
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
@@ -15,6 +16,7 @@ from api.common import (
     STORE,
     TOOLS,
     WEB_ROOT,
+    api_keys,
 )
 from pipeline.tools import speech_provider_info
 
@@ -28,34 +30,43 @@ async def index_page(request: web.Request) -> web.FileResponse:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """``GET /healthz``: liveness plus the figures an operator looks at first."""
+    """``GET /healthz``: liveness plus the figures an operator looks at first. It is open
+    to anyone (no key), so it names no file system paths."""
     app = request.app
     settings = app[SETTINGS]
     stats = app[STORE].stats
-    return web.json_response({
-        "status": "ok",
+    store = app[STORE].health()
+    # A store that cannot write is not healthy (503), even before new turns are refused.
+    status = "ok" if store.writable else "degraded"
+    return web.json_response(status=200 if store.writable else 503, data={
+        "status": status,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": settings.default_model},
         "live_turns": len(app[ORCHESTRATOR].live),
         "clients": {"open": app[CLIENTS].open, "cut_off": app[CLIENTS].cut_off},
         "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),
-        "store": {"path": app[STORE].path, "events_written": stats.events_written,
+        "store": {"writable": store.writable, "accepting": store.accepting,
+                  "backlog_rows": store.backlog_rows, "backlog_max_rows": store.backlog_max_rows,
+                  "retry_in_s": store.retry_in_s, "dead_letters": store.dead_letters,
+                  "events_written": stats.events_written,
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
-                  "last_flush_ms": round(stats.last_flush_ms), "last_error": stats.last_error},
+                  "last_flush_ms": round(stats.last_flush_ms), "last_error": store.last_error},
         "tools": {"enabled": [tool.name for tool in app[TOOLS].enabled()],
-                  "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled],
-                  "workspace": app[TOOLS].info.get("workspace")},
+                  "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled]},
     })
 
 
 async def list_tools(request: web.Request) -> web.Response:
-    """``GET /v1/tools``: every tool with its parameters' JSON schema and whether it is on."""
+    """``GET /v1/tools``: every tool with its parameters' JSON schema and whether it is on;
+    the workspace folder only when API keys are configured (the caller holds one)."""
     registry = request.app[TOOLS]
-    return web.json_response({
-        "object": "list", "workspace": registry.info.get("workspace"),
-        "max_steps": registry.limits.max_steps,
+    answer: dict[str, Any] = {
+        "object": "list", "max_steps": registry.limits.max_steps,
         "data": [tool.describe() for tool in registry.tools],
-    })
+    }
+    if api_keys(request.app[SETTINGS]):  # the door let only a caller with a key in
+        answer["workspace"] = registry.info.get("workspace")
+    return web.json_response(answer)
 
 
 async def speech_providers(request: web.Request) -> web.Response:

@@ -35,8 +35,10 @@ from api.common import (
     _last_words,
     _turn_headers,
     admit,
+    admit_stream,
     check_model,
     parse_flag,
+    path_id,
 )
 from api.wire import ApiError, read_body
 from core.config import Settings
@@ -582,13 +584,14 @@ def _cursor(request: web.Request) -> int:
 async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: the response object; with ``stream=true`` its events
     after ``starting_after`` (live, or from the store, after a restart too)."""
-    response_id = request.match_info["response_id"]
+    response_id = path_id(request, "response_id")
     stream = parse_flag(request, "stream")
     after = _cursor(request)
     meta = await _meta(request, response_id)
     headers = {"X-Request-Id": meta.request_id, "X-Response-Id": response_id}
     if not stream:
         return web.json_response(await _snapshot(request, meta), headers=headers)
+    admit_stream(request)
     turn = request.app[ORCHESTRATOR].live.get(meta.request_id)
     if turn is not None:
         return await _stream(request, _live_events(request, turn, meta, after), headers=headers)
@@ -604,7 +607,7 @@ async def get_response(request: web.Request) -> web.StreamResponse:
 async def cancel_response(request: web.Request) -> web.Response:
     """``POST /v1/responses/{id}/cancel``: stop a background response (status
     ``cancelled``, the partial output kept). A finished one is answered as it is."""
-    response_id = request.match_info["response_id"]
+    response_id = path_id(request, "response_id")
     meta = await _meta(request, response_id)
     if not meta.base.get("background"):
         raise ApiError(400, "only background responses can be cancelled",
@@ -620,7 +623,7 @@ async def cancel_response(request: web.Request) -> web.Response:
 async def delete_response(request: web.Request) -> web.Response:
     """``DELETE /v1/responses/{id}``: forget the response (its turn's events stay in the
     store for analysts). A running response is cancelled first."""
-    response_id = request.match_info["response_id"]
+    response_id = path_id(request, "response_id")
     meta = await _meta(request, response_id)
     turn = request.app[ORCHESTRATOR].live.get(meta.request_id)
     if turn is not None:

@@ -8,8 +8,8 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Literal
 
-from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from aiohttp import WSMessage, WSMsgType, web
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from api.common import (
     COORDINATOR,
@@ -18,9 +18,10 @@ from api.common import (
     admit,
     check_model,
 )
-from api.wire import ApiError
+from api.wire import BODY_LIMITS, ApiError, BodyLimits, parse_json
 from core.errors import BufferOverflowError
 from pipeline.sessions import SessionCoordinator, TurnFailedError
+from sinks.sse import frame_json
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,9 @@ _WS_MESSAGE: TypeAdapter[WsChat | WsCancel] = TypeAdapter(
 async def websocket(request: web.Request) -> web.WebSocketResponse:
     """``/v1/ws``: ``{"type": "chat", "content", "session_id"?}`` starts a turn; the socket
     gets ``response_id``, then ``update`` frames, then ``complete``. ``{"type": "cancel",
-    "response_id"}`` cancels. Bad messages get an ``error`` frame; the socket stays open.
+    "response_id"}`` cancels. Bad messages (invalid JSON or fields, binary frames, a cancel
+    of an id that is not running, a refusal at the door) get an ``error`` frame; the socket
+    stays open.
     Closing the socket abandons the updates; the turns run on."""
     app = request.app
     ws = web.WebSocketResponse(heartbeat=app[SETTINGS].heartbeat_s,
@@ -62,25 +65,18 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     chats: set[asyncio.Task[None]] = set()
     try:
         async for message in ws:
-            if message.type != web.WSMsgType.TEXT:
-                continue
+            if message.type == WSMsgType.ERROR:  # e.g. over max_msg_size: aiohttp closes it
+                break
             try:
-                parsed = _WS_MESSAGE.validate_json(message.data)
+                parsed = _ws_message(request, message)
                 if isinstance(parsed, WsChat):
                     check_model(request, parsed.model)
                     admit(request)
-            except ValidationError as exc:
-                await ws.send_json({"type": "error", **ApiError(
-                    400, f"invalid message: {exc.errors()[0]['msg']}", code="invalid_message",
-                ).body()})
-                continue
+                else:
+                    _cancel(app, parsed)
+                    continue
             except ApiError as exc:
-                await ws.send_json({"type": "error", **exc.body()})
-                continue
-            if isinstance(parsed, WsCancel):
-                turn = app[ORCHESTRATOR].live.get(parsed.response_id)
-                if turn is not None:
-                    turn.cancel()
+                await ws.send_json({"type": "error", **exc.body()}, dumps=frame_json)
                 continue
             task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
             chats.add(task)
@@ -90,6 +86,28 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             task.cancel()
         await asyncio.gather(*chats, return_exceptions=True)
     return ws
+
+
+def _cancel(app: web.Application, cancel: WsCancel) -> None:
+    turn = app[ORCHESTRATOR].live.get(cancel.response_id)
+    if turn is None:
+        raise ApiError(404, f"no running response {cancel.response_id!r} to cancel",
+                       code="response_not_found", param="response_id")
+    turn.cancel()
+
+
+def _ws_message(request: web.Request, message: WSMessage) -> WsChat | WsCancel:
+    """One client message, checked like a request body (:func:`api.wire.parse_json`);
+    anything but a text frame is refused."""
+    if message.type != WSMsgType.TEXT:
+        raise ApiError(400, f"only text frames with JSON messages are accepted, got "
+                       f"{message.type.name.lower()}", code="invalid_message")
+    limits = request.app.get(BODY_LIMITS) or BodyLimits()
+    try:
+        return parse_json(message.data, _WS_MESSAGE.validate_python, limits=limits)
+    except ApiError as exc:
+        raise ApiError(400, exc.message.replace("body", "message", 1), code="invalid_message",
+                       param=exc.param) from exc
 
 
 def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
@@ -105,12 +123,13 @@ def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[Non
 async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
     handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
     await ws.send_json({"type": "response_id", "response_id": handle.response_id,
-                        "session_id": handle.session_id})
+                        "session_id": handle.session_id}, dumps=frame_json)
     note: str | None = None
     try:
         async with contextlib.aclosing(handle.updates) as updates:
             async for update in updates:
-                await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")})
+                await ws.send_json({"type": "update", "turn": update.model_dump(mode="json")},
+                                  dumps=frame_json)
     except BufferOverflowError as exc:  # this socket fell behind; the turn went on
         note = f"{exc}; GET /v1/requests/{handle.response_id} for the round"
     try:
@@ -119,7 +138,7 @@ async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, c
     except TurnFailedError as exc:
         status, error = exc.result.status, exc.result.error or note
     await ws.send_json({"type": "complete", "response_id": handle.response_id,
-                        "status": status, "error": error})
+                        "status": status, "error": error}, dumps=frame_json)
 
 
 

@@ -38,8 +38,14 @@ Printed: one table for both variants, the ratios ours/bare (p99 latency, events/
 each variant bends (the first N with p99 > 100 ms or anything lost or incomplete). No figure
 is asserted.
 
+With ``--server-env MAX_LIVE_TURNS=150`` (any setting, repeatable; ours only) the server
+sheds the excess at the door: refused turns (``503``/``429`` with ``Retry-After``) are
+counted apart ("refused", with how fast the refusal came), and every other figure is of the
+admitted turns only (issue 10).
+
 Run: ``python bench/fanout_bench.py [--streams 100,500,1000] [--max-tokens 100]
-[--token-delay-ms 50] [--ramp-s 1] [--timeout-s 45] [--external-model]``.
+[--token-delay-ms 50] [--ramp-s 1] [--timeout-s 45] [--external-model]
+[--server-env NAME=VALUE …]``.
 """
 
 from __future__ import annotations
@@ -70,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 P99_TARGET_MS = 100.0
 TRACE_SEQS = 3  # route, memory, llm_call: seq 2..4, hidden with trace false
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+REFUSED = (429, 503)  # shed at the door, with Retry-After
 
 
 # -- file descriptors ------------------------------------------------------------------------
@@ -359,11 +366,21 @@ class Phase:
 
     @property
     def incomplete(self) -> int:
-        return sum(1 for c in self.clients if c.done_seq is None)
+        return sum(1 for c in self.clients if c.done_seq is None and c.status not in REFUSED)
 
     @property
     def errors(self) -> int:
-        return sum(1 for c in self.clients if c.error is not None)
+        return sum(1 for c in self.clients if c.error is not None and c.status not in REFUSED)
+
+    @property
+    def refused(self) -> int:
+        """Turns shed at the door (503 overloaded, 429 rate limited): not errors."""
+        return sum(1 for c in self.clients if c.status in REFUSED)
+
+    def refusal_ms(self) -> float:
+        """p99 time from POST to the refusal."""
+        times = sorted(c.finished - c.started for c in self.clients if c.status in REFUSED)
+        return times[int(0.99 * (len(times) - 1))] * 1000 if times else float("nan")
 
     def bad_texts(self, tokens: int) -> int:
         return sum(1 for c in self.clients if c.done_seq is not None and c.texts != tokens)
@@ -579,6 +596,7 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
             f"{'client lag p99':>14} {'others CPU':>10} {'CPU pressure':>12}")
     print(head)
     print("-" * len(head))
+    shed = [p for p in phases if p.refused]
     for phase in phases:
         p50, p99, mx = phase.latency_ms()
         t50, tmax = phase.turn_s()
@@ -597,6 +615,11 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
           f"N × {per_turn} / ({nominal:.1f} + {args.ramp_s:g}) s. CPU: 100 % = one core. "
           "Latency: data.ts → client receipt, all events. others CPU: every other process on "
           "the machine; CPU pressure: share of the time some task waited for a core, PSI.)")
+    for phase in shed:
+        admitted = phase.n - phase.refused
+        print(f"  {phase.variant} N={phase.n}: {admitted} admitted, {phase.refused} refused at "
+              f"the door (503/429, p99 {fmt(phase.refusal_ms())} ms to the refusal); the row "
+              "above is the admitted turns only")
     print()
     print(f"{'N':>5} {'p99 ours/bare':>14} {'events/s ours/bare':>19} {'srv CPU ours/bare':>18}")
     by = {(p.variant, p.n): p for p in phases}
@@ -742,6 +765,7 @@ def main(args: argparse.Namespace) -> None:
            if k not in ("OPENAI_BASE_URL", "OPENAI_API_KEY", "DB_PATH", "FLUSH_INTERVAL_MS")}
     env["OFFLINE_TOKEN_DELAY_MS"] = f"{args.token_delay_ms:g}"
     env["PYTHONUNBUFFERED"] = "1"
+    ours_env = {**env, **dict(item.split("=", 1) for item in args.server_env)}
     servers: dict[str, Server] = {}
     model: Server | None = None
     phases: list[Phase] = []
@@ -762,7 +786,7 @@ def main(args: argparse.Namespace) -> None:
         db = tmp / "events.duckdb"
         servers["ours"] = start_process(
             "ours", [sys.executable, "server.py", "--port", str(port), "--db", str(db)],
-            env, tmp / "ours.log", port, db)
+            ours_env, tmp / "ours.log", port, db)
         print(f"fanout_bench: N in {args.streams}, {args.max_tokens} tokens every "
               f"{args.token_delay_ms:g} ms, ramp {args.ramp_s:g} s; servers ours pid "
               f"{servers['ours'].proc.pid}, bare pid {servers['bare'].proc.pid}; logs in {tmp}",
@@ -804,6 +828,8 @@ def parse_args() -> argparse.Namespace:
                         help="run the offline model in its own process (OPENAI_BASE_URL) "
                              "instead of inside our server")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, DB)")
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting for our server only, e.g. MAX_LIVE_TURNS=150 (repeatable)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()

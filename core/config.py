@@ -113,6 +113,30 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(default=None, repr=False, description="Bearer key for /v1/query, export")
 
     # -- the door and the store's trust (issue 10): add settings of that area below ----------
+    # store and upstream
+    store_backlog_max_rows: int = Field(
+        default=200_000, ge=1, description="rows kept while the store cannot write; then new turns get 503")
+    store_retry_min_ms: float = Field(default=100.0, gt=0, description="first retry of a refused write")
+    store_retry_max_ms: float = Field(default=5_000.0, gt=0, description="longest wait between retries")
+    store_barrier_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest a turn waits for the store to hold its events")
+    done_barrier: bool = Field(default=True, description="send done only once the turn's events are stored")
+    turn_deadline_s: float = Field(default=600.0, gt=0, description="longest a turn may run")
+    # the door
+    max_messages: int = Field(default=2048, ge=1, description="messages per request; more → 400")
+    max_json_depth: int = Field(default=64, ge=2, le=500, description="deeper JSON bodies → 400")
+    header_timeout_s: float = Field(default=10.0, gt=0, description="headers must arrive within it")
+    body_timeout_s: float = Field(default=30.0, gt=0, description="a body must arrive within it → 408")
+    allowed_hosts: list[str] | None = Field(
+        default=None, description="Host names answered; default: loopback names when bound there")
+    cors_origins: list[str] = Field(default_factory=list, description="origins browsers may call from")
+    api_key: str | None = Field(default=None, repr=False, description="one Bearer key for /v1/*")
+    api_keys: list[str] = Field(default_factory=list, repr=False, description="Bearer keys for /v1/*")
+    allow_no_auth: bool = Field(default=False, description="serve a non-loopback address without keys")
+    max_live_turns: int = Field(default=256, ge=1, description="running turns; more → 503")
+    max_open_streams: int = Field(default=1024, ge=1, description="open SSE streams; more → 503")
+    rate_limit_rpm: int = Field(default=0, ge=0, description="turns per minute per key or address; 0 = off")
+    query_max_bytes: int = Field(default=16_777_216, ge=1024, description="/v1/query answer size")
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------

@@ -111,6 +111,8 @@ class TurnContext:
     tool_calls: list[ToolCallSpec] = dataclasses.field(default_factory=list)
     #: Messages the tool harness adds for the model: its calls and their results.
     tool_context: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: True when the conversation id was made for this turn: there is no history to load.
+    new_conversation: bool = False
     _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def next_stream_id(self) -> int:

@@ -7,6 +7,8 @@ Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 """
 
 from operators._chat_chunks import ChatChunk, to_chat_chunks
+from operators._deadline import turn_deadline
+from operators._durable_done import durable_done
 from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
@@ -33,6 +35,7 @@ __all__ = [
     "ResponseFold",
     "TurnUpdate",
     "alongside",
+    "durable_done",
     "fold_response",
     "from_async_iterable",
     "merge_fair",
@@ -43,6 +46,7 @@ __all__ = [
     "then",
     "to_chat_chunks",
     "to_response_events",
+    "turn_deadline",
     "turn_envelope",
     "turn_updates",
     "visible",

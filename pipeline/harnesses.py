@@ -8,6 +8,7 @@ them; a harness knows *how* to do its step, the orchestrator knows *when*.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeAlias
 
@@ -17,6 +18,8 @@ from pipeline.providers import ChatProvider, Delta, Finish, Piece, ToolCallReque
 from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
+
+log = logging.getLogger(__name__)
 
 
 class Archivist(Protocol):
@@ -50,7 +53,9 @@ class MemoryHarness:
         self.limit = limit
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
-        ctx.history = await self.archivist.load_history(
+        # A conversation made for this turn has no history: no store barrier to wait for
+        # (which also lets new conversations run while the store cannot write).
+        ctx.history = [] if ctx.new_conversation else await self.archivist.load_history(
             ctx.conversation_id, limit=self.limit, exclude_request_id=ctx.request_id
         )
         yield Memory(messages_loaded=len(ctx.history))
@@ -60,16 +65,36 @@ class MemoryHarness:
 class ModelReply:
     """One model call's reply, mapped to events as it streams (the one place pieces become
     ``text`` and ``token_usage`` events); what is left to decide on is kept: the text,
-    the finish reason and the tool calls asked for."""
+    the finish reason and the tool calls asked for.
+
+    ``max_tokens`` is enforced here, whatever the upstream does: a text piece past that
+    many stops the reading, closes the model call and finishes the reply as ``length``
+    (a piece counts as a token: each delta of an OpenAI-compatible stream is about one).
+    """
 
     text: list[str] = dataclasses.field(default_factory=list)
     finish: str | None = None
     tool_calls: list[ToolCallRequest] = dataclasses.field(default_factory=list)
+    max_tokens: int | None = None
 
     async def events(self, pieces: AsyncIterator[Piece], *, stream_id: int) -> AsyncIterator[Event]:
+        try:
+            async for event in self._events(pieces, stream_id=stream_id):
+                yield event
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:  # closes the upstream HTTP stream at once
+                await aclose()
+
+    async def _events(self, pieces: AsyncIterator[Piece], *, stream_id: int) -> AsyncIterator[Event]:
+        limit = self.max_tokens
         async for piece in pieces:
             match piece:
                 case Delta(text=delta):
+                    if limit is not None and len(self.text) >= limit:
+                        log.warning("the model went on past max_tokens=%d; stopped it", limit)
+                        self.finish = "length"
+                        return
                     self.text.append(delta)
                     yield Text(stream_id=stream_id, delta=delta)
                 case Finish(reason=reason):
@@ -128,7 +153,7 @@ class ResponseHarness:
         finish: str | None = None
         steps = 0
         while True:
-            reply = ModelReply()
+            reply = ModelReply(max_tokens=ctx.max_tokens)
             pieces = (
                 self.provider.stream_chat(model=model, messages=messages,
                                           max_tokens=ctx.max_tokens, tools=offered)

@@ -253,7 +253,7 @@ class RoundtableHarness:
         yield LlmCall(stream_id=stream_id, model=model, messages=messages)
         yield StreamStart(stream_id=stream_id, agent=panelist.name, depth=1,
                           parent_stream_id=table.moderator)
-        reply = ModelReply()
+        reply = ModelReply(max_tokens=ctx.max_tokens)
         try:
             pieces = self.provider.stream_chat(model=model, messages=messages,
                                                max_tokens=ctx.max_tokens)

@@ -333,6 +333,18 @@ class QueryResult:
     rows: list[tuple[Any, ...]]
     truncated: bool
     elapsed_ms: float
+    #: Each row as JSON text, when the runner already serialised it (to bound the bytes).
+    encoded: list[str] | None = None
+
+    def to_json_text(self) -> str:
+        """:meth:`to_json` as compact JSON text (reusing the rows serialised while fetched)."""
+        if self.encoded is None or len(self.encoded) != len(self.rows):
+            return json.dumps(self.to_json(), separators=(",", ":"))
+        head = json.dumps({"columns": self.columns, "types": self.types},
+                          separators=(",", ":"))[:-1]
+        tail = json.dumps({"row_count": len(self.rows), "truncated": self.truncated,
+                           "elapsed_ms": round(self.elapsed_ms, 3)}, separators=(",", ":"))[1:]
+        return f'{head},"rows":[{",".join(self.encoded)}],{tail}'
 
     def to_json(self) -> dict[str, Any]:
         """``{"columns", "types", "rows", "row_count", "truncated", "elapsed_ms"}``, JSON-safe."""
@@ -417,11 +429,61 @@ class _Deadline:
         self._timer.cancel()
 
 
+_FETCH_ROWS = 1024
+
+
+def _fetch_rows(result: Any, *, max_rows: int, max_bytes: int | None, deadline: float,
+                timeout_s: float) -> tuple[list[tuple[Any, ...]], list[str] | None, bool]:
+    """Rows in chunks, each serialised to JSON as it comes when ``max_bytes`` is set, so
+    neither the rows held nor the time spent outgrow the limits: ``(rows, encoded,
+    cut)``, ``cut`` when the bytes ran out first."""
+    rows: list[tuple[Any, ...]] = []
+    encoded: list[str] | None = [] if max_bytes is not None else None
+    size = 0
+    while len(rows) <= max_rows:
+        chunk = result.fetchmany(_FETCH_ROWS)
+        if not chunk:
+            break
+        for row in chunk:
+            if encoded is not None and max_bytes is not None:
+                text = json.dumps([json_safe(value) for value in row], separators=(",", ":"))
+                size += len(text) + 1
+                if size > max_bytes:
+                    return rows, encoded, True
+                encoded.append(text)
+            rows.append(row)
+        if time.perf_counter() > deadline:
+            raise QueryTimeoutError(timeout_s)
+    return rows, encoded, False
+
+
+def _fetch_arrow(relation: Any, *, max_bytes: int | None, deadline: float,
+                 timeout_s: float) -> tuple[pa.Table, bool]:
+    """The relation as Arrow record batches, stopping once ``max_bytes`` are held."""
+    reader = relation.to_arrow_reader(256)
+    batches: list[pa.RecordBatch] = []
+    size = 0
+    cut = False
+    for batch in reader:
+        if max_bytes is not None and size + batch.nbytes > max_bytes:
+            fits = int((max_bytes - size) // max(1.0, batch.nbytes / max(1, batch.num_rows)))
+            if fits > 0:
+                batches.append(batch.slice(0, fits))
+            cut = True
+            break
+        size += batch.nbytes
+        batches.append(batch)
+        if time.perf_counter() > deadline:
+            raise QueryTimeoutError(timeout_s)
+    return pa.Table.from_batches(batches, schema=reader.schema), cut
+
+
 def _run(
     con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int, timeout_s: float, arrow: bool,
-    fresh_cursor: bool,
-) -> tuple[CheckedQuery, Any, list[str], list[str], float]:
+    fresh_cursor: bool, max_bytes: int | None = None,
+) -> tuple[CheckedQuery, Any, list[str], list[str], float, list[str] | None, bool]:
     started = time.perf_counter()
+    ends = started + timeout_s
     if fresh_cursor:
         with _cursor_lock:  # cursor() on a shared connection, from worker threads
             cur = con.cursor()
@@ -433,16 +495,19 @@ def _run(
         cur.execute("BEGIN TRANSACTION READ ONLY")
         began = True
         deadline = _Deadline(cur, timeout_s)
+        encoded: list[str] | None = None
         try:
             if arrow:
                 relation = cur.sql(checked.run_sql)
-                data: Any = relation.to_arrow_table()
                 columns, types = list(relation.columns), [str(t) for t in relation.types]
+                data, cut = _fetch_arrow(relation, max_bytes=max_bytes, deadline=ends,
+                                         timeout_s=timeout_s)
             else:
                 result = cur.execute(checked.run_sql)
                 columns = [d[0] for d in result.description or []]
                 types = [str(d[1]) for d in result.description or []]
-                data = result.fetchall()
+                data, encoded, cut = _fetch_rows(result, max_rows=max_rows, max_bytes=max_bytes,
+                                                 deadline=ends, timeout_s=timeout_s)
         except duckdb.InterruptException as exc:
             raise QueryTimeoutError(timeout_s) from exc
         except duckdb.Error as exc:
@@ -461,12 +526,12 @@ def _run(
             cur.close()  # rolls the read-only transaction back
         elif began:
             cur.execute("ROLLBACK")
-    return checked, data, columns, types, (time.perf_counter() - started) * 1000
+    return checked, data, columns, types, (time.perf_counter() - started) * 1000, encoded, cut
 
 
 def run_query(
     con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = 10_000, timeout_s: float = 10.0,
-    fresh_cursor: bool = True,
+    fresh_cursor: bool = True, max_bytes: int | None = None,
 ) -> QueryResult:
     """Check ``sql`` and run it read-only on a new cursor of ``con`` (blocking).
 
@@ -475,28 +540,35 @@ def run_query(
             only asked for a cursor, so any thread may call this at once.
         sql: One read-only statement.
         max_rows: At most this many rows come back; ``truncated`` says whether there were more.
-        timeout_s: The query is interrupted after this long.
+        timeout_s: The query is interrupted after this long; fetching (and, with
+            ``max_bytes``, serialising) the rows counts too.
+        max_bytes: Rows stop (``truncated``) before their JSON grows past this; they are
+            serialised as they are fetched (:meth:`QueryResult.to_json_text` reuses it).
         fresh_cursor: False runs on ``con`` itself (one thread only), so it sees ``con``'s
             temporary views (the CLI on a read-only file).
 
     Raises:
         QueryRefusedError, QueryTimeoutError, QueryError.
     """
-    checked, rows, columns, types, elapsed = _run(con, sql, max_rows=max_rows, timeout_s=timeout_s,
-                                                  arrow=False, fresh_cursor=fresh_cursor)
-    truncated = checked.limited and len(rows) > max_rows
+    checked, rows, columns, types, elapsed, encoded, cut = _run(
+        con, sql, max_rows=max_rows, timeout_s=timeout_s, arrow=False,
+        fresh_cursor=fresh_cursor, max_bytes=max_bytes)
+    truncated = cut or (checked.limited and len(rows) > max_rows)
     return QueryResult(columns=columns, types=types, rows=rows[:max_rows], truncated=truncated,
-                       elapsed_ms=elapsed)
+                       elapsed_ms=elapsed,
+                       encoded=encoded[:max_rows] if encoded is not None else None)
 
 
 def run_query_arrow(
-    con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = 10_000, timeout_s: float = 10.0
+    con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = 10_000, timeout_s: float = 10.0,
+    max_bytes: int | None = None,
 ) -> tuple[pa.Table, bool]:
-    """Like :func:`run_query`, as an Arrow table (for Parquet); returns ``(table, truncated)``."""
-    checked, table, _columns, _types, _elapsed = _run(con, sql, max_rows=max_rows,
-                                                      timeout_s=timeout_s, arrow=True,
-                                                      fresh_cursor=True)
-    truncated = checked.limited and table.num_rows > max_rows
+    """Like :func:`run_query`, as an Arrow table (for Parquet); returns ``(table, truncated)``;
+    ``max_bytes`` bounds the Arrow data held."""
+    checked, table, _columns, _types, _elapsed, _encoded, cut = _run(
+        con, sql, max_rows=max_rows, timeout_s=timeout_s, arrow=True, fresh_cursor=True,
+        max_bytes=max_bytes)
+    truncated = cut or (checked.limited and table.num_rows > max_rows)
     return table.slice(0, max_rows), truncated
 
 

@@ -5,11 +5,16 @@ Frames are built as bytes in one place. The native frame is ``id: <seq>`` /
 is one of our literals and the id an int, so event data can never break the framing.
 Comments are stripped of line breaks for the same reason. Reconnection advice
 (``retry:``) is a line of the first event's frame (:func:`event_frame`), never a block alone.
+U+2028, U+2029 and U+0085, which JSON may carry raw but line-based readers (``str.splitlines``,
+some ``iter_lines``) split on, are escaped (``\\u2028``) in every frame's JSON
+(:func:`escape_separators`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import web
 
@@ -25,6 +30,25 @@ SSE_HEADERS: Mapping[str, str] = {
 }
 
 
+_COMMENT_BREAKS = str.maketrans({"\r": " ", "\n": " ", "\u2028": " ", "\u2029": " ",
+                                 "\x85": " "})
+
+
+def escape_separators(text: str) -> str:
+    """JSON text with U+2028, U+2029 and U+0085 escaped: still the same JSON value, but no
+    line-based reader can split a frame there (JSON already escapes CR and LF)."""
+    if text.isascii():
+        return text
+    # Three scans of C speed beat one str.translate (about 20× on a typical frame).
+    return (text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029")
+            .replace("\x85", "\\u0085"))
+
+
+def frame_json(value: Any) -> str:
+    """``json.dumps`` for frames on any wire: compact, separators escaped."""
+    return escape_separators(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
 def event_frame(event: EventBase, *, retry_ms: int | None = None) -> bytes:
     """The native frame of a numbered event; with ``retry_ms``, a ``retry:`` line in it.
 
@@ -33,17 +57,19 @@ def event_frame(event: EventBase, *, retry_ms: int | None = None) -> bytes:
     """
     kind = getattr(event, "type")  # noqa: B009 - every concrete event has a literal type
     retry = "" if retry_ms is None else f"retry: {int(retry_ms)}\n"
-    return f"{retry}id: {event.seq}\nevent: {kind}\ndata: {event.model_dump_json()}\n\n".encode()
+    data = escape_separators(event.model_dump_json())
+    return f"{retry}id: {event.seq}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
 def data_frame(payload: str) -> bytes:
-    """A ``data:``-only frame (the OpenAI-compatible stream uses nothing else)."""
-    return f"data: {payload}\n\n".encode()
+    """A ``data:``-only frame (the OpenAI-compatible stream uses nothing else); ``payload``
+    is JSON (its separators are escaped here) or ``[DONE]``."""
+    return f"data: {escape_separators(payload)}\n\n".encode()
 
 
 def comment_frame(text: str) -> bytes:
     """A comment line: ignored by clients, keeps proxies from closing idle streams."""
-    clean = text.replace("\r", " ").replace("\n", " ")
+    clean = text.translate(_COMMENT_BREAKS)
     return f": {clean}\n\n".encode()
 
 
