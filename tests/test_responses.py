@@ -296,6 +296,9 @@ async def test_retrieve_errors(client: TestClient) -> None:
     async with client.get("/v1/responses/resp_nope") as resp:
         assert resp.status == 404
         assert (await resp.json())["error"]["code"] == "response_not_found"
+    async with client.get("/v1/responses/resp_" + "x" * 200) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["code"] == "invalid_id"
     async with client.post("/v1/responses", json={"model": MODEL, "input": "x"}) as resp:
         rid = (await resp.json())["id"]
     for bad in ("x", "-2", "1.5"):
