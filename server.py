@@ -63,6 +63,7 @@ from api.ops import (
     list_tools,
     speech_providers,
 )
+from api.responses import add_responses_routes
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
 from core.config import Settings
@@ -219,6 +220,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
+    add_responses_routes(app)  # /v1/responses (issue 11)
     app.router.add_get("/v1/tools", list_tools)
     app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)

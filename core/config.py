@@ -176,6 +176,13 @@ class Settings(BaseSettings):
         default="forward", description="unknown chat-completions body fields: sent on, or a 400"
     )
     openai_wire_max_n: int = Field(default=16, ge=1, le=128, description="largest n (choices)")
+    # responses
+    responses_max_input_items: int = Field(
+        default=2048, ge=1, description="items of a /v1/responses input; more → 400"
+    )
+    responses_on_disconnect: Literal["cancel", "continue"] = Field(
+        default="cancel", description="a foreground streamed response whose client leaves"
+    )
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------

@@ -14,6 +14,13 @@ from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
 from operators._panel import alongside, merge_panel
 from operators._replay_log import ReplayLog
+from operators._response_events import (
+    TERMINAL_TYPES,
+    ResponseEvent,
+    ResponseFold,
+    fold_response,
+    to_response_events,
+)
 from operators._resume import resume_after
 from operators._sequence import sequence, then
 from operators._turn_envelope import turn_envelope
@@ -21,11 +28,15 @@ from operators._turn_updates import TurnUpdate, turn_updates
 from operators._visibility import visible
 
 __all__ = [
+    "TERMINAL_TYPES",
     "ChatChunk",
     "ReplayLog",
+    "ResponseEvent",
+    "ResponseFold",
     "TurnUpdate",
     "alongside",
     "durable_done",
+    "fold_response",
     "from_async_iterable",
     "merge_fair",
     "merge_panel",
@@ -34,6 +45,7 @@ __all__ = [
     "sequence",
     "then",
     "to_chat_chunks",
+    "to_response_events",
     "turn_deadline",
     "turn_envelope",
     "turn_updates",
