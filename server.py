@@ -26,6 +26,7 @@ from api.common import (
     OFFLINE,
     ORCHESTRATOR,
     PROVIDER,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
@@ -44,9 +45,8 @@ from api.openai import chat_completions, list_models
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.ws import websocket
 from core.config import Settings
-from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.providers import OpenAIProvider
+from pipeline.provider_registry import default_model, open_registry
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
 from sinks.recovery import recover_interrupted
@@ -70,40 +70,19 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
-        if settings.offline:
-            offline = await stack.enter_async_context(
-                OfflineModelServer(token_delay_ms=settings.offline_token_delay_ms)
-            )
+        # providers and agents (issue 14): every provider of PROVIDERS plus the bundled
+        # offline ones; app[PROVIDER] is the default provider's client (speech tools use it).
+        registry = await open_registry(settings, stack)
+        app[REGISTRY] = registry
+        offline = registry.offline_server
+        if offline is not None:
             app[OFFLINE] = offline
-            base_url: str | None = offline.base_url
-            api_key: str | None = "offline"
-        else:
-            base_url, api_key = settings.openai_base_url, settings.openai_api_key
-        provider = OpenAIProvider(base_url=base_url, api_key=api_key,
-                                  timeout_s=settings.model_timeout_s,
-                                  max_retries=settings.model_max_retries,
-                                  max_connections=settings.model_max_connections)
-        stack.push_async_callback(provider.aclose)
-        app[PROVIDER] = provider
-        models = [*await _known_models(settings, provider), ROUNDTABLE_MODEL]
+        app[PROVIDER] = registry.entries[registry.default].provider
+        models = [*registry.model_ids(), ROUNDTABLE_MODEL]
         app[MODELS] = models
-        log.info("model provider %s; models %s", provider.name, ", ".join(models))
+        log.info("model providers %s (default %s); models %s", ", ".join(registry.entries),
+                 registry.default, ", ".join(models))
         yield
-
-
-async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[str]:
-    if settings.models:
-        models = list(settings.models)
-    else:
-        try:
-            models = await asyncio.wait_for(provider.list_models(), timeout=10)
-        except Exception as exc:  # a provider without /models still serves DEFAULT_MODEL
-            log.warning("could not list the provider's models (%s); offering %s only",
-                        exc, settings.default_model)
-            models = []
-    if settings.default_model not in models:
-        models.insert(0, settings.default_model)
-    return models
 
 
 async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -111,7 +90,8 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     # The speech tools use the model endpoint's audio API through the same client.
     app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
-        provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
+        provider=app[REGISTRY], store=app[STORE],
+        default_model=default_model(app[REGISTRY], settings),
         history_limit=settings.history_max_messages, tools=app[TOOLS],
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],

@@ -14,7 +14,7 @@ from api.common import (
     COORDINATOR,
     MODELS,
     ORCHESTRATOR,
-    PROVIDER,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
@@ -86,7 +86,7 @@ def start_roundtable(app: web.Application, spec: RoundtableRequest, *, kind: str
                            code="model_not_found", param="panelists")
     pacer = Pacer(window=settings.roundtable_window, paced=paced)
     harness = RoundtableHarness(
-        provider=app[PROVIDER], spec=spec, pacer=pacer,
+        provider=app[REGISTRY], spec=spec, pacer=pacer,
         memory=MemoryHarness(app[STORE], limit=settings.history_max_messages),
         max_buffer_per_panelist=settings.roundtable_max_queue,
     )

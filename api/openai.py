@@ -15,6 +15,7 @@ from api.common import (
     CLIENTS,
     MODELS,
     ORCHESTRATOR,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     _last_words,
@@ -135,13 +136,17 @@ def completion_of(chunks: list[ChatChunk]) -> dict[str, Any]:
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models a turn may name (OpenAI's list shape)."""
-    owner = "offline" if request.app[SETTINGS].offline else "upstream"
+    """``GET /v1/models``: the models a turn may name (OpenAI's list shape): every model as
+    ``provider/model``, the default provider's also bare, and ``roundtable``."""
+    registry = request.app[REGISTRY]
+
+    def owner(model: str) -> str:
+        if model == ROUNDTABLE_MODEL:
+            return "roundtable"
+        return registry.split(model)[0].name
+
     return web.json_response({
         "object": "list",
-        "data": [{"id": m, "object": "model", "created": 0, "owned_by": owner}
+        "data": [{"id": m, "object": "model", "created": 0, "owned_by": owner(m)}
                  for m in request.app[MODELS]],
     })
-
-
-

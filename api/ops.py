@@ -11,6 +11,7 @@ from api.common import (
     CLIENTS,
     ORCHESTRATOR,
     PROVIDER,
+    REGISTRY,
     SETTINGS,
     STORE,
     TOOLS,
@@ -35,7 +36,9 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({
         "status": "ok",
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
-                  "default": settings.default_model},
+                  "default": app[ORCHESTRATOR].default_model,
+                  "default_provider": app[REGISTRY].default},
+        "providers": app[REGISTRY].health(),  # issue 14: each provider's state
         "live_turns": len(app[ORCHESTRATOR].live),
         "clients": {"open": app[CLIENTS].open, "cut_off": app[CLIENTS].cut_off},
         "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),

@@ -85,7 +85,10 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "ADVISOR_NOTE",
+    "ADVISOR_PROMPT",
     "MAX_TOKENS_CAP",
+    "ROUTER_PROMPT",
     "STATS_KEY",
     "OfflineModelServer",
     "OfflineStats",
@@ -93,7 +96,9 @@ __all__ = [
     "count_prompt_tokens",
     "create_offline_app",
     "main",
+    "plan_decision",
     "plan_tool_calls",
+    "route_rule",
     "synthesize_wav",
     "transcribe_audio",
 ]
@@ -134,6 +139,7 @@ class OfflineStats:
 class _Config:
     token_delay_ms: float
     models: tuple[str, ...]
+    voice: str = ""
 
 
 STATS_KEY: web.AppKey[OfflineStats] = web.AppKey("offline_stats", OfflineStats)
@@ -227,7 +233,8 @@ def _quote(text: str, limit: int) -> list[str]:
 
 
 def compose_answer(
-    model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None
+    model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None,
+    voice: str = "",
 ) -> list[str]:
     """Compose the offline model's answer as tokens: a pure function of its arguments.
 
@@ -236,6 +243,7 @@ def compose_answer(
         messages: The full chat messages, as sent (``content`` a string, text parts or None).
         max_tokens: If given, the answer has exactly this many tokens (truncated or extended
             with hashed filler); otherwise its natural 12..40 tokens.
+        voice: A bundled offline provider's voice (see `voiced`); "" is the plain model.
 
     Returns:
         The tokens; each is one word, all but the first start with a space.
@@ -244,7 +252,7 @@ def compose_answer(
         >>> "".join(compose_answer("offline", [{"role": "user", "content": "hi"}]))[:15]
         'You said: "hi".'
     """
-    seed = _seed(model, messages)
+    seed = _seed(model, messages) if not voice else _seed(f"{model}@{voice}", messages)
     results = _tool_results(messages)
     if results:
         tokens = _tool_answer(results)
@@ -261,6 +269,8 @@ def compose_answer(
         while len(tokens) < natural:
             tokens.append(_filler(seed, len(tokens)))
         tokens[-1] += "."
+    if voice:  # the voice speaks first, so even a one-token answer differs between voices
+        tokens = [f"[{voice}]", " " + tokens[0], *tokens[1:]]
     if max_tokens is None:
         return tokens
     while len(tokens) < max_tokens:
@@ -341,6 +351,7 @@ def plan_tool_calls(
             else:
                 arguments = groups
             found.append((match.start(), tool, arguments))
+    found += _plan_agent_calls(text, offered)
     found.sort(key=lambda item: item[0])
     return [(offered[tool], arguments) for _, tool, arguments in found if tool in offered]
 
@@ -412,6 +423,88 @@ def _tool_call_deltas(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
             deltas.append({"tool_calls": [{"index": index, "function": {
                 "arguments": arguments[start:start + size]}}]})
     return deltas
+
+
+# -- router, advisor and sub-agents (issue 14) -------------------------------------------------
+
+ROUTER_PROMPT = "You are the router."
+"""The first words of a router's system prompt; the offline model then answers a decision."""
+ADVISOR_PROMPT = "You are the advisor."
+"""The first words of an advisor's system prompt; the offline model then answers a verdict."""
+ADVISOR_NOTE = "Advisor note:"
+"""How a redirect's note starts in the messages the response model gets next."""
+_DELEGATE = re.compile(r"\bdelegate to (?P<name>[A-Za-z0-9][A-Za-z0-9_\-]*)\s*:\s*(?P<task>.+)",
+                       re.I | re.S)
+_ROUNDTABLE = re.compile(r"\broundtable\b", re.I)
+_REDIRECT = re.compile(r"\bredirect\b", re.I)
+
+
+def route_rule(
+    text: str, *, routes: Sequence[str], agents: Sequence[str], tools: Sequence[str],
+) -> dict[str, str]:
+    """The deterministic routing rule (the offline router's, and the built-in router's).
+
+    ``delegate to <name>: <task>`` with a known agent → ``delegate``; the word
+    ``roundtable`` → ``roundtable``; a tool request the offline model understands (for one of
+    ``tools``, function names) → ``agent``; anything else → ``respond``. Only ``routes``
+    enabled count.
+    """
+    delegate = _DELEGATE.search(text)
+    if delegate is not None and "delegate" in routes and delegate.group("name") in agents:
+        return {"route": "delegate", "agent": delegate.group("name"),
+                "task": delegate.group("task").strip(),
+                "reason": f"the message hands a task to {delegate.group('name')}"}
+    if "roundtable" in routes and _ROUNDTABLE.search(text):
+        return {"route": "roundtable", "reason": "the message asks for the roundtable"}
+    offered = [{"type": "function", "function": {"name": name}} for name in tools]
+    planned = plan_tool_calls([{"role": "user", "content": text}], offered) if offered else []
+    if "agent" in routes and planned:
+        return {"route": "agent", "reason": "the message asks for "
+                + ", ".join(sorted({name for name, _ in planned}))}
+    return {"route": "respond", "reason": "one model answers the conversation"}
+
+
+def _listed(system: str, label: str) -> list[str]:
+    for line in system.splitlines():
+        if line.lower().startswith(label.lower() + ":"):
+            return [item.strip() for item in line.split(":", 1)[1].split(",") if item.strip()]
+    return []
+
+
+def plan_decision(messages: Sequence[Mapping[str, Any]]) -> list[str] | None:
+    """The offline router's or advisor's answer (one JSON object, as tokens), or None when
+    the request is neither (its system prompt starts with `ROUTER_PROMPT` or `ADVISOR_PROMPT`).
+
+    The router's system prompt lists ``Routes:``, ``Agents:`` and ``Tools:`` lines; its
+    decision is `route_rule` of the last user message. The advisor answers ``redirect``
+    when a user message says the word ``redirect`` and no advisor note was given yet, else
+    ``gate_continue``.
+    """
+    if not messages or messages[0].get("role") != "system":
+        return None
+    system = _flatten(messages[0].get("content"))
+    users = [_flatten(m.get("content")) for m in messages if m.get("role") == "user"]
+    if system.startswith(ROUTER_PROMPT):
+        decision: dict[str, str] = route_rule(
+            users[-1] if users else "", routes=_listed(system, "Routes"),
+            agents=_listed(system, "Agents"), tools=_listed(system, "Tools"))
+    elif system.startswith(ADVISOR_PROMPT):
+        noted = any(ADVISOR_NOTE in text for text in users)
+        asked = any(_REDIRECT.search(text) for text in users if ADVISOR_NOTE not in text)
+        decision = ({"kind": "redirect", "note": "answer again from another angle, more briefly"}
+                    if asked and not noted else {"kind": "gate_continue"})
+    else:
+        return None
+    words = json.dumps(decision, ensure_ascii=False).split(" ")
+    return [words[0], *(" " + word for word in words[1:])]
+
+
+def _plan_agent_calls(text: str, offered: Mapping[str, str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``delegate to <name>: <task>`` → a call of the offered sub-agent tool ``agent.<name>``."""
+    match = _DELEGATE.search(text)
+    if match is None or f"agent.{match.group('name')}" not in offered:
+        return []
+    return [(match.start(), f"agent.{match.group('name')}", {"task": match.group("task").strip()})]
 
 
 # -- audio ------------------------------------------------------------------------------------
@@ -570,14 +663,19 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     budget = body.max_completion_tokens or body.max_tokens
     tool_calls = _tool_call_payloads(body.model, messages, plan_tool_calls(messages, body.tools))
     tool_deltas = _tool_call_deltas(tool_calls)
-    tokens = [] if tool_calls else compose_answer(body.model, messages, max_tokens=budget)
+    decision = plan_decision(messages)  # the router's and the advisor's JSON answers
+    if decision is not None:
+        tool_calls, tool_deltas = [], []
+    tokens = [] if tool_calls else decision if decision is not None else compose_answer(
+        body.model, messages, max_tokens=budget, voice=config.voice)
     completion_tokens = len(tool_deltas) if tool_calls else len(tokens)
     usage = {
         "prompt_tokens": count_prompt_tokens(messages),
         "completion_tokens": completion_tokens,
         "total_tokens": count_prompt_tokens(messages) + completion_tokens,
     }
-    finish_reason = "tool_calls" if tool_calls else "stop" if budget is None else "length"
+    finish_reason = ("tool_calls" if tool_calls else "stop" if budget is None or decision is not None
+                     else "length")
     completion_id = "chatcmpl-" + _seed(body.model, messages).hex()[:24]
     created = int(time.time())
 
@@ -662,7 +760,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def create_offline_app(
-    *, token_delay_ms: float = 20.0, models: Sequence[str] = ("offline",)
+    *, token_delay_ms: float = 20.0, models: Sequence[str] = ("offline",), voice: str = "",
 ) -> web.Application:
     """Build the offline model's aiohttp application.
 
@@ -673,6 +771,7 @@ def create_offline_app(
         token_delay_ms: Sleep before each streamed token (the project's
             ``OFFLINE_TOKEN_DELAY_MS``).
         models: Model ids served; others get 404 ``model_not_found``.
+        voice: A voice of its own (``compose_answer``'s ``voice``): "" is the plain model.
 
     Returns:
         The application, with its `OfflineStats` under `STATS_KEY`.
@@ -686,7 +785,7 @@ def create_offline_app(
         raise ValueError("offline model: models must name at least one model")
     app = web.Application(middlewares=[_json_errors], client_max_size=AUDIO_MAX_BYTES + 65_536)
     app[STATS_KEY] = OfflineStats()
-    app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models))
+    app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models), voice=voice)
     app.router.add_get("/v1/models", _list_models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/audio/speech", _audio_speech)
@@ -717,6 +816,7 @@ class OfflineModelServer:
         token_delay_ms: float = 20.0,
         models: Sequence[str] = ("offline",),
         shutdown_timeout: float = 1.0,
+        voice: str = "",
     ) -> None:
         """Configure the server; nothing starts before ``__aenter__``.
 
@@ -727,7 +827,9 @@ class OfflineModelServer:
             models: Model ids served.
             shutdown_timeout: Seconds ``__aexit__`` lets running streams finish before they
                 are cancelled (aiohttp's default of 60 s would hold tests up).
+            voice: The answers' voice (see `create_offline_app`).
         """
+        self._voice = voice
         self._host = host
         self._port = port
         self._token_delay_ms = token_delay_ms
@@ -763,7 +865,8 @@ class OfflineModelServer:
 
     async def __aenter__(self) -> Self:
         """Start the server; the port is known when this returns."""
-        app = create_offline_app(token_delay_ms=self._token_delay_ms, models=self._models)
+        app = create_offline_app(token_delay_ms=self._token_delay_ms, models=self._models,
+                                 voice=self._voice)
         runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout
         )
