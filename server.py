@@ -49,6 +49,7 @@ from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.provider_registry import default_model, open_registry
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
+from pipeline.wiring import agent_options
 from sinks.recovery import recover_interrupted
 from sinks.store import EventStore
 
@@ -93,6 +94,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
         provider=app[REGISTRY], store=app[STORE],
         default_model=default_model(app[REGISTRY], settings),
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        **agent_options(settings, registry=app[REGISTRY], tools=app[TOOLS], store=app[STORE]),
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)

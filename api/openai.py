@@ -28,7 +28,7 @@ from api.wire import ApiError, ChatCompletionRequest, read_body
 from core.errors import BufferOverflowError
 from core.turn import TurnInput
 from operators import ChatChunk, to_chat_chunks
-from pipeline.roundtable import Panelist, RoundtableRequest, panel_names
+from pipeline.roundtable import RoundtableRequest, panel_names, panel_of
 from sinks.sse import DONE_FRAME, data_frame, open_sse
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     if body.model == ROUNDTABLE_MODEL:
         spec = RoundtableRequest(
             messages=body.messages, rounds=settings.roundtable_rounds, max_tokens=max_tokens,
-            panelists=[Panelist(name=name) for name in settings.roundtable_panel],
+            panelists=panel_of(settings.roundtable_panel),
             conversation_id=body.conversation_id,
         )
         turn, _ = start_roundtable(app, spec, kind="chat.completions", paced=False)

@@ -6,11 +6,13 @@ Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 :class:`ReplayLog`, the subject that shares a turn.
 """
 
+from operators._agent_view import agent_view
 from operators._chat_chunks import ChatChunk, to_chat_chunks
 from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
 from operators._panel import alongside, merge_panel
+from operators._price_usage import price_usage
 from operators._replay_log import ReplayLog
 from operators._resume import resume_after
 from operators._sequence import sequence, then
@@ -22,11 +24,13 @@ __all__ = [
     "ChatChunk",
     "ReplayLog",
     "TurnUpdate",
+    "agent_view",
     "alongside",
     "from_async_iterable",
     "merge_fair",
     "merge_panel",
     "number_events",
+    "price_usage",
     "resume_after",
     "sequence",
     "then",

@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar, overload
 
+import reactivex
 from reactivex import Observable
 from reactivex.subject import Subject
 
@@ -32,15 +33,19 @@ from operators import (
     ReplayLog,
     from_async_iterable,
     number_events,
+    price_usage,
     sequence,
     turn_envelope,
     visible,
 )
+from operators._price_usage import Cost
+from pipeline.agents import AgentTeam
 from pipeline.harnesses import (
     Archivist,
     Harness,
     MemoryHarness,
     ResponseHarness,
+    Reviewer,
     RouterHarness,
     ToolHarness,
 )
@@ -157,6 +162,12 @@ class StreamingOrchestrator:
         tools: The tool registry: the default sequence becomes ``(router, memory, tools,
             response)``, the tool harness running a request's direct ``tool_calls`` and the
             response harness offering the enabled tools to the model (the agent loop).
+        router: Replaces the default router (e.g. :class:`pipeline.router.ModelRouter`).
+        agents: Sub-agents offered to the response model (:mod:`pipeline.agents`).
+        advisor: Reviews each top-level answer (:mod:`pipeline.advisor`).
+        roundtable: The body of a turn the router sends to ``roundtable``: after the router,
+            it replaces memory, tools and response.
+        cost: Prices each ``token_usage`` (``cost_usd``, :func:`operators.price_usage`).
     """
 
     def __init__(
@@ -170,6 +181,11 @@ class StreamingOrchestrator:
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
         tools: ToolRegistry | None = None,
+        router: Harness | None = None,
+        agents: AgentTeam | None = None,
+        advisor: Reviewer | None = None,
+        roundtable: Callable[[TurnContext], Observable[Event]] | None = None,
+        cost: Cost | None = None,
     ) -> None:
         self.provider = provider
         self.tools = tools
@@ -178,11 +194,13 @@ class StreamingOrchestrator:
         self.agent = agent
         archivist = archivist or store or _NoHistory()
         self.harnesses: tuple[Harness, ...] = tuple(harnesses) if harnesses else (
-            RouterHarness(),
+            router or RouterHarness(),
             MemoryHarness(archivist, limit=history_limit),
             *((ToolHarness(tools),) if tools is not None else ()),
-            ResponseHarness(provider, agent=agent, tools=tools),
+            ResponseHarness(provider, agent=agent, tools=tools, agents=agents, advisor=advisor),
         )
+        self.roundtable = roundtable if not harnesses else None
+        self.cost = cost
         self.live: dict[str, Turn] = {}
 
     def run(
@@ -213,9 +231,9 @@ class StreamingOrchestrator:
             if not result.done():
                 result.set_result(final)
 
-        steps = body(ctx) if body is not None else sequence(
-            *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
-        )
+        steps = body(ctx) if body is not None else self._steps(ctx)
+        if self.cost is not None:
+            steps = steps.pipe(price_usage(self.cost))
         numbered = steps.pipe(
             turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel),
             number_events(ctx.request_id),
@@ -229,6 +247,18 @@ class StreamingOrchestrator:
         self.live[ctx.request_id] = turn
         numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
+
+    def _steps(self, ctx: TurnContext) -> Observable[Event]:
+        """The harnesses in order; with a roundtable, the router's decision picks the rest."""
+        first, *rest = (from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
+        roundtable = self.roundtable
+        if roundtable is None:
+            return sequence(first, *rest)
+
+        def after_route(_: object) -> Observable[Event]:
+            return roundtable(ctx) if ctx.route == "roundtable" else sequence(*rest)
+
+        return sequence(first, reactivex.defer(after_route))
 
     async def drain(self, *, grace_s: float) -> int:
         """Let live turns finish within ``grace_s``, then cancel the rest.
