@@ -6,7 +6,7 @@ Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 :class:`ReplayLog`, the subject that shares a turn.
 """
 
-from operators._agent_view import agent_view
+from operators._agent_view import agent_filter, agent_view
 from operators._chat_chunks import ChatChunk, to_chat_chunks
 from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
@@ -24,6 +24,7 @@ __all__ = [
     "ChatChunk",
     "ReplayLog",
     "TurnUpdate",
+    "agent_filter",
     "agent_view",
     "alongside",
     "from_async_iterable",

@@ -33,26 +33,33 @@ def agent_view(
     Example:
         >>> turn.stream.pipe(agent_view(max_depth=0))  # doctest: +SKIP
     """
-    wanted = None if agents is None else frozenset(agents)
-
     def _view(source: Observable[_E]) -> Observable[_E]:
-        if max_depth is None and wanted is None:
+        if max_depth is None and agents is None:
             return source
 
         def build(_: abc.SchedulerBase | None) -> Observable[_E]:
-            shown: dict[int, bool] = {}
-
-            def keep(event: _E) -> bool:
-                if isinstance(event, StreamStart):
-                    ok = (max_depth is None or event.depth <= max_depth) and (
-                        wanted is None or event.agent in wanted)
-                    shown[event.stream_id] = ok
-                    return ok
-                stream_id = stream_id_of(event)
-                return stream_id is None or shown.get(stream_id, True)
-
-            return source.pipe(ops.filter(keep))
+            return source.pipe(ops.filter(agent_filter(max_depth=max_depth, agents=agents)))
 
         return reactivex.defer(build)
 
     return _view
+
+
+def agent_filter(
+    *, max_depth: int | None = None, agents: Collection[str] | None = None,
+) -> Callable[[EventBase], bool]:
+    """The predicate :func:`agent_view` filters with (stateful: one per subscriber), for
+    consumers that are not observables (e.g. a replay read from the store)."""
+    wanted = None if agents is None else frozenset(agents)
+    shown: dict[int, bool] = {}
+
+    def keep(event: EventBase) -> bool:
+        if isinstance(event, StreamStart):
+            ok = (max_depth is None or event.depth <= max_depth) and (
+                wanted is None or event.agent in wanted)
+            shown[event.stream_id] = ok
+            return ok
+        stream_id = stream_id_of(event)
+        return stream_id is None or shown.get(stream_id, True)
+
+    return keep

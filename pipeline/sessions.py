@@ -70,7 +70,7 @@ class Round(BaseModel):
     live: bool
     last_seq: int | None
     model: str | None
-    usage: dict[str, int | None]
+    usage: dict[str, int | float | None]
     timings: dict[str, Any]
     error: str | None
     request: list[dict[str, Any]]
@@ -126,7 +126,8 @@ class SessionCoordinator:
             live=turn is not None,
             last_seq=turn.last_seq if turn is not None else row["last_seq"],
             model=row["model"],
-            usage={k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
+            usage={k: row.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
+                                            "cost_usd")},
             timings=_jsonable({k: row[k] for k in ("started_at", "finished_at", "duration_ms",
                                                    "first_token_ms")}),
             error=row["error"],

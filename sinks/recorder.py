@@ -155,8 +155,10 @@ class TurnRecorder(Observer[Event]):
             request.total_tokens = result.usage.total_tokens
             request.last_seq = result.last_seq
             request.error = result.error
+            request.cost_usd = result.cost_usd
             self.store.put_request(request)
             self._assistant.content = result.content
+            self._assistant.cost_usd = result.cost_usd
             self._assistant.status = {"completed": "complete"}.get(result.status, result.status)
             self._assistant.updated_at = now
             self.store.put_message(self._assistant)

@@ -66,7 +66,8 @@ CREATE TABLE IF NOT EXISTS requests (
     total_tokens      BIGINT,
     trace             BOOLEAN   NOT NULL,
     last_seq          BIGINT,
-    error             VARCHAR
+    error             VARCHAR,
+    cost_usd          DOUBLE                -- sum of the token_usage costs; NULL: unpriced
 );
 CREATE TABLE IF NOT EXISTS messages (
     message_id      VARCHAR   PRIMARY KEY,
@@ -77,7 +78,8 @@ CREATE TABLE IF NOT EXISTS messages (
     content         VARCHAR   NOT NULL,
     status          VARCHAR   NOT NULL,     -- assistant: pending, streaming, complete, error, cancelled
     created_at      TIMESTAMP NOT NULL,
-    updated_at      TIMESTAMP NOT NULL
+    updated_at      TIMESTAMP NOT NULL,
+    cost_usd        DOUBLE                  -- assistant: what producing it cost
 );
 CREATE TABLE IF NOT EXISTS tool_executions (
     execution_id    VARCHAR   PRIMARY KEY,  -- the tool_call / tool_result events' execution_id
@@ -95,6 +97,9 @@ CREATE TABLE IF NOT EXISTS tool_executions (
     finished_at     TIMESTAMP,
     duration_ms     DOUBLE
 );
+-- files made before the cost columns (issue 14)
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS cost_usd DOUBLE;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS cost_usd DOUBLE;
 """
 
 _TS = pa.timestamp("us")
@@ -123,6 +128,7 @@ class RequestRow:
     total_tokens: int | None = None
     last_seq: int | None = None
     error: str | None = None
+    cost_usd: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -138,6 +144,7 @@ class MessageRow:
     status: str
     created_at: float
     updated_at: float
+    cost_usd: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
