@@ -204,5 +204,5 @@ async def test_costs_in_rows_view_and_messages(aiohttp_client: Any, tmp_path: Pa
         pytest.approx(sum(u["cost_usd"] for u in b)))
     async with client.get(f"/v1/requests/{request_id}") as resp:
         body = await resp.json()
-    assert body["usage"]["cost_usd"] == pytest.approx(total)
+    assert body["response"]["cost_usd"] == pytest.approx(total)  # the assistant message
     assert json.dumps(body)  # the round is JSON
