@@ -43,6 +43,7 @@ from api.native import (
 )
 from api.openai import chat_completions, list_models
 from api.ops import healthz, index_page, list_tools, speech_providers
+from api.seeds import api_chat_stream, chat_stream
 from api.ws import websocket
 from core.config import Settings
 from pipeline.orchestrator import StreamingOrchestrator
@@ -132,6 +133,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
     app.router.add_get("/v1/ws", websocket)
     app.router.add_post("/v1/roundtable", roundtable)
+    app.router.add_post("/chat/stream", chat_stream)  # seed 003's wire (issue 14)
+    app.router.add_post("/api/chat/stream", api_chat_stream)  # seed 001's wire (issue 14)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     return app

@@ -15,6 +15,7 @@ from operators._panel import alongside, merge_panel
 from operators._price_usage import price_usage
 from operators._replay_log import ReplayLog
 from operators._resume import resume_after
+from operators._seed_frames import SeedFrame, to_seed_frames
 from operators._sequence import sequence, then
 from operators._turn_envelope import turn_envelope
 from operators._turn_updates import TurnUpdate, turn_updates
@@ -23,6 +24,7 @@ from operators._visibility import visible
 __all__ = [
     "ChatChunk",
     "ReplayLog",
+    "SeedFrame",
     "TurnUpdate",
     "agent_filter",
     "agent_view",
@@ -36,6 +38,7 @@ __all__ = [
     "sequence",
     "then",
     "to_chat_chunks",
+    "to_seed_frames",
     "turn_envelope",
     "turn_updates",
     "visible",

@@ -70,7 +70,7 @@ class Round(BaseModel):
     live: bool
     last_seq: int | None
     model: str | None
-    usage: dict[str, int | float | None]
+    usage: dict[str, int | None]
     timings: dict[str, Any]
     error: str | None
     request: list[dict[str, Any]]
@@ -126,8 +126,7 @@ class SessionCoordinator:
             live=turn is not None,
             last_seq=turn.last_seq if turn is not None else row["last_seq"],
             model=row["model"],
-            usage={k: row.get(k) for k in ("prompt_tokens", "completion_tokens", "total_tokens",
-                                            "cost_usd")},
+            usage={k: row[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")},
             timings=_jsonable({k: row[k] for k in ("started_at", "finished_at", "duration_ms",
                                                    "first_token_ms")}),
             error=row["error"],

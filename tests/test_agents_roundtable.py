@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -104,8 +104,12 @@ async def test_a_cancelled_request_counts_the_tokens_it_streamed(
             "background": True}) as resp:
         request_id = (await resp.json())["request_id"]
     turn = client.app[server.ORCHESTRATOR].live[request_id]
-    while turn.ctx and turn.last_seq < 12:
-        await asyncio.sleep(0.01)
+    seen = 0
+    async with contextlib.aclosing(turn.events()) as events_so_far:
+        async for event in events_so_far:
+            seen += event.type == "text"
+            if seen >= 5:
+                break
     async with client.post(f"/v1/requests/{request_id}/cancel") as resp:
         assert (await resp.json())["status"] == "cancelled"
     async with client.get(f"/v1/requests/{request_id}/events") as resp:
