@@ -138,14 +138,16 @@ class ProviderRegistry:
 
     async def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
-        tools: Sequence[dict[str, Any]] | None = None,
+        tools: Sequence[dict[str, Any]] | None = None, **options: Any,
     ) -> AsyncIterator[Piece]:
+        """The provider's ``stream_chat`` with the bare model; ``options`` (any further chat
+        parameters a caller passes) are forwarded as they are."""
         entry, bare = self.split(model)
         qualified = model != bare  # the caller named the provider: usage names it too
-        pieces = (entry.provider.stream_chat(model=bare, messages=messages, max_tokens=max_tokens,
-                                             tools=tools)
-                  if tools else
-                  entry.provider.stream_chat(model=bare, messages=messages, max_tokens=max_tokens))
+        if tools:
+            options["tools"] = tools
+        pieces = entry.provider.stream_chat(model=bare, messages=messages, max_tokens=max_tokens,
+                                            **options)
         try:
             async for piece in pieces:
                 if entry.state != "ok":

@@ -130,3 +130,38 @@ async def test_a_down_provider_fails_its_requests_and_nothing_falls_back(
     async with client.post("/v1/chat/completions", json={
             "model": "nowhere/m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
         assert resp.status == 404 and (await resp.json())["error"]["code"] == "model_not_found"
+
+
+async def test_a_configured_provider_gets_its_key_and_the_bare_model(
+        aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from aiohttp import web
+
+    from pipeline.offline_model import create_offline_app
+
+    seen: list[tuple[str, str]] = []
+    upstream_app = create_offline_app(token_delay_ms=0, models=("vendor-model",))
+
+    @web.middleware
+    async def record(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path.endswith("/chat/completions"):
+            body = await request.json()
+            seen.append((request.headers.get("Authorization", ""), body["model"]))
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    upstream_app.middlewares.append(record)
+    upstream = await aiohttp_server(upstream_app)
+    monkeypatch.setenv("VENDOR_KEY", "sk-vendor")
+    providers = {"vendor": {"base_url": str(upstream.make_url("/v1")), "api_key_env": "VENDOR_KEY"}}
+    client: TestClient = await aiohttp_client(server.create_app(Settings(
+        db_path=tmp_path / "e.duckdb", offline_token_delay_ms=0, providers=providers)))
+    async with client.get("/v1/models") as resp:  # listed from the provider at start
+        ids = [m["id"] for m in (await resp.json())["data"]]
+    assert ids[:2] == ["vendor-model", "vendor/vendor-model"]  # the first configured is default
+    for model in ("vendor/vendor-model", "vendor-model"):
+        async with client.post("/v1/chat/completions", json={
+                "model": model, "messages": [{"role": "user", "content": "hi"}]}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["choices"][0]["message"]["content"].startswith("You said")
+    assert seen == [("Bearer sk-vendor", "vendor-model")] * 2
