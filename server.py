@@ -47,7 +47,7 @@ from api.seeds import api_chat_stream, chat_stream
 from api.ws import websocket
 from core.config import Settings
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.provider_registry import default_model, open_registry
+from pipeline.provider_registry import RegistryConfigError, default_model, open_registry
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
 from pipeline.wiring import agent_options
@@ -185,7 +185,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"invalid settings:\n{exc}", file=sys.stderr)
         return 2
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except RegistryConfigError as exc:  # providers and agents that cannot work (issue 14)
+        print(f"invalid settings: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

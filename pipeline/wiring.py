@@ -14,7 +14,7 @@ from pipeline.advisor import AdvisorStep
 from pipeline.agents import AgentTeam
 from pipeline.harnesses import Archivist, MemoryHarness
 from pipeline.prices import PriceTable, load_prices
-from pipeline.provider_registry import ProviderRegistry
+from pipeline.provider_registry import ProviderRegistry, RegistryConfigError, UnknownModelError
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest, panel_of
 from pipeline.router import ModelRouter
 from pipeline.tools import ToolRegistry
@@ -30,7 +30,22 @@ def agent_options(
     settings: Settings, *, registry: ProviderRegistry, tools: ToolRegistry | None,
     store: Archivist | None,
 ) -> dict[str, Any]:
-    """Keyword arguments for :class:`~pipeline.orchestrator.StreamingOrchestrator`."""
+    """Keyword arguments for :class:`~pipeline.orchestrator.StreamingOrchestrator`.
+
+    Raises:
+        RegistryConfigError: ``ROUTER_MODEL``, ``ADVISOR_MODEL``, an agent's model or a
+            ``ROUNDTABLE_PANEL`` model that no provider serves (refused at start, not at
+            the first request).
+    """
+    named = [("ROUTER_MODEL", settings.router_model), ("ADVISOR_MODEL", settings.advisor_model),
+             *((f"AGENTS[{a.name}].model", a.model) for a in settings.agents),
+             *(("ROUNDTABLE_PANEL", p.model) for p in panel_of(settings.roundtable_panel))]
+    for setting, model in named:
+        if model is not None:
+            try:
+                registry.resolve(model)
+            except UnknownModelError as exc:
+                raise RegistryConfigError(f"{setting}: {exc}") from exc
     team = AgentTeam.of(settings.agents, max_depth=settings.max_agent_depth) if settings.agents else None
     offered = tools.offered() if tools is not None and settings.max_tool_steps else []
     router = ModelRouter(

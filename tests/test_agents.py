@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +13,7 @@ from aiohttp.test_utils import TestClient
 
 import server
 from core.config import Settings
+from pipeline.provider_registry import RegistryConfigError
 from tests.sse_client import assert_wire_rules, events_of, read_frames
 
 AGENTS = [
@@ -45,6 +48,12 @@ def text_by_stream(events: list[dict[str, Any]]) -> dict[int, str]:
     for e in of(events, "text"):
         texts[e["stream_id"]] = texts.get(e["stream_id"], "") + e["delta"]
     return texts
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -144,11 +153,14 @@ async def test_model_router_has_its_own_stream_and_usage(aiohttp_client: Any, tm
 
 
 async def test_a_failing_router_falls_back_to_respond(aiohttp_client: Any, tmp_path: Path) -> None:
+    dead = {"dead": {"base_url": f"http://127.0.0.1:{closed_port()}/v1", "models": ["m"],
+                     "max_retries": 0}}
     client = await aiohttp_client(server.create_app(make_settings(
-        tmp_path, router_model="offline-a/not-served", models=[])))
+        tmp_path, router_model="dead/m", providers=dead, default_provider="offline-a")))
     events = await run(client, "hello there")
     (error,) = of(events, "error")
     assert "falling back to respond" in error["error"] and error["stream_id"] == 1
+    assert "unreachable" in error["error"]
     assert [(e["stream_id"], e["status"]) for e in of(events, "stream_end")] == [
         (1, "error"), (2, "ok")]
     assert of(events, "route")[0] == {**of(events, "route")[0], "route": "respond",
@@ -206,3 +218,30 @@ async def test_costs_in_rows_view_and_messages(aiohttp_client: Any, tmp_path: Pa
         body = await resp.json()
     assert body["response"]["cost_usd"] == pytest.approx(total)  # the assistant message
     assert json.dumps(body)  # the round is JSON
+
+
+async def test_unknown_models_in_the_settings_are_refused_at_start(tmp_path: Path) -> None:
+    for options in ({"router_model": "offline-a/nope"}, {"advisor_model": "nowhere/x"},
+                    {"agents": [{"name": "a", "model": "offline-b/gpt-9"}]},
+                    {"roundtable_panel": ["offline-c/missing"]}):
+        app = server.create_app(make_settings(tmp_path, **options))
+        with pytest.raises(RegistryConfigError, match="does not exist"):
+            async with contextlib.AsyncExitStack() as stack:
+                for ctx in app.cleanup_ctx:  # start the resources as the server would
+                    await stack.enter_async_context(contextlib.asynccontextmanager(ctx)(app))
+
+
+async def test_a_sub_agent_uses_only_its_allowed_tools(aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(server.create_app(make_settings(tmp_path, agents=[
+        {"name": "reader", "system": "You read.", "tools": ["fs.read"]},
+        {"name": "plain", "system": "You talk."}])))
+    workspace = client.app[server.SETTINGS].fs_base
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / "note.txt").write_text("seven blue herons")
+    events = await run(client, "delegate to reader: read the file note.txt")
+    calls = [(e["stream_id"], e["tool"]) for e in of(events, "tool_call")]
+    assert calls == [(1, "agent.reader"), (2, "fs.read")]
+    assert 'returned: "seven blue herons"' in text_by_stream(events)[2]
+    events = await run(client, "delegate to plain: read the file note.txt")
+    assert [e["tool"] for e in of(events, "tool_call")] == ["agent.plain"]  # offered no tools
+    assert text_by_stream(events)[2].startswith('You said: "read the file note.txt".')

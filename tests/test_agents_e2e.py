@@ -206,3 +206,14 @@ async def test_the_seed_wires(agents_server: str) -> None:
     assert all("content" in t and "status" in t for t in turns)
     replayed = await native(agents_server, f"/v1/requests/{request_id}/events", trace=False)
     assert replayed[-1]["type"] == "done" and replayed[0]["conversation_id"] == "e2e-001"
+
+
+def test_a_model_no_provider_serves_stops_the_server_at_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env.update({"ROUTER_MODEL": "offline-b/not-a-model", "PYTHONUNBUFFERED": "1"})
+    done = subprocess.run(
+        [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(free_port()),
+         "--db", str(tmp_path / "e.duckdb")],
+        cwd=ROOT, env=env, capture_output=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert b"invalid settings: ROUTER_MODEL: The model 'offline-b/not-a-model'" in done.stderr
