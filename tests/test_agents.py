@@ -245,3 +245,28 @@ async def test_a_sub_agent_uses_only_its_allowed_tools(aiohttp_client: Any, tmp_
     events = await run(client, "delegate to plain: read the file note.txt")
     assert [e["tool"] for e in of(events, "tool_call")] == ["agent.plain"]  # offered no tools
     assert text_by_stream(events)[2].startswith('You said: "read the file note.txt".')
+
+
+async def test_cancelling_inside_a_sub_agent_closes_its_streams_innermost_first(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    client = await aiohttp_client(server.create_app(make_settings(
+        tmp_path, offline_token_delay_ms=5)))
+    async with client.post("/v1/orchestrate", json={
+            "messages": [{"role": "user", "content": "delegate to writer: a long story"}],
+            "max_tokens": 2000, "background": True}) as resp:
+        request_id = (await resp.json())["request_id"]
+    turn = client.app[server.ORCHESTRATOR].live[request_id]
+    async with contextlib.aclosing(turn.events()) as live:
+        async for event in live:
+            if event.type == "text" and getattr(event, "stream_id", 0) == 2:
+                break
+    async with client.post(f"/v1/requests/{request_id}/cancel") as resp:
+        assert (await resp.json())["status"] == "cancelled"
+    async with client.get(f"/v1/requests/{request_id}/events") as resp:
+        events = assert_wire_rules(await read_frames(resp), trace=False)  # a closed tree
+    assert [(e["stream_id"], e["status"]) for e in of(events, "stream_end")] == [
+        (2, "cancelled"), (1, "cancelled")]
+    assert events[-1]["reason"] == "cancelled"
+    async with client.get(f"/v1/requests/{request_id}") as resp:
+        body = await resp.json()
+    assert body["usage"]["completion_tokens"] == len(of(events, "text")) >= 1
