@@ -33,6 +33,7 @@ from api.common import (
     ORCHESTRATOR,
     PROVIDER,
     RATE_LIMITER,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
@@ -64,6 +65,7 @@ from api.ops import (
     speech_providers,
 )
 from api.responses import add_responses_routes
+from api.seeds import api_chat_stream, chat_stream
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
 from core.config import Settings
@@ -72,11 +74,11 @@ from core.events import Event
 from core.logs import configure as configure_logs
 from core.turn import TurnContext
 from pipeline.cli import main as pipeline_main
-from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.providers import OpenAIProvider
+from pipeline.provider_registry import RegistryConfigError, default_model, open_registry
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
+from pipeline.wiring import agent_options
 from sinks.recovery import recover_interrupted
 from sinks.store import EventStore
 
@@ -103,40 +105,19 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
-        if settings.offline:
-            offline = await stack.enter_async_context(
-                OfflineModelServer(token_delay_ms=settings.offline_token_delay_ms)
-            )
+        # providers and agents (issue 14): every provider of PROVIDERS plus the bundled
+        # offline ones; app[PROVIDER] is the default provider's client (speech tools use it).
+        registry = await open_registry(settings, stack)
+        app[REGISTRY] = registry
+        offline = registry.offline_server
+        if offline is not None:
             app[OFFLINE] = offline
-            base_url: str | None = offline.base_url
-            api_key: str | None = "offline"
-        else:
-            base_url, api_key = settings.openai_base_url, settings.openai_api_key
-        provider = OpenAIProvider(base_url=base_url, api_key=api_key,
-                                  timeout_s=settings.model_timeout_s,
-                                  max_retries=settings.model_max_retries,
-                                  max_connections=settings.model_max_connections)
-        stack.push_async_callback(provider.aclose)
-        app[PROVIDER] = provider
-        models = [*await _known_models(settings, provider), ROUNDTABLE_MODEL]
+        app[PROVIDER] = registry.entries[registry.default].provider
+        models = [*registry.model_ids(), ROUNDTABLE_MODEL]
         app[MODELS] = models
-        log.info("model provider %s; models %s", provider.name, ", ".join(models))
+        log.info("model providers %s (default %s); models %s", ", ".join(registry.entries),
+                 registry.default, ", ".join(models))
         yield
-
-
-async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[str]:
-    if settings.models:
-        models = list(settings.models)
-    else:
-        try:
-            models = await asyncio.wait_for(provider.list_models(), timeout=10)
-        except Exception as exc:  # a provider without /models still serves DEFAULT_MODEL
-            log.warning("could not list the provider's models (%s); offering %s only",
-                        exc, settings.default_model)
-            models = []
-    if settings.default_model not in models:
-        models.insert(0, settings.default_model)
-    return models
 
 
 Tap = Callable[[TurnContext], Observer[Event]]
@@ -174,10 +155,12 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     # The speech tools use the model endpoint's audio API through the same client.
     app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
-        provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
+        provider=app[REGISTRY], store=app[STORE],
+        default_model=default_model(app[REGISTRY], settings),
         history_limit=settings.history_max_messages, tools=app[TOOLS],
         taps=taps,
         durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
+        **agent_options(settings, registry=app[REGISTRY], tools=app[TOOLS], store=app[STORE]),
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -228,6 +211,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
     app.router.add_get("/v1/ws", websocket)
     app.router.add_post("/v1/roundtable", roundtable)
+    app.router.add_post("/chat/stream", chat_stream)  # seed 003's wire (issue 14)
+    app.router.add_post("/api/chat/stream", api_chat_stream)  # seed 001's wire (issue 14)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi_json)  # every route has a row in api/openapi.py
@@ -444,6 +429,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         log.error("cannot start: %s", exc)
         log.debug("the cause", exc_info=exc.__cause__)
         return 1
+    except RegistryConfigError as exc:  # providers and agents that cannot work (issue 14)
+        log.error("invalid settings: %s", exc)
+        return 2
     except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
         log.info("interrupted while starting")
         return 130

@@ -15,6 +15,7 @@ from api.common import (
     CLIENTS,
     ORCHESTRATOR,
     PROVIDER,
+    REGISTRY,
     SETTINGS,
     STORE,
     TOOLS,
@@ -49,7 +50,9 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response(status=200 if store.writable else 503, data={
         "status": status,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
-                  "default": settings.default_model},
+                  "default": app[ORCHESTRATOR].default_model,
+                  "default_provider": app[REGISTRY].default},
+        "providers": app[REGISTRY].health(),  # issue 14: each provider's state
         "live_turns": len(app[ORCHESTRATOR].live),
         "clients": {"open": app[CLIENTS].open, "cut_off": app[CLIENTS].cut_off},
         "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),

@@ -8,6 +8,14 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from core.agent_settings import (
+    AgentConfig,
+    PriceConfig,
+    ProviderConfig,
+    check_agent_names,
+    check_provider_names,
+)
+
 
 class Settings(BaseSettings):
     """All settings, read from environment variables of the same name (upper case).
@@ -186,6 +194,30 @@ class Settings(BaseSettings):
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------
+    providers: dict[str, ProviderConfig] = Field(
+        default_factory=dict, description="JSON: name → {base_url, api_key_env, models, ...}")
+    offline_providers: bool = Field(default=True, description="serve offline-a, offline-b, offline-c")
+    default_provider: str | None = Field(
+        default=None, description="provider of a bare model id; default: first configured, else offline-a")
+    provider_list_timeout_s: float = Field(default=10.0, gt=0, description="listing models at start")
+    router_model: str | None = Field(
+        default=None, description="provider/model deciding routes; unset: the built-in rules")
+    agents: list[AgentConfig] = Field(default_factory=list, description="JSON: sub-agents")
+    max_agent_depth: int = Field(default=2, ge=0, description="nested delegation depth; 0 = none")
+    advisor_model: str | None = Field(default=None, description="provider/model advising after each step")
+    advisor_max_redirects: int = Field(default=1, ge=0, description="redirects per response")
+    prices: dict[str, PriceConfig] = Field(default_factory=dict, description="JSON: over the bundled file")
+    prices_file: Path | None = Field(default=None, description="default: the bundled prices.json")
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        return check_provider_names(value)
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_names(cls, value: list[AgentConfig]) -> list[AgentConfig]:
+        return check_agent_names(value)
     # (end of the agents settings)
 
     @property

@@ -37,16 +37,20 @@ from operators import (
     durable_done,
     from_async_iterable,
     number_events,
+    price_usage,
     sequence,
     turn_deadline,
     turn_envelope,
     visible,
 )
+from operators._price_usage import Cost
+from pipeline.agents import AgentTeam
 from pipeline.harnesses import (
     Archivist,
     Harness,
     MemoryHarness,
     ResponseHarness,
+    Reviewer,
     RouterHarness,
     ToolHarness,
 )
@@ -168,6 +172,12 @@ class StreamingOrchestrator:
         taps: Observers of every turn's whole stream besides the recorder (metrics, traces):
             each factory makes one per turn, subscribed after the recorder and before any
             client. A tap must not raise.
+        router: Replaces the default router (e.g. :class:`pipeline.router.ModelRouter`).
+        agents: Sub-agents offered to the response model (:mod:`pipeline.agents`).
+        advisor: Reviews each top-level answer (:mod:`pipeline.advisor`).
+        roundtable: The body of a turn the router sends to ``roundtable``: after the router,
+            it replaces memory, tools and response.
+        cost: Prices each ``token_usage`` (``cost_usd``, :func:`operators.price_usage`).
     """
 
     def __init__(
@@ -184,6 +194,11 @@ class StreamingOrchestrator:
         taps: Sequence[Callable[[TurnContext], Observer[Event]]] = (),
         durable_done: bool = True,
         deadline_s: float | None = None,
+        router: Harness | None = None,
+        agents: AgentTeam | None = None,
+        advisor: Reviewer | None = None,
+        roundtable: Callable[[TurnContext], Observable[Event]] | None = None,
+        cost: Cost | None = None,
     ) -> None:
         self.taps = tuple(taps)
         self.provider = provider
@@ -195,11 +210,13 @@ class StreamingOrchestrator:
         self.agent = agent
         archivist = archivist or store or _NoHistory()
         self.harnesses: tuple[Harness, ...] = tuple(harnesses) if harnesses else (
-            RouterHarness(),
+            router or RouterHarness(),
             MemoryHarness(archivist, limit=history_limit),
             *((ToolHarness(tools),) if tools is not None else ()),
-            ResponseHarness(provider, agent=agent, tools=tools),
+            ResponseHarness(provider, agent=agent, tools=tools, agents=agents, advisor=advisor),
         )
+        self.roundtable = roundtable if not harnesses else None
+        self.cost = cost
         self.live: dict[str, Turn] = {}
 
     def run(
@@ -241,9 +258,9 @@ class StreamingOrchestrator:
             if not result.done():
                 result.set_result(final)
 
-        steps = body(ctx) if body is not None else sequence(
-            *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
-        )
+        steps = body(ctx) if body is not None else self._steps(ctx)
+        if self.cost is not None:
+            steps = steps.pipe(price_usage(self.cost))
         if self.deadline_s is not None:
             steps = steps.pipe(turn_deadline(self.deadline_s, scheduler=AsyncIOScheduler(loop)))
         enveloped = steps.pipe(
@@ -276,6 +293,18 @@ class StreamingOrchestrator:
                 raise
 
         return lambda: reactivex.from_future(asyncio.ensure_future(flushed()))
+
+    def _steps(self, ctx: TurnContext) -> Observable[Event]:
+        """The harnesses in order; with a roundtable, the router's decision picks the rest."""
+        first, *rest = (from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
+        roundtable = self.roundtable
+        if roundtable is None:
+            return sequence(first, *rest)
+
+        def after_route(_: object) -> Observable[Event]:
+            return roundtable(ctx) if ctx.route == "roundtable" else sequence(*rest)
+
+        return sequence(first, reactivex.defer(after_route))
 
     async def drain(self, *, grace_s: float) -> int:
         """Let live turns finish within ``grace_s``, then cancel the rest.
