@@ -697,13 +697,15 @@ class EventStore:
                           _safe(str(cause)), kept.rows(), self._retry_s)
                 self._retry_s = min(self._retry_s * 2, self.retry_max_s)
                 return
+            # Written: say so before any barrier is settled (its waiter may look at health).
+            if not self._writable:
+                log.warning("the event store writes again; the backlog is written")
+            self._writable = True
+            self._retry_s = self.retry_min_s
             if phase is events:
                 self._backlog = upserts
+                self._backlog_rows = upserts.rows()
                 self._settle()  # the events are written: a turn's done may go
-        if not self._writable:
-            log.warning("the event store writes again; the backlog is written")
-        self._writable = True
-        self._retry_s = self.retry_min_s
         self._backlog = _Batch()
         self._backlog_rows = 0
 
