@@ -22,6 +22,7 @@ from api.analytics import ANALYTICS, Analytics, add_analytics_routes
 from api.common import (
     CLIENTS,
     COORDINATOR,
+    EVENT_LOG,
     MODELS,
     OFFLINE,
     ORCHESTRATOR,
@@ -49,6 +50,7 @@ from pipeline.orchestrator import StreamingOrchestrator
 from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
+from sinks.event_log import RedisEventLog
 from sinks.recovery import recover_interrupted
 from sinks.store import EventStore
 
@@ -65,6 +67,27 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await recover_interrupted(store)
     yield
     await asyncio.to_thread(store.close)  # writes everything still queued
+
+
+async def event_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The distributed log client (``EVENT_LOG=redis://…``); nothing with ``memory``.
+    Closed after the turns drained: what is still queued is appended first."""
+    settings = app[SETTINGS]
+    if not settings.redis_log:
+        yield
+        return
+    event_log = RedisEventLog(
+        settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
+        live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
+        retry_max_s=settings.event_log_retry_max_s, give_up_s=settings.event_log_give_up_s,
+        ping_s=settings.event_log_ping_s, batch_max=settings.event_log_batch_max,
+        timeout_s=settings.event_log_timeout_s,
+    )
+    await event_log.start()
+    app[EVENT_LOG] = event_log
+    log.info("event log: Redis at %s, prefix %r", event_log.safe_url, settings.redis_prefix)
+    yield
+    await event_log.aclose()
 
 
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -113,6 +136,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        event_log=app.get(EVENT_LOG),
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -137,7 +161,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[json_errors])
     app[SETTINGS] = settings
     app[CLIENTS] = ClientStats()
-    app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
+    app.cleanup_ctx.extend([store_ctx, event_log_ctx, model_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
@@ -184,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
     parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
+    parser.add_argument("--event-log", help="memory or redis://host:port/db (EVENT_LOG)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -192,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         overrides["port"] = args.port
     if args.db is not None:
         overrides["db_path"] = args.db
+    if args.event_log is not None:
+        overrides["event_log"] = args.event_log
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "aiohttp.access"):  # one line per model call is noise
         logging.getLogger(noisy).setLevel(logging.WARNING)

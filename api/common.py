@@ -21,6 +21,7 @@ from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
+from sinks.event_log import RedisEventLog
 from sinks.sse import comment_frame, event_frame, open_sse, retry_frame
 from sinks.store import EventStore
 
@@ -46,6 +47,7 @@ OFFLINE = web.AppKey("offline", OfflineModelServer)
 CLIENTS = web.AppKey("clients", ClientStats)
 COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
 TOOLS = web.AppKey("tools", ToolRegistry)
+EVENT_LOG = web.AppKey("event_log", RedisEventLog)  # only with EVENT_LOG=redis://… (issue 13)
 
 
 

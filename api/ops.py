@@ -9,6 +9,7 @@ from aiohttp import web
 
 from api.common import (
     CLIENTS,
+    EVENT_LOG,
     ORCHESTRATOR,
     PROVIDER,
     SETTINGS,
@@ -32,8 +33,11 @@ async def healthz(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     stats = app[STORE].stats
+    # The distributed log (issue 13): degraded while Redis is unreachable (turns go on).
+    event_log = app[EVENT_LOG].health() if EVENT_LOG in app else {"kind": "memory", "state": "ok"}
     return web.json_response({
-        "status": "ok",
+        "status": "degraded" if event_log["state"] != "ok" else "ok",
+        "event_log": event_log,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": settings.default_model},
         "live_turns": len(app[ORCHESTRATOR].live),

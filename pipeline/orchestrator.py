@@ -47,6 +47,7 @@ from pipeline.harnesses import (
 from pipeline.providers import ChatProvider
 from pipeline.tools import ToolRegistry
 from sinks.async_iter import to_async_iterator
+from sinks.event_log import RedisEventLog
 from sinks.recorder import TurnRecorder
 from sinks.store import EventStore
 
@@ -157,6 +158,8 @@ class StreamingOrchestrator:
         tools: The tool registry: the default sequence becomes ``(router, memory, tools,
             response)``, the tool harness running a request's direct ``tool_calls`` and the
             response harness offering the enabled tools to the model (the agent loop).
+        event_log: The distributed log (``EVENT_LOG=redis://…``): every numbered event of
+            every turn is also appended there; None (``memory``) keeps the turn in-process.
     """
 
     def __init__(
@@ -170,8 +173,10 @@ class StreamingOrchestrator:
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
         tools: ToolRegistry | None = None,
+        event_log: RedisEventLog | None = None,
     ) -> None:
         self.provider = provider
+        self.event_log = event_log
         self.tools = tools
         self.store = store
         self.default_model = default_model
@@ -224,6 +229,8 @@ class StreamingOrchestrator:
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
         shared.subscribe(recorder)  # first, so the store sees each event before any client
+        if self.event_log is not None:  # the distributed log (issue 13), batched per tick
+            shared.subscribe(self.event_log.writer(ctx.request_id, history=lambda: shared.items))
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
                     subject=shared)
         self.live[ctx.request_id] = turn
