@@ -520,7 +520,7 @@ class RedisEventLog:
         for turn in turns:
             turn.uncertain = True
         self._suspect = True  # what else did we miss? check every live stream when back
-        if self.stats.reachable or self.stats.last_error != str(exc):
+        if self.stats.reachable or self.stats.last_error != f"{type(exc).__name__}: {exc}":
             log.warning("event log: append failed (%s); retrying with backoff", exc)
         self._reachable(False, exc)
 
