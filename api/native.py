@@ -59,6 +59,7 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         model=model, max_tokens=body.max_tokens, kind="orchestrate", tool_calls=body.tool_calls,
     ))
     if body.background:
+        await _visible_everywhere(request.app, turn)
         return _accepted(turn)
     settings = request.app[SETTINGS]
     events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events,
@@ -109,6 +110,7 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:
+        await _visible_everywhere(request.app, turn)
         return _accepted(turn)
     # The client paces the panel by what it has consumed, hidden trace events included:
     # credit spent on an llm_call it never sees must come back, or the panel would stall.
@@ -176,6 +178,14 @@ async def request_events(request: web.Request) -> web.StreamResponse:
             return web.Response(status=204, headers={"X-Request-Id": request_id})
         events = _stored(store, request_id, since, trace=trace)
     return await stream_native(request, events, headers={"X-Request-Id": request_id})
+
+
+async def _visible_everywhere(app: web.Application, turn: Turn) -> None:
+    """With the distributed log, answer a background turn's ``202`` once its first event
+    is in Redis, so a follow-up on any other process finds it (bounded: Redis may be away)."""
+    event_log = app.get(EVENT_LOG)
+    if event_log is not None:
+        await event_log.appended(turn.request_id, seq=1, within=app[SETTINGS].event_log_timeout_s)
 
 
 async def _from_event_log(

@@ -124,6 +124,18 @@ class _TurnLog:
     done_at: float = 0.0
     uncertain: bool = False  # a batch failed in flight: it may or may not have been applied
     refused: bool = False
+    watchers: list[tuple[int, asyncio.Future[None]]] = dataclasses.field(default_factory=list)
+
+    def settled(self, *, gone: bool = False) -> None:
+        """Wake whoever waits for a seq now in the stream (everyone when ``gone``)."""
+        keep = []
+        for seq, future in self.watchers:
+            if gone or seq <= self.appended:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((seq, future))
+        self.watchers = keep
 
 
 def _dump(event: Event) -> bytes:
@@ -407,6 +419,21 @@ class RedisEventLog:
         self._turns[request_id] = turn
         return _TurnWriter(self, turn)
 
+    async def appended(self, request_id: str, *, seq: int = 1, within: float) -> bool:
+        """Wait (at most ``within`` seconds) until this process's turn has ``seq`` in its
+        stream, so that any process asked next finds it (a background turn's ``202``).
+        False when it did not happen in time (Redis away: the turn goes on regardless)."""
+        turn = self._turns.get(request_id)
+        if turn is None:  # not a turn of this process, or appended to its end already
+            return True
+        if turn.appended >= seq:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turn.watchers.append((seq, future))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), within)
+        return turn.appended >= seq
+
     def _queue(self, turn: _TurnLog, event: Event) -> None:
         if turn.refused or turn.done_seq is not None:
             return
@@ -468,8 +495,11 @@ class RedisEventLog:
             self._sha = None
             self._suspect = True
         self._reachable(True)
+        for turn in batch:
+            turn.settled()
         for turn in [t for t in self._turns.values() if self._finished(t)]:
             del self._turns[turn.request_id]
+            turn.settled(gone=True)
         for turn, error in failed:  # an error answer (not a lost connection): back off too
             log.error("event log: appending to %s failed: %s", turn.key, error)
             self.stats.failed_batches += 1
@@ -539,6 +569,7 @@ class RedisEventLog:
         for turn in list(self._turns.values()):
             if turn.done_seq is not None and now - turn.done_at > self.give_up_s:
                 del self._turns[turn.request_id]
+                turn.settled(gone=True)
                 self.stats.abandoned += 1
                 log.error("event log: gave up appending %s after %.0fs without Redis (%d events "
                           "not appended; the store has them)", turn.key, now - turn.done_at,
