@@ -81,7 +81,7 @@ async def event_log_ctx(app: web.Application) -> AsyncIterator[None]:
         live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
         retry_max_s=settings.event_log_retry_max_s, give_up_s=settings.event_log_give_up_s,
         ping_s=settings.event_log_ping_s, batch_max=settings.event_log_batch_max,
-        timeout_s=settings.event_log_timeout_s,
+        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
     )
     await event_log.start()
     app[EVENT_LOG] = event_log

@@ -135,6 +135,7 @@ class Settings(BaseSettings):
     event_log_ping_s: float = Field(default=1.0, gt=0, description="Redis health and restart check")
     event_log_batch_max: int = Field(default=512, ge=1, description="events of a turn per append")
     event_log_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect and command")
+    event_log_lost_s: float = Field(default=5.0, gt=0, description="a vanished stream ends followers")
 
     @field_validator("event_log")
     @classmethod

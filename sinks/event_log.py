@@ -158,6 +158,10 @@ class _TurnWriter(Observer[Event]):
 
     def _on_error_core(self, error: Exception) -> None:
         log.warning("event log: turn %s failed upstream: %s", self._turn.request_id, error)
+        self._log._close(self._turn)
+
+    def _on_completed_core(self) -> None:
+        self._log._close(self._turn)
 
 
 class _Waiter:
@@ -327,6 +331,8 @@ class RedisEventLog:
         batch_max: Most events of one turn in one append.
         timeout_s: Connect and command timeout of appends and reads.
         read_count: Most entries one ``XRANGE`` of a follower reads.
+        lost_after_s: A follower whose stream vanished (after a reconnect) and is not
+            re-filled within this long ends with :class:`EventLogError`.
         connection_class: The redis-py connection class (tests count round trips with it).
     """
 
@@ -334,7 +340,7 @@ class RedisEventLog:
         self, url: str, *, prefix: str, ttl_s: int = 3600, live_ttl_s: int = 86400,
         retry_base_s: float = 0.05, retry_max_s: float = 2.0, give_up_s: float = 300.0,
         ping_s: float = 1.0, batch_max: int = 512, timeout_s: float = 2.0, read_count: int = 512,
-        connection_class: type[Connection] | None = None,
+        lost_after_s: float = 5.0, connection_class: type[Connection] | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -346,6 +352,7 @@ class RedisEventLog:
         self.ping_s = ping_s
         self.batch_max = batch_max
         self.read_count = read_count
+        self.lost_after_s = lost_after_s
         self.stats = EventLogStats()
         extra: dict[str, Any] = {}
         if connection_class is not None:
@@ -442,6 +449,17 @@ class RedisEventLog:
             turn.done_seq = event.seq
             turn.done_at = time.monotonic()
         self._wakeup.set()
+
+    def _close(self, turn: _TurnLog) -> None:
+        """The turn's stream ended (normally after ``done``): once what was queued is in,
+        this process forgets it."""
+        if turn.done_seq is None:
+            turn.done_seq = turn.pending[-1][0] if turn.pending else turn.appended
+            turn.done_at = time.monotonic()
+            if turn.appended >= turn.done_seq:
+                self._turns.pop(turn.request_id, None)
+                turn.settled(gone=True)
+            self._wakeup.set()
 
     def _has_work(self) -> bool:
         return self._suspect or any(turn.pending for turn in self._turns.values())
@@ -627,8 +645,14 @@ class RedisEventLog:
         last = since
         beat = None if idle_s is None else time.monotonic() + idle_s
         failures = 0
+        doubt = False  # after a reconnect or a failed read: is the stream still there?
+        lost_since: float | None = None
+        epoch_seen = 0
         try:
             while True:
+                if waiter.epoch != epoch_seen:
+                    doubt = doubt or epoch_seen > 0  # re-subscribed after a lost connection
+                    epoch_seen = waiter.epoch
                 epoch = waiter.epoch
                 timeout: float | None = None
                 if waiter.subscribed:  # subscribed first, then read: no gap
@@ -638,10 +662,19 @@ class RedisEventLog:
                         failures = 0
                     except _FAILURES as exc:
                         failures += 1
+                        doubt = True
                         if failures == 1:
                             log.warning("event log: follower of %s: read failed: %s", key, exc)
                         entries = []
                         timeout = min(self.retry_max_s, self.retry_base_s * 2 ** (failures - 1))
+                    if entries:
+                        doubt, lost_since = False, None
+                    elif doubt and not failures:
+                        lost_since = await self._check_lost(key, lost_since)
+                        if lost_since is None:
+                            doubt = False
+                        else:
+                            timeout = self.ping_s
                     for seq, payload in entries:
                         if seq <= last:
                             continue
@@ -666,6 +699,27 @@ class RedisEventLog:
         finally:
             self.followers -= 1
             await self._notifier.unregister(waiter)
+
+    async def _check_lost(self, key: str, lost_since: float | None) -> float | None:
+        """None while the stream exists; else since when it is missing.
+
+        Raises:
+            EventLogError: missing for longer than ``lost_after_s``: Redis lost it and no
+                owner re-filled it (the turn had finished, or its owner is gone). The
+                client reconnects and is served from the store.
+        """
+        try:
+            if await self.client.exists(key):
+                return None
+        except _FAILURES:
+            return lost_since
+        now = time.monotonic()
+        if lost_since is None:
+            return now
+        if now - lost_since > self.lost_after_s:
+            raise EventLogError(f"event log: {key} is gone from Redis and nobody re-filled it "
+                                f"within {self.lost_after_s:.0f}s")
+        return lost_since
 
     # -- health -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:

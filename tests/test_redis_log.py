@@ -22,7 +22,7 @@ from redis.asyncio.connection import Connection
 from core.config import Settings
 from core.events import Event
 from server import create_app
-from sinks.event_log import RedisEventLog
+from sinks.event_log import EventLogError, RedisEventLog
 from tests.procs import free_port
 from tests.redis_helpers import (
     REDIS_URL,
@@ -272,6 +272,44 @@ async def test_a_redis_restart_mid_turn_is_repaired_and_followers_get_everything
             entries = await stream_entries(log, "req_restart")
             assert [p.decode() for _, p in entries] == dumps(turn.events)
             assert log.stats.follower_reconnects >= 1
+
+
+async def test_a_follower_of_a_stream_nobody_re_fills_after_a_restart_ends_with_an_error(
+        tmp_path: Path) -> None:
+    server = PrivateRedis(tmp_path)
+    with server:
+        prefix = new_prefix()
+        async with event_log(server.url, prefix, cleanup=False) as owner:
+            turn = Turn(owner, turn_events("req_orphan", texts=10))
+            turn.emit(8)
+            await wait_for(lambda: owner.stats.appended == 8, "eight appended")
+        # The owner is gone (closed without done); a follower elsewhere reads what is there.
+        async with event_log(server.url, prefix, lost_after_s=0.5) as other:
+            got: list[Event] = []
+
+            async def follow() -> None:
+                async with contextlib.aclosing(other.follow("req_orphan", idle_s=0.05)) as events:
+                    async for event in events:
+                        if event is not None:
+                            got.append(event)
+
+            task = asyncio.create_task(follow())
+            await wait_for(lambda: len(got) == 8, "the eight read")
+            server.kill()
+            server.start()  # empty, and no owner re-fills the stream
+            with pytest.raises(EventLogError, match="gone from Redis"):
+                await asyncio.wait_for(task, 10)
+            assert dumps(got) == dumps(turn.events[:8])
+
+
+async def test_a_turn_stream_ending_without_done_is_forgotten_once_appended(
+        rlog: RedisEventLog) -> None:
+    turn = Turn(rlog, turn_events("req_nodone", texts=4))
+    turn.emit(5)
+    turn.writer.on_completed()
+    await wait_for(lambda: rlog.health()["live_streams"] == 0, "forgotten")
+    assert rlog.stats.appended == 5
+    assert await rlog.client.xlen(rlog.key("req_nodone")) == 5
 
 
 # -- the server with Redis, in process -----------------------------------------------------------
