@@ -10,6 +10,7 @@ redis-server the test kills and starts again) loses nothing for B's follower.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from tests.redis_helpers import (
     require_redis,
     wait_for,
 )
-from tests.sse_client import Frame, assert_wire_rules, event_frames, read_frames
+from tests.sse_client import Frame, assert_wire_rules, event_frames, iter_frames, read_frames
 from tests.test_durable_e2e import (
     Server,
     background,
@@ -113,22 +114,28 @@ async def test_a_redis_restart_mid_turn_loses_nothing_for_a_follower_on_another_
             follower = await session.get(b.url(f"/v1/requests/{request_id}/events"),
                                          params={"trace": "true"})
             assert follower.status == 200
-            frames: list[Frame] = []
-            seen = await read_until(follower, lambda fs: texts(fs) >= 10)
-            frames.extend(seen)
-            redis_server.kill()  # everything in Redis is gone
 
             async def degraded() -> bool:
                 body = await get_json(session, a.url("/healthz"))
                 return bool(body["status"] == "degraded"
                             and body["event_log"]["state"] == "degraded")
 
-            await wait_for(degraded, "A's /healthz degraded")
-            await asyncio.sleep(0.3)  # the turn goes on meanwhile
-            redis_server.start()  # empty, on the same port
-            rest = event_frames(await read_frames(follower))
+            # One pass over the stream (a second reader would drop frames parsed already).
+            frames: list[Frame] = []
+            restarted = False
+            async with contextlib.aclosing(iter_frames(follower)) as stream:
+                async for frame in stream:
+                    if frame.data is None:
+                        continue
+                    frames.append(frame)
+                    if not restarted and texts(frames) >= 10:
+                        restarted = True
+                        redis_server.kill()  # everything in Redis is gone
+                        await wait_for(degraded, "A's /healthz degraded")
+                        await asyncio.sleep(0.3)  # the turn goes on meanwhile
+                        redis_server.start()  # empty, on the same port
             follower.close()
-            frames.extend(rest)
+            assert restarted
             await wait_for(lambda: finished(session, a, request_id), "the turn finished on A")
             reference = event_frames(await replay(session, a, request_id, params={"trace": "true"}))
             assert data_of(frames) == data_of(reference)
