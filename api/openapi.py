@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from api.analytics import QueryRequest
 from api.responses import ResponsesRequest
+from api.seeds import ApiChatStreamRequest, ChatStreamRequest
 from api.wire import ChatCompletionRequest, OrchestrateRequest
 from api.ws import WsCancel, WsChat
 from core.events import Event
@@ -192,6 +193,16 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                             required=True),),
               responses={200: _json("`{id, object: model, created, owned_by}`"),
                          404: _json("unknown model (`model_not_found`)")}),
+    Operation("POST", "/chat/stream", "Seed 003's wire: one turn as token/tool/end frames",
+              "seeds", body=ChatStreamRequest, starts_turn=True,
+              responses={200: Reply("`data:`-only SSE of `{\"type\": \"token\", \"token\"}`, "
+                                    "`tool_result`, `tool_error`, `error` and a last `end`",
+                                    media="text/event-stream", schema={"type": "string"})}),
+    Operation("POST", "/api/chat/stream", "Seed 001's wire: the turn's updates as Turn JSON",
+              "seeds", body=ApiChatStreamRequest, starts_turn=True,
+              responses={200: Reply("`data: <Turn JSON>` per update (status and content so "
+                                    "far), the last one `complete`",
+                                    media="text/event-stream", schema={"type": "string"})}),
     Operation("GET", "/v1/ws", "WebSocket: chat turns and their updates", "websocket",
               description="Upgrade to a WebSocket. Client messages: `WsChat` (starts a turn) "
                           "and `WsCancel`; the server sends `response_id`, `update` (a turn "
