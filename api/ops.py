@@ -82,8 +82,10 @@ def add_metrics(app: web.Application) -> Metrics:
                     lambda: app[STORE].stats.failed_flushes)
     metrics.counter("agentflow_client_cutoffs", "SSE clients cut off for falling behind or "
                     "blocking writes (they resume with Last-Event-ID).", lambda: app[CLIENTS].cut_off)
-    metrics.counter("agentflow_provider_errors", "Failed model calls (unreachable, HTTP error, "
-                    "timeout, malformed stream).", lambda: app[PROVIDER].failures)
+    metrics.labelled_counter(
+        "agentflow_provider_errors", "Failed model calls (unreachable, HTTP error, timeout, "
+        "malformed stream), by provider (PROVIDERS).", "provider",
+        lambda: {name: entry.provider.failures for name, entry in app[REGISTRY].entries.items()})
     app.router.add_get("/metrics", metrics_page)
     return metrics
 

@@ -74,6 +74,11 @@ class Metrics:
         """A counter (``name`` without ``_total``) whose running total ``read()`` gives."""
         self._state.add(name, documentation, read, counter=True)
 
+    def labelled_counter(self, name: str, documentation: str, label: str,
+                         read: Callable[[], Mapping[str, float]]) -> None:
+        """A counter with one label: one sample per key of what ``read()`` gives."""
+        self._state.add_labelled(name, documentation, label, read)
+
     def render(self) -> bytes:
         """Every metric in the Prometheus text format."""
         return generate_latest(self.registry)
@@ -134,14 +139,16 @@ class _StateCollector(Collector):
 
     def __init__(self) -> None:
         self._reads: list[tuple[str, str, Callable[[], float], bool]] = []
-        self._labelled: list[tuple[str, str, str, Mapping[str, int]]] = []
+        self._labelled: list[tuple[str, str, str, Callable[[], Mapping[str, float]]]] = []
 
     def add(self, name: str, documentation: str, read: Callable[[], float], *, counter: bool) -> None:
         self._reads.append((name, documentation, read, counter))
 
-    def add_labelled(self, name: str, documentation: str, label: str, counts: Mapping[str, int]) -> None:
-        """A counter with one label, one sample per key of ``counts``."""
-        self._labelled.append((name, documentation, label, counts))
+    def add_labelled(self, name: str, documentation: str, label: str,
+                     counts: Mapping[str, float] | Callable[[], Mapping[str, float]]) -> None:
+        """A counter with one label, one sample per key of ``counts`` (or of what it returns)."""
+        read = counts if callable(counts) else (lambda: counts)
+        self._labelled.append((name, documentation, label, read))
 
     def describe(self) -> Iterable[Metric]:
         return self._families(values=False)
@@ -150,9 +157,13 @@ class _StateCollector(Collector):
         return self._families(values=True)
 
     def _families(self, *, values: bool) -> Iterator[Metric]:
-        for name, documentation, label, counts in self._labelled:
+        for name, documentation, label, read_counts in self._labelled:
             labelled = CounterMetricFamily(name, documentation, labels=[label])
             if values:
+                try:
+                    counts = dict(read_counts())
+                except Exception:  # the app is starting or stopping: leave it out
+                    continue
                 for key, count in sorted(counts.items()):
                     labelled.add_metric([key], count)
             yield labelled

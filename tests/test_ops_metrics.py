@@ -15,6 +15,7 @@ from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 import server
+from api.common import REGISTRY
 from api.ops import METRICS
 from core.config import Settings
 from core.events import Done, RequestReceived, Text, TokenUsage
@@ -105,7 +106,11 @@ async def test_metrics_in_process_match_the_streams(
     assert samples[("agentflow_time_to_first_token_seconds_count", (("model", "offline"),))] == 2
     assert samples[("agentflow_turn_duration_seconds_count", (("model", "offline"),))] == 2
     assert samples[("agentflow_turn_duration_seconds_count", (("model", "ghost"),))] == 1
-    assert samples[("agentflow_provider_errors_total", ())] == 1
+    provider_errors = {labels: v for (name, labels), v in samples.items()
+                       if name == "agentflow_provider_errors_total"}
+    default = client.app[REGISTRY].default
+    assert provider_errors[(("provider", default),)] == 1  # the ghost model's failed call
+    assert sum(provider_errors.values()) == 1
     assert samples[("agentflow_live_turns", ())] == 0
     assert samples[("agentflow_open_streams", ())] == 0
     assert samples[("agentflow_store_flush_failures_total", ())] == 0
