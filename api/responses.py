@@ -41,7 +41,6 @@ from api.common import (
     path_id,
 )
 from api.wire import ApiError, read_body
-from core.config import Settings
 from core.errors import BufferOverflowError
 from core.events import Event
 from core.turn import ChatMessage, TurnInput
@@ -91,8 +90,8 @@ class TextOptions(BaseModel):
 
 class ResponsesRequest(BaseModel):
     """Body of ``POST /v1/responses``. Unknown fields are a 400 naming them (nothing is
-    dropped silently); known fields we cannot honour are a 400 too (see
-    :func:`_refuse_unsupported`)."""
+    dropped silently); so are values this server cannot honour (``text.format`` other than
+    ``text``, ``include``, ``truncation: auto``)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -120,25 +119,8 @@ class ResponsesRequest(BaseModel):
     service_tier: Literal["auto", "default"] | None = None
 
 
-def client_params_supported() -> bool:
-    """Whether a turn takes the client's model parameters and tools (``TurnInput``'s
-    ``model_params``, the chat-completions half of issue 11). Without it, what would need
-    them is a 400 rather than silently dropped."""
-    return "model_params" in TurnInput.model_fields
-
-
-def _refuse_unsupported(body: ResponsesRequest) -> None:
-    """Parameters the model provider cannot take are a 400 naming them."""
-    if not client_params_supported():
-        for name in ("temperature", "top_p", "tools"):
-            if getattr(body, name):
-                raise ApiError(400, f"{name} is not supported by this server's model "
-                               "provider yet; leave it out", code="unsupported_parameter",
-                               param=name)
-        if isinstance(body.input, list) and any(
-                item.get("type") in ("function_call", "function_call_output") for item in body.input):
-            raise ApiError(400, "function_call items are not supported by this server's model "
-                           "provider yet", code="unsupported_input", param="input")
+def _check_tools(body: ResponsesRequest) -> None:
+    """Tools and ``tool_choice`` that cannot go together are a 400 naming them."""
     names = [tool.name for tool in body.tools]
     if len(set(names)) != len(names):
         raise ApiError(400, "tools: two function tools have the same name", code="invalid_body",
@@ -431,7 +413,7 @@ async def _replayed(events: Iterable[ResponseEvent]) -> AsyncGenerator[ResponseE
 async def create_response(request: web.Request) -> web.StreamResponse:
     """``POST /v1/responses``: run a turn and answer in the Responses API's shape."""
     body = await read_body(request, ResponsesRequest)
-    _refuse_unsupported(body)
+    _check_tools(body)
     limit = request.app[SETTINGS].responses_max_input_items
     if isinstance(body.input, list) and len(body.input) > limit:
         raise ApiError(400, f"input: {len(body.input)} items; the limit is {limit} "
@@ -447,12 +429,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     earlier_calls: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         conversation_id, earlier_calls = await _continued(request, body.previous_response_id)
-    turn = app[ORCHESTRATOR].run(TurnInput.model_validate({
-        "messages": _checked_messages(body, earlier_calls=earlier_calls),
-        "conversation_id": conversation_id, "model": model,
-        "max_tokens": body.max_output_tokens, "kind": "responses",
-        **_client_params(body, app[SETTINGS]),
-    }))
+    turn = app[ORCHESTRATOR].run(TurnInput(
+        messages=_checked_messages(body, earlier_calls=earlier_calls),
+        conversation_id=conversation_id, model=model, max_tokens=body.max_output_tokens,
+        kind="responses", model_params=_model_params(body),
+        # The server's own tools never run for a Responses caller unless the deployer says.
+        server_tools=app[SETTINGS].openai_wire_server_tools,
+    ))
     response_id = response_id_of(turn.request_id)
     meta = ResponseMeta(request_id=turn.request_id,
                         base=_base(body, response_id=response_id, model=model),
@@ -498,13 +481,9 @@ def _checked_messages(
     return messages
 
 
-def _client_params(body: ResponsesRequest, settings: Settings) -> dict[str, Any]:
-    """The turn's ``model_params`` (forwarded to the model as given: sampling, the client's
-    function tools in chat-completions form, ``tool_choice``) and ``server_tools`` (off
-    unless ``OPENAI_WIRE_SERVER_TOOLS``), where turns take them (see
-    :func:`client_params_supported`; otherwise :func:`_refuse_unsupported` refused them)."""
-    if not client_params_supported():
-        return {}
+def _model_params(body: ResponsesRequest) -> dict[str, Any]:
+    """The turn's ``model_params``, forwarded to the model as given: sampling, identifiers,
+    the client's function tools in chat-completions form, ``tool_choice``."""
     params: dict[str, Any] = {}
     for name in ("temperature", "top_p", "parallel_tool_calls", "user", "safety_identifier",
                  "prompt_cache_key"):
@@ -521,8 +500,7 @@ def _client_params(body: ResponsesRequest, settings: Settings) -> dict[str, Any]
         params["tool_choice"] = {"type": "function", "function": {"name": choice["name"]}}
     elif choice is not None and body.tools:
         params["tool_choice"] = choice
-    return {"model_params": params,
-            "server_tools": bool(getattr(settings, "openai_wire_server_tools", False))}
+    return params
 
 
 async def _continued(request: web.Request, previous_id: str) -> tuple[str, list[dict[str, Any]]]:

@@ -17,16 +17,11 @@ from openai import AsyncOpenAI
 from openai.types.responses import Response
 
 import server
-from api.responses import client_params_supported
 from core.config import Settings
 from pipeline.offline_model import compose_answer
 
 MODEL = "offline"
 ClientFactory = Callable[[web.Application], Awaitable[TestClient]]
-needs_client_params = pytest.mark.skipif(
-    not client_params_supported(),
-    reason="turns do not take client model parameters yet (TurnInput.model_params, the "
-           "chat-completions half of issue 11)")
 
 
 def make_settings(tmp_path: Path, **overrides: Any) -> Settings:
@@ -269,16 +264,6 @@ async def test_bad_requests_are_refused_naming_the_field(
     assert error["param"] == param, error
 
 
-@pytest.mark.skipif(client_params_supported(), reason="turns take client parameters")
-@pytest.mark.parametrize("name", ["temperature", "top_p"])
-async def test_sampling_parameters_are_refused_while_the_provider_cannot_take_them(
-        client: TestClient, name: str) -> None:
-    async with client.post("/v1/responses", json={"model": MODEL, "input": "x", name: 0.5}) as resp:
-        assert resp.status == 400
-        error = (await resp.json())["error"]
-    assert (error["code"], error["param"]) == ("unsupported_parameter", name)
-
-
 async def test_too_many_input_items_are_refused(
         aiohttp_client: ClientFactory, tmp_path: Path) -> None:
     client = await aiohttp_client(server.create_app(make_settings(
@@ -331,13 +316,12 @@ def _dead_port() -> int:
     return free_port()  # nothing listens there
 
 
-# -- function tools (need the client-tool plumbing of the chat half) ------------------------
+# -- function tools: a client tool loop ------------------------------------------------------
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather of a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                           "required": ["city"]}}
 
 
-@needs_client_params
 async def test_a_function_call_and_its_output_make_a_client_tool_loop(
         sdk: AsyncOpenAI, client: TestClient) -> None:
     stream = await sdk.responses.create(
@@ -373,7 +357,6 @@ async def test_a_function_call_and_its_output_make_a_client_tool_loop(
     assert sent[-1] == {"role": "tool", "tool_call_id": calls[0].call_id, "content": "sunny"}
 
 
-@needs_client_params
 async def test_the_servers_own_tools_never_run_for_a_responses_client(
         sdk: AsyncOpenAI, client: TestClient) -> None:
     workspace = client.app[server.SETTINGS].fs_base
@@ -404,3 +387,48 @@ async def test_aiohttp_session_is_not_needed_for_the_sdk(client: TestClient) -> 
     assert body.startswith("event: response.created\ndata: {")
     assert body.rstrip().split("\n")[-2] == "event: response.completed"
     await asyncio.sleep(0)
+
+
+# -- parameters reach the model (a stand-in upstream records what it gets) ------------------
+async def test_every_responses_parameter_reaches_the_provider_in_chat_form(
+        aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    from aiohttp.test_utils import TestServer
+
+    from pipeline.offline_model import create_offline_app
+
+    bodies: list[dict[str, Any]] = []
+
+    @web.middleware
+    async def record(request: web.Request,
+                     handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        if request.path == "/v1/chat/completions":
+            bodies.append(await request.json())
+        return await handler(request)
+
+    upstream = create_offline_app(token_delay_ms=0)
+    upstream.middlewares.append(record)
+    async with TestServer(upstream, host="127.0.0.1") as stand_in:
+        client = await aiohttp_client(server.create_app(make_settings(
+            tmp_path, openai_base_url=str(stand_in.make_url("/v1")), openai_api_key="k")))
+        for stream in (False, True):
+            bodies.clear()
+            async with client.post("/v1/responses", json={
+                    "model": MODEL, "input": "What is the weather in Paris?",
+                    "instructions": "Be brief.", "stream": stream, "max_output_tokens": 50,
+                    "temperature": 0.3, "top_p": 0.9, "parallel_tool_calls": False,
+                    "user": "u-1", "safety_identifier": "s1", "prompt_cache_key": "k1",
+                    "tools": [WEATHER], "tool_choice": "none"}) as resp:
+                assert resp.status == 200, await resp.text()
+                await resp.read()
+            (sent,) = bodies
+            assert {k: sent.get(k) for k in ("temperature", "top_p", "parallel_tool_calls", "user",
+                                             "safety_identifier", "prompt_cache_key",
+                                             "tool_choice", "max_tokens")} == {
+                "temperature": 0.3, "top_p": 0.9, "parallel_tool_calls": False, "user": "u-1",
+                "safety_identifier": "s1", "prompt_cache_key": "k1", "tool_choice": "none",
+                "max_tokens": 50}
+            assert sent["tools"] == [{"type": "function", "function": {
+                key: value for key, value in WEATHER.items() if key != "type"}}]
+            assert sent["messages"] == [{"role": "system", "content": "Be brief."},
+                                        {"role": "user", "content": "What is the weather in Paris?"}]
