@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from api.analytics import QueryRequest
 from api.responses import ResponsesRequest
+from api.seeds import ApiChatStreamRequest, ChatStreamRequest
 from api.wire import ChatCompletionRequest, OrchestrateRequest
 from api.ws import WsCancel, WsChat
 from core.events import Event
@@ -139,6 +140,12 @@ CURSOR = (
     Param("Last-Event-ID", "header", {"type": "string", "pattern": "^[0-9]{1,18}$"},
           "the last seq seen; the larger of it and since_seq wins"),
 )
+AGENT_VIEW = (
+    Param("max_depth", "query", {"type": "integer", "minimum": 0},
+          "only streams this deep (0: the top level; sub-agents are deeper)"),
+    Param("agents", "query", {"type": "string"},
+          "only the streams of these agents (comma-separated names)"),
+)
 NATIVE_STREAM = ("Native SSE: `id: <seq>`, `event: <type>`, `data: <one-line JSON event>` "
                  "(the `Event` schema); see docs/protocol.md")
 
@@ -151,7 +158,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               responses={200: _sse(NATIVE_STREAM), 202: _json("background: true", Accepted)}),
     Operation("GET", "/v1/requests/{request_id}/events",
               "Replay a request's events after a cursor, then follow it live", "native",
-              params=(REQUEST_ID, *CURSOR, TRACE),
+              params=(REQUEST_ID, *CURSOR, TRACE, *AGENT_VIEW),
               responses={200: _sse(NATIVE_STREAM),
                          204: Reply("finished and fully seen: stop reconnecting", media=None)}),
     Operation("GET", "/v1/requests/{request_id}", "A request's status, messages, usage, timings",
@@ -185,6 +192,14 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("DELETE", "/v1/responses/{response_id}", "Forget a response", "openai",
               params=(RESPONSE_ID,),
               responses={200: _json("`{id, object: response.deleted, deleted: true}`")}),
+    Operation("POST", "/chat/stream", "Seed 003's chat stream: token, tool_result, tool_error, "
+              "error and end objects", "seeds", body=ChatStreamRequest, starts_turn=True,
+              responses={200: _sse("`data:`-only SSE of seed 003's objects; "
+                                   '`{"type":"end","reason":…}` last')}),
+    Operation("POST", "/api/chat/stream", "Seed 001's chat stream: a Turn update per change",
+              "seeds", body=ApiChatStreamRequest, starts_turn=True,
+              responses={200: _sse("`data: <Turn JSON>` per update (`status`, `content` so "
+                                   "far), the last `complete`, `error` or `cancelled`")}),
     Operation("GET", "/v1/models", "The models a turn may name (OpenAI's list)", "openai",
               responses={200: _json("`{object: list, data: [{id, object, created, owned_by}]}`")}),
     Operation("GET", "/v1/models/{model}", "One model (OpenAI's model object)", "openai",

@@ -158,7 +158,7 @@ async def test_a_failing_router_falls_back_to_respond(aiohttp_client: Any, tmp_p
     client = await aiohttp_client(server.create_app(make_settings(
         tmp_path, router_model="dead/m", providers=dead, default_provider="offline-a")))
     events = await run(client, "hello there")
-    (error,) = of(events, "error")
+    (error,) = of(events, "turn_error")
     assert "falling back to respond" in error["error"] and error["stream_id"] == 1
     assert "unreachable" in error["error"]
     assert [(e["stream_id"], e["status"]) for e in of(events, "stream_end")] == [

@@ -118,7 +118,7 @@ async def test_a_down_provider_fails_its_requests_and_nothing_falls_back(
     async with client.post("/v1/orchestrate", json={
             "model": "dead/m", "messages": [{"role": "user", "content": "hi"}]}) as resp:
         events = assert_wire_rules(await read_frames(resp), trace=False)
-    (error,) = [e for e in events if e["type"] == "error"]
+    (error,) = [e for e in events if e["type"] == "turn_error"]
     assert "unreachable" in error["error"] and error["retryable"] is True
     assert not [e for e in events if e["type"] == "text"]  # no other provider answered
     assert events[-1]["ok"] is False
