@@ -201,7 +201,7 @@ async def test_client_tools_mode_whole_event_list() -> None:
         {"type": "tool_call", "stream_id": 1, "tool": "t_echo", "execution_id": "X",
          "params": {"_unparsed_arguments": "oops"}, "side": "client", "call_id": "call_2"},
         {"type": "token_usage", "stream_id": 1, "model": "m", "prompt_tokens": 1,
-         "completion_tokens": 2, "total_tokens": 3},
+         "completion_tokens": 2, "total_tokens": 3, "cost_usd": None},
         {"type": "stream_end", "stream_id": 1, "status": "ok", "finish_reason": "tool_calls"},
         {"type": "done", "ok": True, "reason": "completed"},
     ]
