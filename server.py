@@ -353,7 +353,7 @@ async def serve(settings: Settings) -> None:
         with contextlib.suppress(Exception):  # close what did start (the store's lock)
             app.freeze()
             await app.cleanup()
-        if isinstance(exc, RegistryConfigError):  # invalid settings: main says so, exit 2
+        if isinstance(exc, RegistryConfigError):  # invalid settings (exit 2), not a failure
             raise
         raise _startup_failure(exc, settings) from exc
     stop = asyncio.Event()

@@ -140,6 +140,12 @@ CURSOR = (
     Param("Last-Event-ID", "header", {"type": "string", "pattern": "^[0-9]{1,18}$"},
           "the last seq seen; the larger of it and since_seq wins"),
 )
+AGENT_VIEW = (
+    Param("max_depth", "query", {"type": "integer", "minimum": 0},
+          "only streams this deep (0: the top level; sub-agents are deeper)"),
+    Param("agents", "query", {"type": "string"},
+          "only the streams of these agents (comma-separated names)"),
+)
 NATIVE_STREAM = ("Native SSE: `id: <seq>`, `event: <type>`, `data: <one-line JSON event>` "
                  "(the `Event` schema); see docs/protocol.md")
 
@@ -152,7 +158,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               responses={200: _sse(NATIVE_STREAM), 202: _json("background: true", Accepted)}),
     Operation("GET", "/v1/requests/{request_id}/events",
               "Replay a request's events after a cursor, then follow it live", "native",
-              params=(REQUEST_ID, *CURSOR, TRACE),
+              params=(REQUEST_ID, *CURSOR, TRACE, *AGENT_VIEW),
               responses={200: _sse(NATIVE_STREAM),
                          204: Reply("finished and fully seen: stop reconnecting", media=None)}),
     Operation("GET", "/v1/requests/{request_id}", "A request's status, messages, usage, timings",
@@ -186,6 +192,14 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("DELETE", "/v1/responses/{response_id}", "Forget a response", "openai",
               params=(RESPONSE_ID,),
               responses={200: _json("`{id, object: response.deleted, deleted: true}`")}),
+    Operation("POST", "/chat/stream", "Seed 003's chat stream: token, tool_result, tool_error, "
+              "error and end objects", "seeds", body=ChatStreamRequest, starts_turn=True,
+              responses={200: _sse("`data:`-only SSE of seed 003's objects; "
+                                   '`{"type":"end","reason":…}` last')}),
+    Operation("POST", "/api/chat/stream", "Seed 001's chat stream: a Turn update per change",
+              "seeds", body=ApiChatStreamRequest, starts_turn=True,
+              responses={200: _sse("`data: <Turn JSON>` per update (`status`, `content` so "
+                                   "far), the last `complete`, `error` or `cancelled`")}),
     Operation("GET", "/v1/models", "The models a turn may name (OpenAI's list)", "openai",
               responses={200: _json("`{object: list, data: [{id, object, created, owned_by}]}`")}),
     Operation("GET", "/v1/models/{model}", "One model (OpenAI's model object)", "openai",
@@ -193,16 +207,6 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                             required=True),),
               responses={200: _json("`{id, object: model, created, owned_by}`"),
                          404: _json("unknown model (`model_not_found`)")}),
-    Operation("POST", "/chat/stream", "Seed 003's wire: one turn as token/tool/end frames",
-              "seeds", body=ChatStreamRequest, starts_turn=True,
-              responses={200: Reply("`data:`-only SSE of `{\"type\": \"token\", \"token\"}`, "
-                                    "`tool_result`, `tool_error`, `error` and a last `end`",
-                                    media="text/event-stream", schema={"type": "string"})}),
-    Operation("POST", "/api/chat/stream", "Seed 001's wire: the turn's updates as Turn JSON",
-              "seeds", body=ApiChatStreamRequest, starts_turn=True,
-              responses={200: Reply("`data: <Turn JSON>` per update (status and content so "
-                                    "far), the last one `complete`",
-                                    media="text/event-stream", schema={"type": "string"})}),
     Operation("GET", "/v1/ws", "WebSocket: chat turns and their updates", "websocket",
               description="Upgrade to a WebSocket. Client messages: `WsChat` (starts a turn) "
                           "and `WsCancel`; the server sends `response_id`, `update` (a turn "

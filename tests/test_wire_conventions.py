@@ -195,7 +195,7 @@ def test_no_event_type_is_an_eventsource_name() -> None:
     union = EVENT_ADAPTER.json_schema()
     kinds = {branch["properties"]["type"]["const"] for branch in union["$defs"].values()
              if "type" in branch.get("properties", {})}
-    assert TURN_ERROR in kinds and len(kinds) == 14, kinds
+    assert TURN_ERROR in kinds and len(kinds) == 14, kinds  # with tool_call_delta (issue 11)
     assert not kinds & {"error", "message"}, kinds
     error = ErrorEvent(request_id="r", seq=4, error="boom", retryable=True)
     frame = event_frame(error).decode()
