@@ -208,7 +208,9 @@ def allowed_hosts(settings: Settings) -> list[str] | None:
     if settings.allowed_hosts is not None:
         hosts = [host.lower().strip("[]") for host in settings.allowed_hosts]
         return None if "*" in hosts else hosts
-    return list(LOOPBACK_HOSTS) if is_loopback(settings.host) else None
+    if not is_loopback(settings.host):
+        return None
+    return [*LOOPBACK_HOSTS, settings.host.strip("[]").lower()]  # e.g. 127.0.0.2
 
 
 def _host_name(host: str) -> str:
