@@ -47,8 +47,8 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
     With ``background: true`` the answer is ``202`` at once and the turn runs on; follow it
     with ``GET /v1/requests/{id}/events``.
     """
-    admit(request)  # first: shedding load must cost as little as possible
     body = await read_body(request, OrchestrateRequest)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     model = check_model(request, body.model)
     limit = request.app[SETTINGS].max_tool_calls_per_step
     if len(body.tool_calls) > limit:
@@ -104,8 +104,8 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     """``POST /v1/roundtable``: several panelists in one native stream (see
     :mod:`pipeline.roundtable`). The posting client paces the panel: when it reads slower
     than the panel speaks, panelists' events are released round-robin."""
-    admit(request)  # first: shedding load must cost as little as possible
     body = await read_body(request, RoundtableRequest)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:

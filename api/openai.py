@@ -40,8 +40,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     the moderator, choice *i* the *i*-th panelist, so each panelist's text is rebuilt from
     ``choice.index``.
     """
-    admit(request)  # first: shedding load must cost as little as possible
     body = await read_body(request, ChatCompletionRequest)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     app = request.app
     settings = app[SETTINGS]
     max_tokens = body.max_tokens or body.max_completion_tokens

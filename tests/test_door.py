@@ -582,6 +582,23 @@ async def test_live_turn_limit_sheds_with_503(aiohttp_client: ClientFactory, tmp
     assert await stored_requests(client) == 2
 
 
+async def test_the_live_turn_limit_is_exact_under_concurrent_requests(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    client = await start(aiohttp_client, tmp_path, max_live_turns=5, offline_token_delay_ms=50)
+
+    async def post() -> int:
+        async with client.post("/v1/orchestrate", json={"messages": [user("x")],
+                                                        "background": True}) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(post() for _ in range(20)))
+    assert sorted(statuses) == [202] * 5 + [503] * 15
+    await client.app[server.ORCHESTRATOR].drain(grace_s=30)
+    assert await stored_requests(client) == 5
+
+
 async def test_open_stream_limit_sheds_with_503(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
     client = await start(aiohttp_client, tmp_path, max_open_streams=1, offline_token_delay_ms=20)
     async with client.post("/v1/orchestrate", json={"messages": [user("q")]}) as first:
