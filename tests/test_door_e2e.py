@@ -367,6 +367,11 @@ def test_rate_limit_and_overload_with_the_openai_sdk(tmp_path: Path) -> None:
         assert answer.choices[0].message.content
         assert [status for status, _ in seen] == [429, 200], seen
         assert seen[0][1] is not None and int(seen[0][1]) >= 2
+        with openai.OpenAI(base_url=srv.url("/v1"), api_key="x", max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as limited:  # the SDK parses the shape
+                client.chat.completions.create(model="offline", messages=[user("hi")])
+        assert limited.value.status_code == 429 and limited.value.code == "rate_limit_exceeded"
+        assert limited.value.response.headers["retry-after"].isdigit()
     finally:
         assert srv.stop() == 0, srv.output()
 
