@@ -47,7 +47,8 @@ from api.native import (
     request_status,
     roundtable,
 )
-from api.openai import chat_completions, list_models
+from api.openai import chat_completions, get_model, list_models
+from api.openapi import openapi_json
 from api.ops import healthz, index_page, list_tools, speech_providers
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
@@ -66,7 +67,12 @@ log = logging.getLogger("server")
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
-                       flush_max_rows=settings.flush_max_rows)
+                       flush_max_rows=settings.flush_max_rows,
+                       storage_version=settings.store_storage_version,
+                       backlog_max_rows=settings.store_backlog_max_rows,
+                       retry_min_ms=settings.store_retry_min_ms,
+                       retry_max_ms=settings.store_retry_max_ms,
+                       barrier_timeout_s=settings.store_barrier_timeout_s)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
@@ -121,6 +127,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ORCHESTRATOR] = StreamingOrchestrator(
         provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -160,6 +167,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/v1/tools", list_tools)
     app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)
@@ -169,6 +177,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/roundtable", roundtable)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/openapi.json", openapi_json)  # every route has a row in api/openapi.py
     return app
 
 

@@ -26,7 +26,7 @@ from pipeline.orchestrator import StreamingOrchestrator, Turn
 from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
-from sinks.sse import comment_frame, event_frame, open_sse, retry_frame
+from sinks.sse import comment_frame, event_frame, open_sse
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,14 @@ def admit(request: web.Request) -> None:
     ``RATE_LIMIT_RPM`` turns a minute for one key (or client address, without keys) a
     ``429`` with ``Retry-After``, in OpenAI's shape, so the SDKs' own retries wait for it.
     """
+    health = request.app[STORE].health()
+    if not health.accepting:  # the store cannot write and its backlog is full
+        retry = max(1, round(health.retry_in_s or 1))
+        raise ApiError(
+            503, f"the event store cannot write now and {health.backlog_rows} rows wait "
+            f"(STORE_BACKLOG_MAX_ROWS={health.backlog_max_rows}); no new turn starts until it "
+            f"writes again (last error: {health.last_error})",
+            type="server_error", code="store_unavailable", headers={"Retry-After": str(retry)})
     app = request.app
     settings = app[SETTINGS]
     overloaded: str | None = None
@@ -329,8 +337,9 @@ async def stream_native(
     on_written: Callable[[int], None] | None = None,
     on_disconnect: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
-    """Write native SSE frames: ``retry:`` advice and a comment at once, then the events,
-    and a comment heartbeat for each ``None`` in ``events`` (a live turn's iterator yields
+    """Write native SSE frames: a ``: stream open`` comment at once, then the events (the
+    first carries the ``retry:`` advice in its own block), and a comment heartbeat for each
+    ``None`` in ``events`` (a live turn's iterator yields
     one per ``HEARTBEAT_S`` of silence: ``turn.events(idle_s=...)``).
 
     A client that falls more than ``CLIENT_BUFFER_EVENTS`` behind, or whose writes block
@@ -344,10 +353,14 @@ async def stream_native(
     response = await open_sse(request, headers=headers)
     app[CLIENTS].open += 1
     try:
-        await response.write(retry_frame(settings.sse_retry_ms) + comment_frame("stream open"))
+        await response.write(comment_frame("stream open"))
+        retry_ms: int | None = settings.sse_retry_ms  # sent once, inside the first event's block
         async with contextlib.aclosing(events) as source:
             async for event in source:
-                frame = comment_frame("keep-alive") if event is None else event_frame(event)
+                if event is None:
+                    frame = comment_frame("keep-alive")
+                else:
+                    frame, retry_ms = event_frame(event, retry_ms=retry_ms), None
                 await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
                 if on_written is not None and event is not None:
                     on_written(event.seq)

@@ -35,16 +35,22 @@ async def healthz(request: web.Request) -> web.Response:
     app = request.app
     settings = app[SETTINGS]
     stats = app[STORE].stats
-    return web.json_response({
-        "status": "ok",
+    store = app[STORE].health()
+    # A store that cannot write is not healthy (503), even before new turns are refused.
+    status = "ok" if store.writable else "degraded"
+    return web.json_response(status=200 if store.writable else 503, data={
+        "status": status,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": settings.default_model},
         "live_turns": len(app[ORCHESTRATOR].live),
         "clients": {"open": app[CLIENTS].open, "cut_off": app[CLIENTS].cut_off},
         "turn_subscribers": sum(turn.subscribers for turn in app[ORCHESTRATOR].live.values()),
-        "store": {"events_written": stats.events_written,
+        "store": {"writable": store.writable, "accepting": store.accepting,
+                  "backlog_rows": store.backlog_rows, "backlog_max_rows": store.backlog_max_rows,
+                  "retry_in_s": store.retry_in_s, "dead_letters": store.dead_letters,
+                  "events_written": stats.events_written,
                   "flushes": stats.flushes, "failed_flushes": stats.failed_flushes,
-                  "last_flush_ms": round(stats.last_flush_ms, 3), "last_error": stats.last_error},
+                  "last_flush_ms": round(stats.last_flush_ms), "last_error": store.last_error},
         "tools": {"enabled": [tool.name for tool in app[TOOLS].enabled()],
                   "disabled": [tool.name for tool in app[TOOLS].tools if not tool.enabled]},
     })

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -112,6 +113,15 @@ class Settings(BaseSettings):
     admin_key: str | None = Field(default=None, repr=False, description="Bearer key for /v1/query, export")
 
     # -- the door and the store's trust (issue 10): add settings of that area below ----------
+    # store and upstream
+    store_backlog_max_rows: int = Field(
+        default=200_000, ge=1, description="rows kept while the store cannot write; then new turns get 503")
+    store_retry_min_ms: float = Field(default=100.0, gt=0, description="first retry of a refused write")
+    store_retry_max_ms: float = Field(default=5_000.0, gt=0, description="longest wait between retries")
+    store_barrier_timeout_s: float = Field(
+        default=10.0, gt=0, description="longest a turn waits for the store to hold its events")
+    done_barrier: bool = Field(default=True, description="send done only once the turn's events are stored")
+    turn_deadline_s: float = Field(default=600.0, gt=0, description="longest a turn may run")
     # the door
     max_messages: int = Field(default=2048, ge=1, description="messages per request; more → 400")
     max_json_depth: int = Field(default=64, ge=2, le=500, description="deeper JSON bodies → 400")
@@ -130,9 +140,25 @@ class Settings(BaseSettings):
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
+    # wire and tools
+    store_storage_version: str = Field(
+        default="v1.4.0", pattern=r"^(v\d+\.\d+\.\d+|latest)$",
+        description="DuckDB storage format of a new store file (v1.4.0: read by DuckDB >= 1.4 tools)",
+    )
     # (end of the operations settings)
 
     # -- the OpenAI wire (issue 11): add settings of that area below ------------------------
+    # chat completions
+    openai_wire_server_tools: bool = Field(
+        default=False, description="offer the server's own tools to /v1/chat/completions callers"
+    )
+    openai_wire_on_disconnect: Literal["continue", "cancel"] = Field(
+        default="cancel", description="what a dropped chat-completions stream does to its turn"
+    )
+    openai_wire_extra_fields: Literal["forward", "reject"] = Field(
+        default="forward", description="unknown chat-completions body fields: sent on, or a 400"
+    )
+    openai_wire_max_n: int = Field(default=16, ge=1, le=128, description="largest n (choices)")
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------

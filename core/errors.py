@@ -40,5 +40,19 @@ class TurnCancelledError(PipelineError):
     """The turn was cancelled before it finished."""
 
 
+class TurnDeadlineError(PipelineError):
+    """A turn ran past its overall deadline (``TURN_DEADLINE_S``) and was stopped.
+
+    Attributes:
+        seconds: The deadline.
+    """
+
+    retryable = False
+
+    def __init__(self, *, seconds: float) -> None:
+        super().__init__(f"the turn ran past its deadline of {seconds:g}s (TURN_DEADLINE_S); stopped")
+        self.seconds = seconds
+
+
 class StoreError(PipelineError):
     """The event store could not write or read."""

@@ -14,11 +14,28 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Final, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
 StreamStatus: TypeAlias = Literal["ok", "error", "cancelled"]
 DoneReason: TypeAlias = Literal["completed", "error", "cancelled", "interrupted"]
 Visibility: TypeAlias = Literal["public", "trace"]
+
+
+def whole_ms(value: Any) -> Any:
+    """Round a float of milliseconds to a whole number (events stored before durations
+    were integers hold floats such as ``354.006``); anything else is left to pydantic."""
+    if isinstance(value, float) and value == value and abs(value) != float("inf"):
+        return round(value)
+    return value
+
+
+#: Whole milliseconds: every ``*_ms`` field on the wire is an integer (typed clients decode
+#: an ``int``); a float read back from an older store is rounded.
+Millis: TypeAlias = Annotated[int, BeforeValidator(whole_ms)]
+
+#: The ``type`` of the turn-level error event. Not ``error``: a native frame ``event: error``
+#: fires EventSource's own ``onerror`` handler (browsers, Node's ``eventsource``).
+TURN_ERROR: Final = "turn_error"
 
 
 class EventBase(BaseModel):
@@ -31,6 +48,15 @@ class EventBase(BaseModel):
     ts: float = Field(default_factory=time.time)
 
 
+def _unset(value: Any) -> bool:
+    """Whether an optional field is left out of the wire form (it is None)."""
+    return value is None
+
+
+# Optional fields are left out of the wire form while None (``exclude_if=_unset``), so events
+# that do not use them keep their plain form; unlike a model serializer, at no cost per event.
+
+
 class RequestReceived(EventBase):
     """Always the first event of a request (seq 1)."""
 
@@ -40,29 +66,58 @@ class RequestReceived(EventBase):
 
 
 class StreamStart(EventBase):
-    """Opens one agent's turn; closed by exactly one :class:`StreamEnd`."""
+    """Opens one agent's turn; closed by exactly one :class:`StreamEnd`.
+
+    ``choice`` (only when the request asked for ``n > 1``): which of the model's choices
+    this stream carries; choices 1… are child streams of choice 0's.
+    """
 
     type: Literal["stream_start"] = "stream_start"
     stream_id: int
     agent: str
     depth: int = 0
     parent_stream_id: int | None = None
+    choice: int | None = Field(default=None, exclude_if=_unset)
 
 
 class Text(EventBase):
-    """A piece of model output."""
+    """A piece of model output; ``logprobs`` (only when the request asked for them) are
+    the provider's per-token log probabilities of this piece (OpenAI's ``content`` list);
+    ``refusal: true`` marks a piece of the model's refusal (OpenAI's ``delta.refusal``)."""
 
     type: Literal["text"] = "text"
     stream_id: int
     delta: str
+    logprobs: list[dict[str, Any]] | None = Field(default=None, exclude_if=_unset)
+    refusal: Literal[True] | None = Field(default=None, exclude_if=_unset)
 
 
 class ToolCall(EventBase):
+    """A tool call. ``side: "client"`` marks a call of a client's own tool (the OpenAI
+    wire): the server does not run it and no ``tool_result`` follows; ``call_id`` is the
+    model's id of the call (the client's ``tool_call_id``). Both are absent otherwise."""
+
     type: Literal["tool_call"] = "tool_call"
     stream_id: int
     tool: str
     execution_id: str
     params: dict[str, Any] = Field(default_factory=dict)
+    side: Literal["client"] | None = Field(default=None, exclude_if=_unset)
+    call_id: str | None = Field(default=None, exclude_if=_unset)
+
+
+class ToolCallDelta(EventBase):
+    """A piece of a client's tool call as the model streams it (the OpenAI wire's client
+    tools): the first piece of a call has its ``call_id`` and ``name``, later ones add to
+    its ``arguments``. ``index`` numbers the model's calls within the stream. The complete
+    call follows as a ``tool_call`` with ``side: "client"``."""
+
+    type: Literal["tool_call_delta"] = "tool_call_delta"
+    stream_id: int
+    index: int
+    call_id: str | None = Field(default=None, exclude_if=_unset)
+    name: str | None = Field(default=None, exclude_if=_unset)
+    arguments: str = ""
 
 
 class ToolResult(EventBase):
@@ -73,7 +128,7 @@ class ToolResult(EventBase):
     ok: bool
     data: Any = None
     error: str | None = None
-    duration_ms: float = 0.0
+    duration_ms: Millis = 0
 
 
 class TokenUsage(EventBase):
@@ -102,9 +157,9 @@ class StreamEnd(EventBase):
 
 
 class ErrorEvent(EventBase):
-    """A failure; the turn still closes its streams and sends ``done``."""
+    """A failure (wire type ``turn_error``); the turn still closes its streams and sends ``done``."""
 
-    type: Literal["error"] = "error"
+    type: Literal["turn_error"] = "turn_error"
     stream_id: int | None = None
     error: str
     retryable: bool = False
@@ -115,7 +170,7 @@ class Done(EventBase):
 
     type: Literal["done"] = "done"
     ok: bool
-    duration_ms: float
+    duration_ms: Millis
     reason: DoneReason
 
 
@@ -148,6 +203,7 @@ Event: TypeAlias = Annotated[
     | StreamStart
     | Text
     | ToolCall
+    | ToolCallDelta
     | ToolResult
     | TokenUsage
     | Advisor
@@ -161,6 +217,9 @@ Event: TypeAlias = Annotated[
 ]
 
 EVENT_ADAPTER: Final[TypeAdapter[Event]] = TypeAdapter(Event)
+
+#: An alias that says what the event is, beside its historical class name.
+TurnError = ErrorEvent
 
 #: Event types shown to clients only when they ask for ``trace: true``; always stored.
 TRACE_TYPES: Final[frozenset[str]] = frozenset({"llm_call", "route", "memory"})

@@ -6,9 +6,10 @@ import dataclasses
 import itertools
 import time
 import uuid
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, NotRequired, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing_extensions import TypedDict  # pydantic wants it on Python < 3.12
 
 from core.events import (
     Done,
@@ -29,15 +30,52 @@ def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
+class TextPart(TypedDict):
+    """One of OpenAI's content parts; only ``text`` parts are accepted."""
+
+    type: Literal["text"]
+    text: NotRequired[str]
+
+
+class ToolCallFunction(BaseModel):
+    """The function of an assistant's tool call: its name and arguments JSON, as sent."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=200)
+    arguments: str = ""
+
+
+class MessageToolCall(BaseModel):
+    """A tool call in an assistant message (OpenAI's ``tool_calls`` item)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=400)
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat message; ``content`` may be OpenAI's list of text parts."""
+    """One chat message; ``content`` may be OpenAI's list of text parts.
+
+    Tool loops of a client pass through as OpenAI has them: an assistant message with
+    ``tool_calls`` (its ``content`` may be null), then one ``role: "tool"`` message per call
+    with its ``tool_call_id``. :meth:`as_openai` gives them back unchanged.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str  # required; null (as OpenAI allows for assistant messages) reads as ""
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # Required, except beside an assistant's tool_calls; null (as OpenAI allows for
+    # assistant messages) reads as "".
+    content: str = ""
+    name: str | None = Field(default=None, max_length=200)
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, min_length=1, max_length=400)
 
-    @field_validator("content", mode="before")
+    # The JSON schema (GET /openapi.json) states what is accepted: a string, null or parts.
+    @field_validator("content", mode="before", json_schema_input_type=str | None | list[TextPart])
     @classmethod
     def _flatten(cls, value: Any) -> Any:
         if value is None:
@@ -47,12 +85,40 @@ class ChatMessage(BaseModel):
             for part in value:
                 if not isinstance(part, dict) or part.get("type") != "text":
                     raise ValueError("only text content parts are supported")
-                texts.append(str(part.get("text", "")))
+                text = part.get("text", "")
+                if not isinstance(text, str):  # refused, not stringified (e.g. "None", "{}")
+                    raise ValueError("a text part's text must be a string")
+                texts.append(text)
             return "".join(texts)
         return value
 
-    def as_openai(self) -> dict[str, str]:
-        return {"role": self.role, "content": self.content}
+    @model_validator(mode="before")
+    @classmethod
+    def _content_given(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "content" not in value and not value.get("tool_calls"):
+            raise ValueError("content is required (it may be absent only beside tool_calls)")
+        return value
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            raise ValueError("tool_call_id belongs to tool messages only")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages only")
+        return self
+
+    def as_openai(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls:
+            out["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+            out["content"] = self.content or None  # OpenAI's null content beside calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
 
 class ToolCallSpec(BaseModel):
@@ -80,6 +146,11 @@ class TurnInput(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=100_000)
     kind: str = "orchestrate"
     tool_calls: list[ToolCallSpec] = Field(default_factory=list)
+    #: Request parameters sent to the model as given (temperature, stop, n, a client's
+    #: ``tools`` and ``tool_choice``…): the OpenAI wire forwards its caller's.
+    model_params: dict[str, Any] = Field(default_factory=dict)
+    #: Whether the server's own tools are offered to the model (the agent loop).
+    server_tools: bool = True
 
 
 @dataclasses.dataclass
@@ -88,17 +159,24 @@ class TurnContext:
 
     request_id: str
     conversation_id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     trace: bool
     model: str
     max_tokens: int | None
     kind: str
-    history: list[dict[str, str]] = dataclasses.field(default_factory=list)
+    history: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     route: str | None = None
     #: Tool calls the request named directly (run by the tool harness).
     tool_calls: list[ToolCallSpec] = dataclasses.field(default_factory=list)
     #: Messages the tool harness adds for the model: its calls and their results.
     tool_context: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    #: True when the conversation id was made for this turn: there is no history to load.
+    new_conversation: bool = False
+    #: Request parameters forwarded to the model unchanged (see :class:`TurnInput`); with
+    #: ``tools`` in them the model's tool calls are the client's to run.
+    model_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: Whether the server's own tools are offered (never, beside a client's ``tools``).
+    server_tools: bool = True
     _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def next_stream_id(self) -> int:
@@ -122,8 +200,8 @@ class TurnResult(BaseModel):
     model: str
     finish_reason: str | None = None
     usage: TurnUsage = Field(default_factory=TurnUsage)
-    duration_ms: float | None = None
-    first_token_ms: float | None = None
+    duration_ms: int | None = None
+    first_token_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -144,8 +222,8 @@ class TurnState:
     depths: dict[int, int] = dataclasses.field(default_factory=dict)
     finish_reason: str | None = None
     usage: TurnUsage = dataclasses.field(default_factory=TurnUsage)
-    first_token_ms: float | None = None
-    duration_ms: float | None = None
+    first_token_ms: int | None = None
+    duration_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
 
@@ -157,7 +235,7 @@ class TurnState:
                 if self.depths.get(stream_id, 0) == 0:
                     self.parts.append(delta)
                 if self.first_token_ms is None:
-                    self.first_token_ms = round((event.ts - self.started) * 1000, 3)
+                    self.first_token_ms = round((event.ts - self.started) * 1000)
             case StreamStart(stream_id=stream_id, depth=depth):
                 self.depths[stream_id] = depth
             case StreamEnd(stream_id=stream_id, finish_reason=reason):

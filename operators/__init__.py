@@ -7,6 +7,8 @@ Each is a factory returning ``Callable[[Observable[A]], Observable[B]]`` for
 """
 
 from operators._chat_chunks import ChatChunk, to_chat_chunks
+from operators._deadline import turn_deadline
+from operators._durable_done import durable_done
 from operators._fair_merge import merge_fair
 from operators._from_async_iterable import from_async_iterable
 from operators._numbering import number_events
@@ -23,6 +25,7 @@ __all__ = [
     "ReplayLog",
     "TurnUpdate",
     "alongside",
+    "durable_done",
     "from_async_iterable",
     "merge_fair",
     "merge_panel",
@@ -31,6 +34,7 @@ __all__ = [
     "sequence",
     "then",
     "to_chat_chunks",
+    "turn_deadline",
     "turn_envelope",
     "turn_updates",
     "visible",

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import reactivex
 from reactivex import Observable, abc
 
-from core.events import Done, ErrorEvent, Event, StreamEnd, StreamStart, Text, TokenUsage
+from core.events import (
+    Done,
+    ErrorEvent,
+    Event,
+    StreamEnd,
+    StreamStart,
+    Text,
+    TokenUsage,
+    ToolCall,
+    ToolCallDelta,
+)
 
 ChatChunk = dict[str, Any]
 
@@ -30,13 +41,21 @@ def to_chat_chunks(
       belongs to, so a multi-agent turn (a roundtable) can be rebuilt agent by agent from
       ``choice.index``, as with OpenAI's ``n > 1``; a stream opened again by the same agent
       (its next round) starts with a blank line;
+    - a stream that carries one of the model's ``n`` choices (``stream_start.choice``)
+      puts its deltas on that choice's index; ``text.logprobs`` go in ``choice.logprobs``;
+      a ``text`` marked ``refusal`` is a ``delta.refusal``;
+    - a client's tool call streams as its ``tool_call_delta`` events do: the first as
+      ``tool_calls[k]`` with ``id``, ``type`` and ``function.name`` (and its first
+      arguments), the others as ``tool_calls[k].function.arguments`` pieces (``k`` counts the
+      choice's calls); a ``tool_call`` with ``side: "client"`` that came without deltas
+      becomes the head and then its whole arguments;
     - ``done`` becomes a final chunk per choice with ``finish_reason`` (the model's, from
       the choice's last ``stream_end``; ``"stop"`` when none was given), then, when
       ``include_usage``, a chunk with ``choices: []`` and the summed ``token_usage``;
-    - an ``error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
+    - a ``turn_error`` event becomes ``{"error": {...}}``, which the ``openai`` SDK raises as
       an ``APIError`` in the client's loop; no finish or usage chunk follows it.
 
-    Other events (trace, tools, brackets) produce no chunk. State lives in the
+    Other events (trace, the server's tools, brackets) produce no chunk. State lives in the
     subscription.
 
     Example:
@@ -45,7 +64,8 @@ def to_chat_chunks(
     """
     agent_choice = dict(choices or {})
 
-    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None) -> ChatChunk:
+    def chunk(index: int, delta: dict[str, Any], finish_reason: str | None,
+              logprobs: list[dict[str, Any]] | None = None) -> ChatChunk:
         out: ChatChunk = {
             "id": completion_id,
             "object": "chat.completion.chunk",
@@ -53,7 +73,8 @@ def to_chat_chunks(
             "model": model,
             "choices": [
                 {"index": index, "delta": delta, "finish_reason": finish_reason,
-                 "logprobs": None}
+                 "logprobs": None if logprobs is None else {"content": logprobs,
+                                                            "refusal": None}}
             ],
         }
         if include_usage:
@@ -69,6 +90,10 @@ def to_chat_chunks(
             spoken: dict[int, bool] = {}  # choice → has text (role sent); insertion order
             separate: set[int] = set()  # choices whose next text starts a new stream
             finish: dict[int, str] = {}
+            calls: dict[int, int] = {}  # choice → client tool calls so far
+            streamed: dict[tuple[int, int], int] = {}  # (stream, model's index) → k
+            streamed_ids: set[str] = set()
+            opened: set[int] = set()  # choices of n with a stream
             failed = False
             usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
 
@@ -87,9 +112,49 @@ def to_chat_chunks(
             def on_next(event: Event) -> None:
                 nonlocal failed
                 match event:
-                    case Text(stream_id=stream_id, delta=text):
+                    case Text(stream_id=stream_id, delta=text, refusal=True):
                         index = stream_choice.get(stream_id, 0)
-                        observer.on_next(chunk(index, delta(index, text), None))
+                        piece = delta(index, None)
+                        piece["refusal"] = text
+                        observer.on_next(chunk(index, piece, None))
+                    case Text(stream_id=stream_id, delta=text, logprobs=logprobs):
+                        index = stream_choice.get(stream_id, 0)
+                        observer.on_next(chunk(index, delta(index, text), None, logprobs))
+                    case ToolCallDelta(stream_id=stream_id, index=position):
+                        index = stream_choice.get(stream_id, 0)
+                        known = streamed.get((stream_id, position))
+                        if known is None:
+                            known = streamed[(stream_id, position)] = calls.get(index, 0)
+                            calls[index] = known + 1
+                            # The provider names an id-less call "call_<index>" (as here).
+                            call_id = event.call_id or f"call_{position}"
+                            streamed_ids.add(call_id)
+                            piece = delta(index, None)
+                            piece["tool_calls"] = [{
+                                "index": known, "id": call_id, "type": "function",
+                                "function": {"name": event.name or "",
+                                             "arguments": event.arguments}}]
+                        else:
+                            piece = {"tool_calls": [{"index": known, "function": {
+                                "arguments": event.arguments}}]}
+                        observer.on_next(chunk(index, piece, None))
+                    case ToolCall(side="client", call_id=call_id) if call_id in streamed_ids:
+                        pass  # already streamed by its deltas
+                    case ToolCall(side="client", stream_id=stream_id, call_id=call_id):
+                        index = stream_choice.get(stream_id, 0)
+                        k = calls.get(index, 0)
+                        calls[index] = k + 1
+                        head = delta(index, None)
+                        head["tool_calls"] = [{"index": k, "id": call_id, "type": "function",
+                                               "function": {"name": event.tool, "arguments": ""}}]
+                        observer.on_next(chunk(index, head, None))
+                        observer.on_next(chunk(index, {"tool_calls": [
+                            {"index": k, "function": {"arguments": _arguments(event.params)}}]},
+                            None))
+                    case StreamStart(stream_id=stream_id, agent=agent, depth=depth,
+                                     choice=int(choice)):
+                        stream_choice[stream_id] = choice
+                        opened.add(choice)
                     case StreamStart(stream_id=stream_id, agent=agent, depth=depth):
                         index = agent_choice.get(agent, 0)
                         stream_choice[stream_id] = index
@@ -114,7 +179,7 @@ def to_chat_chunks(
                                        "code": "turn_failed"}}
                         )
                     case Done() if not failed:
-                        for index in sorted({0, *spoken}):
+                        for index in sorted({0, *spoken, *opened}):
                             observer.on_next(chunk(index, delta(index, None),
                                                    finish.get(index, "stop")))
                         if include_usage:
@@ -133,3 +198,10 @@ def to_chat_chunks(
         return reactivex.create(subscribe)
 
     return _to_chunks
+
+
+def _arguments(params: dict[str, Any]) -> str:
+    """A client tool call's arguments JSON: as the model sent it when it was no object."""
+    if set(params) == {"_unparsed_arguments"}:
+        return str(params["_unparsed_arguments"])
+    return json.dumps(params, ensure_ascii=False)

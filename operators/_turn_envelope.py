@@ -46,7 +46,7 @@ def turn_envelope(
 
     Guarantees: ``request_received`` is first; exactly one ``done`` is last; every
     ``stream_start`` gets exactly one ``stream_end`` (innermost closed first); a body
-    error becomes an ``error`` event (``retryable`` taken from the exception when it has
+    error becomes a ``turn_error`` event (``retryable`` taken from the exception when it has
     one) instead of an ``on_error``, so sinks always see a complete turn.
 
     Args:
@@ -79,7 +79,7 @@ def turn_envelope(
             def finish(reason: DoneReason) -> None:
                 nonlocal finished
                 finished = True
-                duration_ms = round((clock() - started) * 1000, 3)
+                duration_ms = round((clock() - started) * 1000)  # whole ms
                 ok = reason == "completed" and errors == 0
                 if reason == "completed" and errors:
                     reason = "error"

@@ -74,7 +74,7 @@ def turn_updates(*, session_id: str) -> Callable[[Observable[Event]], Observable
                 return _State(update, True, depths)
             case ErrorEvent(error=message):
                 update = base.model_copy(update={
-                    "error": message, "delta": "", "event": "error", "seq": event.seq})
+                    "error": message, "delta": "", "event": event.type, "seq": event.seq})
                 return _State(update, True, depths)
             case Done(reason=reason):
                 update = base.model_copy(update={

@@ -1,4 +1,4 @@
-"""``python -m pipeline``: analysts' command line — query, export, report.
+"""``python -m pipeline``: analysts' command line — query, export, report, sql.
 
 Each command reads either through a running server (``--server URL``: ``/v1/query`` and
 ``/v1/export``) or straight from the DuckDB file (``--db PATH``, opened read-only, which
@@ -10,6 +10,8 @@ works only while no server holds it). Without either, it uses ``--db`` with ``DB
     python -m pipeline query "SELECT * FROM tool_stats" --db data/events.duckdb --format csv
     python -m pipeline export --server http://127.0.0.1:8080 --out ./lake
     python -m pipeline report --out report.html --db data/events.duckdb
+    python -m pipeline sql --server http://127.0.0.1:8080       # an interactive SQL prompt
+    echo "SELECT count(*) FROM events;" | python -m pipeline sql --db data/events.duckdb
 
 Exit codes: 0 done, 1 the query or export failed (refused, timed out, bad SQL), 2 the
 source could not be reached or opened, or the arguments were wrong.
@@ -18,6 +20,7 @@ source could not be reached or opened, or the arguments were wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -261,6 +264,143 @@ def cmd_report(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+# -- the SQL prompt ---------------------------------------------------------------------------
+SQL_HELP = """End each statement with ';' (it may span lines). Read-only: SELECT, WITH, DESCRIBE,
+SHOW TABLES, SUMMARIZE, EXPLAIN … Commands:
+  .tables            the tables and views
+  .schema NAME       the columns of a table or view
+  .format FORMAT     table (default), csv or json
+  .help              this text
+  .quit / .exit      leave (or Ctrl-D)"""
+
+
+def split_statements(text: str) -> tuple[list[str], str]:
+    """The complete statements of ``text`` (each ended by a ``;`` outside quotes and
+    ``--`` comments) and the unfinished rest."""
+    statements: list[str] = []
+    start = 0
+    quote: str | None = None
+    comment = False
+    for index, char in enumerate(text):
+        if comment:
+            comment = char != "\n"
+        elif quote is not None:
+            if char == quote:
+                quote = None  # a doubled quote closes and reopens: same outcome
+        elif char in ("'", '"'):
+            quote = char
+        elif char == "-" and text.startswith("--", index):
+            comment = True
+        elif char == ";":
+            statement = text[start:index].strip()
+            if statement:
+                statements.append(statement)
+            start = index + 1
+    return statements, text[start:]
+
+
+class SqlShell:
+    """The loop of ``python -m pipeline sql``: statements and dot commands in, results out.
+
+    Errors are printed and the prompt goes on; :attr:`failures` counts them (the exit code
+    of a non-interactive run is 1 when any statement failed).
+    """
+
+    def __init__(self, source: Source, *, fmt: str, out: Any, err: Any) -> None:
+        self.source = source
+        self.fmt = fmt
+        self.out = out
+        self.err = err
+        self.failures = 0
+        self.done = False
+        self.buffer = ""
+
+    @property
+    def prompt(self) -> str:
+        return "   -> " if self.buffer.strip() else "sql> "
+
+    def feed(self, line: str) -> None:
+        """One line of input."""
+        if not self.buffer.strip() and line.strip().startswith("."):
+            self.command(line.strip())
+            return
+        statements, self.buffer = split_statements(self.buffer + line + "\n")
+        for statement in statements:
+            self.run(statement)
+
+    def finish(self) -> None:
+        """End of input: a last statement without ``;`` still runs."""
+        rest = self.buffer.strip()
+        self.buffer = ""
+        if rest and not all(part.strip().startswith("--") for part in rest.splitlines()):
+            self.run(rest)
+
+    def run(self, sql: str) -> None:
+        try:
+            result = self.source.query(sql)
+        except CliError as exc:
+            self.failures += 1
+            print(f"error: {exc}", file=self.err, flush=True)
+            return
+        if self.fmt == "json":
+            for row in result.to_json()["rows"]:
+                self.out.write(json.dumps(dict(zip(result.columns, row, strict=True))) + "\n")
+        elif self.fmt == "csv":
+            self.out.write(result.to_csv())
+        else:
+            self.out.write(format_table(result))
+        self.out.flush()
+
+    def command(self, line: str) -> None:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        if name in (".quit", ".exit", ".q"):
+            self.done = True
+        elif name == ".help":
+            print(SQL_HELP, file=self.out, flush=True)
+        elif name == ".tables":
+            self.run("SELECT DISTINCT table_name AS name, table_type AS kind "
+                     "FROM information_schema.tables ORDER BY name")
+        elif name == ".schema" and arg:
+            self.run("DESCRIBE " + '"' + arg.replace('"', '""') + '"')
+        elif name == ".format" and arg in ("table", "csv", "json"):
+            self.fmt = arg
+        else:
+            self.failures += 1
+            print(f"error: unknown command {line!r}; .help lists them", file=self.err, flush=True)
+
+
+def cmd_sql(args: argparse.Namespace, settings: Settings) -> int:
+    source = open_source(args, settings)
+    interactive = sys.stdin.isatty()
+    shell = SqlShell(source, fmt=args.format, out=sys.stdout, err=sys.stderr)
+    try:
+        if interactive:
+            with contextlib.suppress(ImportError):
+                import readline  # noqa: F401 - line editing and history for input()
+            print(f"{source.describe()} (read-only). End statements with ';'; .help, .quit",
+                  flush=True)
+            while not shell.done:
+                try:
+                    shell.feed(input(shell.prompt))
+                except KeyboardInterrupt:
+                    shell.buffer = ""
+                    print()
+                except EOFError:
+                    print()
+                    break
+        else:
+            for line in sys.stdin:
+                shell.feed(line.rstrip("\n"))
+                if shell.done:
+                    break
+        if not shell.done:
+            shell.finish()
+    finally:
+        source.close()
+    return 1 if shell.failures and not interactive else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipeline", description="Query, export and chart the event store.")
@@ -292,6 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_source(report)
     report.add_argument("--out", metavar="FILE", default="report.html", help="report.html or report.png")
     report.set_defaults(run=cmd_report)
+
+    sql = commands.add_parser(
+        "sql", help="an interactive SQL prompt (statements from stdin when it is not a terminal)")
+    add_source(sql)
+    sql.add_argument("--format", choices=("table", "json", "csv"), default="table")
+    sql.set_defaults(run=cmd_sql)
     return parser
 
 

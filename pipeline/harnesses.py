@@ -8,15 +8,38 @@ them; a harness knows *how* to do its step, the orchestrator knows *when*.
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol, TypeAlias
 
-from core.events import Event, LlmCall, Memory, Route, StreamEnd, StreamStart, Text, TokenUsage
-from core.turn import TurnContext
-from pipeline.providers import ChatProvider, Delta, Finish, Piece, ToolCallRequest, Usage
+from core.events import (
+    Event,
+    LlmCall,
+    Memory,
+    Route,
+    StreamEnd,
+    StreamStart,
+    Text,
+    TokenUsage,
+    ToolCall,
+    ToolCallDelta,
+)
+from core.turn import TurnContext, new_id
+from pipeline.providers import (
+    ChatProvider,
+    Delta,
+    Finish,
+    Piece,
+    ToolCallPiece,
+    ToolCallRequest,
+    Usage,
+)
 from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
+
+log = logging.getLogger(__name__)
 
 
 class Archivist(Protocol):
@@ -43,16 +66,24 @@ class RouterHarness:
 
 
 class MemoryHarness:
-    """Loads the conversation's earlier messages into the context (``memory`` trace event)."""
+    """Loads the conversation's earlier messages into the context (``memory`` trace event).
+
+    The store keeps a message's role and text only, so earlier ``tool`` messages (whose
+    calls' ids it does not keep) are left out: a model refuses a tool message that answers
+    no call. A client running its own tool loop sends the whole loop each time anyway.
+    """
 
     def __init__(self, archivist: Archivist, *, limit: int = 200) -> None:
         self.archivist = archivist
         self.limit = limit
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
-        ctx.history = await self.archivist.load_history(
+        # A conversation made for this turn has no history: no store barrier to wait for
+        # (which also lets new conversations run while the store cannot write).
+        history = [] if ctx.new_conversation else await self.archivist.load_history(
             ctx.conversation_id, limit=self.limit, exclude_request_id=ctx.request_id
         )
+        ctx.history = [message for message in history if message.get("role") != "tool"]
         yield Memory(messages_loaded=len(ctx.history))
 
 
@@ -60,20 +91,63 @@ class MemoryHarness:
 class ModelReply:
     """One model call's reply, mapped to events as it streams (the one place pieces become
     ``text`` and ``token_usage`` events); what is left to decide on is kept: the text,
-    the finish reason and the tool calls asked for."""
+    the finish reason and the tool calls asked for.
+
+    ``max_tokens`` is enforced here, whatever the upstream does: a text piece past that
+    many stops the reading, closes the model call and finishes the reply as ``length``
+    (a piece counts as a token: each delta of an OpenAI-compatible stream is about one).
+
+    With ``client_tools`` the model's tool calls are the client's: their fragments become
+    ``tool_call_delta`` events as they stream, and each whole call a ``tool_call`` event
+    marked ``side: "client"``; they are never run here. Pieces of
+    choices 1… (a request's ``n``) go to child streams of ``stream_id``, opened by ``open``
+    as each choice first speaks and closed by :meth:`close_choices`.
+    """
 
     text: list[str] = dataclasses.field(default_factory=list)
     finish: str | None = None
     tool_calls: list[ToolCallRequest] = dataclasses.field(default_factory=list)
+    max_tokens: int | None = None
+    client_tools: bool = False
+    open: Callable[[int], StreamStart] | None = None
+    choices: dict[int, int] = dataclasses.field(default_factory=dict)  # choice → stream id
+    finishes: dict[int, str] = dataclasses.field(default_factory=dict)  # choice → reason
 
     async def events(self, pieces: AsyncIterator[Piece], *, stream_id: int) -> AsyncIterator[Event]:
+        try:
+            async for event in self._events(pieces, stream_id=stream_id):
+                yield event
+        finally:
+            aclose = getattr(pieces, "aclose", None)
+            if aclose is not None:  # closes the upstream HTTP stream at once
+                await aclose()
+
+    async def _events(self, pieces: AsyncIterator[Piece], *, stream_id: int) -> AsyncIterator[Event]:
+        limit = self.max_tokens
         async for piece in pieces:
+            target = stream_id
+            index = getattr(piece, "index", 0)
+            if index and self.open is not None:
+                if index not in self.choices:
+                    start = self.open(index)
+                    self.choices[index] = start.stream_id
+                    yield start
+                target = self.choices[index]
             match piece:
-                case Delta(text=delta):
-                    self.text.append(delta)
-                    yield Text(stream_id=stream_id, delta=delta)
+                case Delta(text=delta, logprobs=logprobs, refusal=refusal):
+                    if target == stream_id:
+                        if limit is not None and len(self.text) >= limit:
+                            log.warning("the model went on past max_tokens=%d; stopped it", limit)
+                            self.finish = "length"
+                            return
+                        self.text.append(delta)
+                    yield Text(stream_id=target, delta=delta, logprobs=logprobs,
+                               refusal=True if refusal else None)
                 case Finish(reason=reason):
-                    self.finish = reason
+                    if target == stream_id:
+                        self.finish = reason
+                    else:
+                        self.finishes[index] = reason
                 case Usage():
                     yield TokenUsage(
                         stream_id=stream_id, model=piece.model,
@@ -81,8 +155,37 @@ class ModelReply:
                         completion_tokens=piece.completion_tokens,
                         total_tokens=piece.total_tokens,
                     )
+                case ToolCallPiece() if self.client_tools:
+                    yield ToolCallDelta(stream_id=target, index=piece.call_index,
+                                        call_id=piece.id, name=piece.name,
+                                        arguments=piece.arguments)
+                case ToolCallPiece():
+                    pass  # the server's calls run once whole
+                case ToolCallRequest() if self.client_tools:
+                    yield client_tool_call(piece, stream_id=target)
                 case ToolCallRequest():
-                    self.tool_calls.append(piece)
+                    if target == stream_id:
+                        self.tool_calls.append(piece)
+
+    def close_choices(self) -> list[StreamEnd]:
+        """The ``stream_end`` of each choice stream opened (choice order)."""
+        return [StreamEnd(stream_id=stream, status="ok", finish_reason=self.finishes.get(index))
+                for index, stream in sorted(self.choices.items())]
+
+
+def client_tool_call(request: ToolCallRequest, *, stream_id: int) -> ToolCall:
+    """The ``tool_call`` event of a client's tool call (not run here; see :class:`ToolCall`).
+
+    ``params`` are the arguments when they are a JSON object, else
+    ``{"_unparsed_arguments": <as sent>}``, so the client gets back what the model wrote.
+    """
+    try:
+        parsed = json.loads(request.arguments_json or "{}")
+    except ValueError:
+        parsed = None
+    params = parsed if isinstance(parsed, dict) else {"_unparsed_arguments": request.arguments_json}
+    return ToolCall(stream_id=stream_id, tool=request.name, execution_id=new_id("exec"),
+                    params=params, side="client", call_id=request.id)
 
 
 class ResponseHarness:
@@ -100,7 +203,7 @@ class ResponseHarness:
     finish), the assistant's calls and the tool messages are appended, and the model is
     called again (a new ``llm_call`` with the exact messages, and its own ``token_usage``).
     After ``MAX_TOOL_STEPS`` rounds a further request for tools raises
-    :class:`~pipeline.tools.ToolStepLimitError`: an ``error`` event, the stream ends
+    :class:`~pipeline.tools.ToolStepLimitError`: a ``turn_error`` event, the stream ends
     ``error``. With ``MAX_TOOL_STEPS=0`` no tools are offered, and calls of tools that were
     not offered are never run.
     """
@@ -121,22 +224,39 @@ class ResponseHarness:
         model = self.model or ctx.model
         system = [{"role": "system", "content": self.system}] if self.system else []
         messages: list[dict[str, Any]] = [*system, *ctx.history, *ctx.messages, *ctx.tool_context]
+        params = ctx.model_params
+        # A client's own tools replace the server's: the model is offered only the client's
+        # (in ``params``), and their calls are the client's to run.
+        client_tools = "tools" in params
         # MAX_TOOL_STEPS=0 means no rounds at all: offer nothing (direct calls still run).
-        offered = self.tools.offered() if self.tools is not None and self.tools.limits.max_steps else []
+        offered = (self.tools.offered()
+                   if self.tools is not None and self.tools.limits.max_steps
+                   and ctx.server_tools and not client_tools else [])
         yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
         yield StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth)
+
+        def open_choice(index: int) -> StreamStart:
+            return StreamStart(stream_id=ctx.next_stream_id(), agent=self.agent,
+                               depth=self.depth + 1, parent_stream_id=stream_id, choice=index)
+
         finish: str | None = None
         steps = 0
         while True:
-            reply = ModelReply()
-            pieces = (
-                self.provider.stream_chat(model=model, messages=messages,
-                                          max_tokens=ctx.max_tokens, tools=offered)
-                if offered else
-                self.provider.stream_chat(model=model, messages=messages, max_tokens=ctx.max_tokens)
-            )
+            reply = ModelReply(max_tokens=ctx.max_tokens, client_tools=client_tools,
+                               open=open_choice)
+            extra: dict[str, Any] = {}
+            if offered:
+                extra["tools"] = offered
+            if params:
+                extra["params"] = params
+            if client_tools:
+                extra["tool_call_pieces"] = True
+            pieces = self.provider.stream_chat(model=model, messages=messages,
+                                               max_tokens=ctx.max_tokens, **extra)
             async for event in reply.events(pieces, stream_id=stream_id):
                 yield event
+            for end in reply.close_choices():
+                yield end
             finish = reply.finish or finish
             text, requests = reply.text, reply.tool_calls
             if not requests or self.tools is None or not offered:

@@ -4,6 +4,7 @@ Harnesses reach it over HTTP with the official ``openai`` client exactly as they
 real provider, with no network and no API key. It serves:
 
 * ``GET /v1/models``: the configured model ids in OpenAI's list shape.
+* ``GET /stats``: the `OfflineStats` counters (requests, completed, disconnected, active).
 * ``POST /v1/chat/completions``: ``stream: true`` sends SSE ``data:`` frames only (the openai
   SDK's decoder breaks on ``id:``/``retry:``/comment lines), one token per content delta after a
   ``token_delay_ms`` sleep, then ``data: [DONE]``; ``stream: false`` returns one
@@ -93,8 +94,11 @@ __all__ = [
     "count_prompt_tokens",
     "create_offline_app",
     "main",
+    "plan_client_calls",
     "plan_tool_calls",
+    "schema_instance",
     "synthesize_wav",
+    "token_logprobs",
     "transcribe_audio",
 ]
 
@@ -174,6 +178,13 @@ class _ChatRequest(BaseModel):
     max_tokens: _TokenBudget | None = None
     max_completion_tokens: _TokenBudget | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    n: Annotated[int, Field(strict=True, ge=1, le=128)] = 1
+    seed: Annotated[int, Field(strict=True)] | None = None
+    stop: str | list[str] | None = None
+    response_format: dict[str, Any] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
 
 
 # -- the answer -----------------------------------------------------------------------------
@@ -414,6 +425,253 @@ def _tool_call_deltas(payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return deltas
 
 
+# -- request parameters: n, seed, stop, tool_choice, response_format, logprobs ---------------
+
+
+@dataclass(slots=True)
+class _Choice:
+    """One choice of an answer: its streamed deltas (each with its logprobs) and its end."""
+
+    index: int
+    deltas: list[tuple[dict[str, Any], dict[str, Any] | None]]
+    finish_reason: str
+    completion_tokens: int
+    text: str | None
+    tool_calls: list[dict[str, Any]] | None
+    logprobs: list[dict[str, Any]] | None
+
+    def whole(self) -> dict[str, Any]:
+        """The choice of a non-streamed ``chat.completion``."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text, "refusal": None}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return {"index": self.index, "message": message, "finish_reason": self.finish_reason,
+                "logprobs": None if self.logprobs is None
+                else {"content": self.logprobs, "refusal": None}}
+
+
+def _compose_choice(body: _ChatRequest, messages: list[dict[str, Any]], index: int) -> _Choice:
+    """Choice ``index`` of the answer, honouring the request's parameters (deterministically).
+
+    * ``seed`` and the choice index (above 0) vary the hash the answer is picked by; without
+      them the answer is exactly `compose_answer`'s.
+    * tools: the phrases of `plan_tool_calls`, else `plan_client_calls` (``tool_choice``);
+      ``tool_choice: "none"`` always answers in text.
+    * ``response_format`` ``json_object`` answers ``{"answer": <the text>}``; ``json_schema``
+      an instance of the schema (`schema_instance`); both streamed in small pieces.
+    * ``stop`` cuts the text before the first stop sequence (``finish_reason: "stop"``).
+    * ``logprobs`` gives each delta deterministic log probabilities (`token_logprobs`), with
+      ``top_logprobs`` alternatives.
+    """
+    variant = [*messages, *([{"role": "x-seed", "content": str(body.seed)}]
+                            if body.seed is not None else []),
+               *([{"role": "x-choice", "content": str(index)}] if index else [])]
+    budget = body.max_completion_tokens or body.max_tokens
+    tools = None if body.tool_choice == "none" else body.tools
+    planned = plan_tool_calls(messages, tools) or plan_client_calls(
+        messages, tools, body.tool_choice, seed=_seed(body.model, variant))
+    if planned:
+        payloads = _tool_call_payloads(body.model, variant if index else messages, planned)
+        deltas = _tool_call_deltas(payloads)
+        return _Choice(index=index, deltas=[(d, None) for d in deltas], finish_reason="tool_calls",
+                       completion_tokens=len(deltas), text=None, tool_calls=payloads,
+                       logprobs=None)
+    kind = (body.response_format or {}).get("type")
+    if kind in ("json_object", "json_schema"):
+        if kind == "json_object":
+            document: Any = {"answer": "".join(compose_answer(body.model, variant))}
+        else:
+            spec = (body.response_format or {}).get("json_schema") or {}
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            document = schema_instance(schema or {"type": "object"},
+                                       seed=_seed(body.model, variant))
+        tokens = _json_tokens(document)
+        finish = "stop"
+        if budget is not None and len(tokens) > budget:
+            tokens, finish = tokens[:budget], "length"  # cut JSON, as a real model's is
+    else:
+        tokens = compose_answer(body.model, variant, max_tokens=budget)
+        finish = "stop" if budget is None else "length"
+    cut = _apply_stop(tokens, body.stop)
+    if cut is not None:
+        tokens, finish = cut, "stop"
+    logprobs = ([token_logprobs(token, top=body.top_logprobs or 0, seed=_seed(body.model, variant),
+                                position=i) for i, token in enumerate(tokens)]
+                if body.logprobs else None)
+    pieces: list[tuple[dict[str, Any], dict[str, Any] | None]] = [
+        ({"content": token}, None if logprobs is None
+         else {"content": [logprobs[i]], "refusal": None})
+        for i, token in enumerate(tokens)]
+    return _Choice(index=index, deltas=pieces, finish_reason=finish,
+                   completion_tokens=len(tokens), text="".join(tokens), tool_calls=None,
+                   logprobs=logprobs)
+
+
+def plan_client_calls(
+    messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None,
+    tool_choice: str | Mapping[str, Any] | None, *, seed: bytes = b"",
+) -> list[tuple[str, dict[str, Any]]]:
+    """The call the offline model makes of a client's tool (when no phrase asked for one).
+
+    Only when the last message is a user message. ``tool_choice`` naming a function calls
+    it; ``"required"`` or ``"auto"`` calls the first tool named in the message (its name,
+    or its name with spaces for ``_``), else the first tool; with ``tool_choice`` absent, a
+    tool is called only when the message names it. The arguments are an instance of the
+    tool's ``parameters`` schema (`schema_instance`), so they validate against it.
+
+    Example:
+        >>> plan_client_calls([{"role": "user", "content": "weather in Paris?"}],
+        ...     [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        ...         "type": "object", "properties": {"city": {"type": "string"}},
+        ...         "required": ["city"]}}}], "required")[0][0]
+        'get_weather'
+    """
+    functions = [tool["function"] for tool in tools or ()
+                 if isinstance(tool, Mapping) and isinstance(tool.get("function"), Mapping)
+                 and isinstance(tool["function"].get("name"), str)]
+    if not functions or not messages or messages[-1].get("role") != "user":
+        return []
+    text = _flatten(messages[-1].get("content")).lower()
+    named = [f for f in functions
+             if f["name"].lower() in text or f["name"].lower().replace("_", " ") in text]
+    chosen: Mapping[str, Any] | None = None
+    if isinstance(tool_choice, Mapping):
+        wanted = (tool_choice.get("function") or {}).get("name")
+        chosen = next((f for f in functions if f["name"] == wanted), None)
+    elif tool_choice in ("required", "auto"):
+        chosen = (named or functions)[0]
+    elif named:
+        chosen = named[0]
+    if chosen is None:
+        return []
+    schema = chosen.get("parameters") or {"type": "object", "properties": {}}
+    arguments = schema_instance(schema, seed=seed + chosen["name"].encode())
+    return [(chosen["name"], arguments if isinstance(arguments, dict) else {})]
+
+
+def schema_instance(schema: Mapping[str, Any], *, seed: bytes = b"") -> Any:
+    """A deterministic value that validates against a JSON schema (the subset tools and
+    structured outputs use: objects, arrays, strings, numbers, booleans, null, ``enum``,
+    ``const``, ``anyOf``/``oneOf``/``allOf``, local ``$ref`` to ``$defs``, and the usual
+    bounds). Every property of an object is filled, so ``strict`` schemas are met too.
+
+    Example:
+        >>> schema_instance({"type": "object", "properties": {"n": {"type": "integer",
+        ...                  "minimum": 3}}, "required": ["n"]})
+        {'n': 3}
+    """
+    root = schema
+
+    def words(path: str, count: int) -> str:
+        picked = [_VOCABULARY[_hashed_int(seed + path.encode(), i) % len(_VOCABULARY)]
+                  for i in range(count)]
+        return " ".join(picked)
+
+    def build(node: Any, path: str, depth: int) -> Any:
+        if not isinstance(node, Mapping) or depth > 32:
+            return None
+        if "$ref" in node:
+            target: Any = root
+            for part in str(node["$ref"]).removeprefix("#/").split("/"):
+                target = target.get(part, {}) if isinstance(target, Mapping) and part else target
+            return build(target, path, depth + 1)
+        if "const" in node:
+            return node["const"]
+        if node.get("enum"):
+            return node["enum"][0]
+        for key in ("anyOf", "oneOf"):
+            options = [o for o in node.get(key) or () if not (isinstance(o, Mapping)
+                                                               and o.get("type") == "null")]
+            if options or node.get(key):
+                return build((options or node[key])[0], path, depth + 1)
+        if node.get("allOf"):
+            merged: dict[str, Any] = {}
+            for part in node["allOf"]:
+                value = build(part, path, depth + 1)
+                if isinstance(value, dict):
+                    merged.update(value)
+                elif not merged:
+                    return value
+            return merged
+        kind = node.get("type")
+        if isinstance(kind, list):
+            kind = next((k for k in kind if k != "null"), "null")
+        if kind is None:
+            kind = "object" if "properties" in node else "string"
+        if kind == "object":
+            properties = node.get("properties") or {}
+            return {name: build(sub, f"{path}.{name}", depth + 1)
+                    for name, sub in properties.items()}
+        if kind == "array":
+            count = max(int(node.get("minItems", 1)), 1)
+            if "maxItems" in node:
+                count = min(count, int(node["maxItems"]))
+            return [build(node.get("items") or {}, f"{path}[{i}]", depth + 1)
+                    for i in range(count)]
+        if kind in ("integer", "number"):
+            low = node.get("minimum", node.get("exclusiveMinimum"))
+            high = node.get("maximum", node.get("exclusiveMaximum"))
+            value = 1 + _hashed_int(seed + path.encode(), 0) % 9
+            if low is not None:
+                value = int(low) + (1 if "exclusiveMinimum" in node and "minimum" not in node
+                                    else 0)
+                value = max(value, int(low) + (0 if "minimum" in node else 1))
+            if high is not None and value > high:
+                value = int(high) - (1 if "exclusiveMaximum" in node and "maximum" not in node
+                                     else 0)
+            return value if kind == "integer" else float(value)
+        if kind == "boolean":
+            return _hashed_int(seed + path.encode(), 0) % 2 == 0
+        if kind == "null":
+            return None
+        text = words(path, 2)
+        low_len, high_len = int(node.get("minLength", 0)), node.get("maxLength")
+        while len(text) < low_len:
+            text += " " + words(path + str(len(text)), 1)
+        if high_len is not None:
+            text = text[:int(high_len)]
+        return text
+
+    return build(schema, "$", 0)
+
+
+def _json_tokens(value: Any) -> list[str]:
+    """A JSON document as streamed pieces (about one word each)."""
+    text = json.dumps(value, ensure_ascii=False)
+    return [piece for piece in re.split(r"(?<=[ ,:{}\[\]])", text) if piece]
+
+
+def _apply_stop(tokens: list[str], stop: str | list[str] | None) -> list[str] | None:
+    """The tokens cut before the first stop sequence, or None when none occurs."""
+    sequences = [stop] if isinstance(stop, str) else list(stop or ())
+    text = "".join(tokens)
+    cuts = [text.find(s) for s in sequences if s and s in text]
+    if not cuts:
+        return None
+    end, out, size = min(cuts), [], 0
+    for token in tokens:
+        if size + len(token) > end:
+            if end > size:
+                out.append(token[:end - size])
+            break
+        out.append(token)
+        size += len(token)
+    return out
+
+
+def token_logprobs(token: str, *, top: int, seed: bytes, position: int) -> dict[str, Any]:
+    """Deterministic log probabilities of one token (OpenAI's ``logprobs.content`` item):
+    the token's own, then ``top`` alternatives, each less likely (the first is the token)."""
+    base = -((_hashed_int(seed + b"lp", position) % 2000) / 1000.0)
+    alternatives = [{"token": token, "logprob": base, "bytes": list(token.encode())}]
+    for rank in range(1, top):
+        word = " " + _VOCABULARY[_hashed_int(seed + b"alt", position * 32 + rank) % len(_VOCABULARY)]
+        alternatives.append({"token": word, "logprob": base - rank, "bytes": list(word.encode())})
+    return {"token": token, "logprob": base, "bytes": list(token.encode()),
+            "top_logprobs": alternatives[:top]}
+
+
+
 # -- audio ------------------------------------------------------------------------------------
 
 _TTS_MAGIC = b"OFFLINE-TTS1"
@@ -567,17 +825,13 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         )
     # Hash the messages exactly as sent (validated above), not pydantic's re-dump with defaults.
     messages: list[dict[str, Any]] = raw["messages"]
-    budget = body.max_completion_tokens or body.max_tokens
-    tool_calls = _tool_call_payloads(body.model, messages, plan_tool_calls(messages, body.tools))
-    tool_deltas = _tool_call_deltas(tool_calls)
-    tokens = [] if tool_calls else compose_answer(body.model, messages, max_tokens=budget)
-    completion_tokens = len(tool_deltas) if tool_calls else len(tokens)
+    choices = [_compose_choice(body, messages, index) for index in range(body.n)]
+    completion_tokens = sum(choice.completion_tokens for choice in choices)
     usage = {
         "prompt_tokens": count_prompt_tokens(messages),
         "completion_tokens": completion_tokens,
         "total_tokens": count_prompt_tokens(messages) + completion_tokens,
     }
-    finish_reason = "tool_calls" if tool_calls else "stop" if budget is None else "length"
     completion_id = "chatcmpl-" + _seed(body.model, messages).hex()[:24]
     created = int(time.time())
 
@@ -590,31 +844,23 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
                 "created": created,
                 "model": body.model,
                 "system_fingerprint": None,
-                "choices": [
-                    {
-                        "index": 0,
-                        "message": (
-                            {"role": "assistant", "content": None, "tool_calls": tool_calls}
-                            if tool_calls else {"role": "assistant", "content": "".join(tokens)}
-                        ),
-                        "logprobs": None,
-                        "finish_reason": finish_reason,
-                    }
-                ],
+                "choices": [choice.whole() for choice in choices],
                 "usage": usage,
             }
         )
 
     include_usage = body.stream_options is not None and body.stream_options.include_usage
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+    def chunk(delta: dict[str, Any], finish: str | None, index: int = 0,
+              logprobs: dict[str, Any] | None = None) -> bytes:
         payload: dict[str, Any] = {
             "id": completion_id,
             "object": "chat.completion.chunk",
             "created": created,
             "model": body.model,
             "system_fingerprint": None,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                         "finish_reason": finish}],
         }
         if include_usage:
             payload["usage"] = None
@@ -625,14 +871,17 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
     await response.prepare(request)
     stats.active_streams += 1
     try:
-        await response.write(chunk({"role": "assistant", "content": ""}, None))
-        for token in tokens:
+        for choice in choices:
+            await response.write(chunk({"role": "assistant", "content": ""}, None, choice.index))
+        # Choices take turns, one delta each per step, as OpenAI interleaves them.
+        for step in range(max(len(choice.deltas) for choice in choices)):
             await asyncio.sleep(config.token_delay_ms / 1000)
-            await response.write(chunk({"content": token}, None))
-        for delta in tool_deltas:
-            await asyncio.sleep(config.token_delay_ms / 1000)
-            await response.write(chunk(delta, None))
-        await response.write(chunk({}, finish_reason))
+            for choice in choices:
+                if step < len(choice.deltas):
+                    delta, logprobs = choice.deltas[step]
+                    await response.write(chunk(delta, None, choice.index, logprobs))
+        for choice in choices:
+            await response.write(chunk({}, choice.finish_reason, choice.index))
         if include_usage:
             final = {
                 "id": completion_id,
@@ -691,7 +940,14 @@ def create_offline_app(
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/audio/speech", _audio_speech)
     app.router.add_post("/v1/audio/transcriptions", _audio_transcriptions)
+    app.router.add_get("/stats", _stats)
     return app
+
+
+async def _stats(request: web.Request) -> web.Response:
+    """``GET /stats``: the `OfflineStats` counters (e.g. disconnects, for tests)."""
+    stats = request.app[STATS_KEY]
+    return web.json_response({name: getattr(stats, name) for name in stats.__slots__})
 
 
 @dataclass(slots=True)

@@ -23,16 +23,21 @@ import logging
 from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar, overload
 
+import reactivex
 from reactivex import Observable
+from reactivex.scheduler.eventloop import AsyncIOScheduler
 from reactivex.subject import Subject
 
+from core.errors import StoreError
 from core.events import Event
 from core.turn import TurnContext, TurnInput, TurnResult, new_id
 from operators import (
     ReplayLog,
+    durable_done,
     from_async_iterable,
     number_events,
     sequence,
+    turn_deadline,
     turn_envelope,
     visible,
 )
@@ -170,8 +175,12 @@ class StreamingOrchestrator:
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
         tools: ToolRegistry | None = None,
+        durable_done: bool = True,
+        deadline_s: float | None = None,
     ) -> None:
         self.provider = provider
+        self.durable_done = durable_done
+        self.deadline_s = deadline_s
         self.tools = tools
         self.store = store
         self.default_model = default_model
@@ -204,6 +213,9 @@ class StreamingOrchestrator:
             max_tokens=turn_input.max_tokens,
             kind=turn_input.kind,
             tool_calls=list(turn_input.tool_calls),
+            new_conversation=turn_input.conversation_id is None,
+            model_params=dict(turn_input.model_params),
+            server_tools=turn_input.server_tools,
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()
@@ -216,10 +228,13 @@ class StreamingOrchestrator:
         steps = body(ctx) if body is not None else sequence(
             *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
         )
-        numbered = steps.pipe(
-            turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel),
-            number_events(ctx.request_id),
-        )
+        if self.deadline_s is not None:
+            steps = steps.pipe(turn_deadline(self.deadline_s, scheduler=AsyncIOScheduler(loop)))
+        enveloped = steps.pipe(
+            turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel))
+        if self.store is not None and self.durable_done:
+            enveloped = enveloped.pipe(durable_done(self._barrier(ctx.request_id)))
+        numbered = enveloped.pipe(number_events(ctx.request_id))
         shared: ReplayLog[Event] = ReplayLog()
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
@@ -229,6 +244,20 @@ class StreamingOrchestrator:
         self.live[ctx.request_id] = turn
         numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
+
+    def _barrier(self, request_id: str) -> Callable[[], Observable[None]]:
+        """The turn's durability barrier: a flush of the store, for ``durable_done``."""
+        store = self.store
+        assert store is not None
+
+        async def flushed() -> None:
+            try:
+                await store.flush(request_id=request_id, events_only=True)
+            except StoreError as exc:
+                log.error("turn %s: its events are not durable: %s", request_id, exc)
+                raise
+
+        return lambda: reactivex.from_future(asyncio.ensure_future(flushed()))
 
     async def drain(self, *, grace_s: float) -> int:
         """Let live turns finish within ``grace_s``, then cancel the rest.

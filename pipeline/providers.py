@@ -9,26 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias, cast
 
 import openai
 import pydantic
 from openai import AsyncOpenAI
-from openai.types.chat import (
-    ChatCompletionChunk,
-    ChatCompletionMessageParam,
-    ChatCompletionToolUnionParam,
-)
+from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from core.errors import ProviderError
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Delta:
-    """A piece of generated text."""
+    """A piece of generated text (of choice ``index`` when the request asked for ``n``;
+    with its per-token ``logprobs`` when it asked for ``logprobs``; ``refusal`` when it is
+    a piece of the model's refusal, OpenAI's ``delta.refusal``)."""
 
     text: str
+    index: int = 0
+    logprobs: list[dict[str, Any]] | None = None
+    refusal: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -36,6 +37,7 @@ class Finish:
     """The model stopped: ``stop``, ``length``, ``tool_calls``, ``content_filter``."""
 
     reason: str
+    index: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -56,9 +58,23 @@ class ToolCallRequest:
     id: str
     name: str
     arguments_json: str
+    index: int = 0  # the choice that made it
 
 
-Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest
+@dataclasses.dataclass(frozen=True, slots=True)
+class ToolCallPiece:
+    """A fragment of a tool call as it streams: call ``call_index`` of choice ``index``; the
+    first fragment has the call's ``id`` and ``name``. The complete call follows as a
+    :class:`ToolCallRequest`; harnesses that need only whole calls ignore these."""
+
+    call_index: int
+    id: str | None
+    name: str | None
+    arguments: str
+    index: int = 0
+
+
+Piece: TypeAlias = Delta | Finish | Usage | ToolCallRequest | ToolCallPiece
 
 
 class ChatProvider(Protocol):
@@ -69,12 +85,16 @@ class ChatProvider(Protocol):
     def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None, tool_call_pieces: bool = False,
     ) -> AsyncIterator[Piece]:
         """Stream one chat completion as pieces; raise :class:`ProviderError` on failure.
 
         With ``tools`` (OpenAI function-calling specs) the model may answer with
         :class:`ToolCallRequest` pieces, one per complete call, before its :class:`Finish`.
-        Callers that offer no tools do not pass the argument.
+        ``params`` are further request fields sent as given (a client's ``temperature``,
+        ``stop``, ``n``, ``tools``, ``tool_choice``…); with ``n`` pieces carry their
+        choice's ``index``. With ``tool_call_pieces`` each tool-call fragment is also a
+        :class:`ToolCallPiece` as it arrives. Callers that use none of these do not pass them.
         """
         ...
 
@@ -123,10 +143,14 @@ class OpenAIProvider:
     async def stream_chat(
         self, *, model: str, messages: Sequence[dict[str, Any]], max_tokens: int | None = None,
         tools: Sequence[dict[str, Any]] | None = None,
+        params: Mapping[str, Any] | None = None, tool_call_pieces: bool = False,
     ) -> AsyncIterator[Piece]:
         # Tool calls arrive in pieces (id and name first, then the arguments in fragments),
-        # keyed by index; they are complete when the choice finishes.
-        calls: dict[int, list[str]] = {}  # index → [id, name, arguments so far]
+        # keyed by choice and index; they are complete when the choice finishes.
+        calls: dict[int, dict[int, list[str]]] = {}  # choice → index → [id, name, arguments]
+        extra = dict(params or {})
+        if tools:
+            extra["tools"] = list(tools)
         try:
             # The SDK makes the request (base URL, auth, retries, timeouts, HTTP errors);
             # the chunks are parsed here with one pydantic ``model_validate_json`` each
@@ -138,30 +162,52 @@ class OpenAIProvider:
                 # transform cost about 0.3 ms each on the event loop (35,000 messages froze
                 # the server for 10 s; issue 10). They are plain JSON dicts already.
                 messages=cast("list[ChatCompletionMessageParam]", []),
-                extra_body={"messages": list(messages)},
+                # The client's further fields are sent as given too, not through the SDK's
+                # typed arguments: a field this SDK version does not know still reaches the
+                # provider, unchanged.
+                extra_body={"messages": list(messages), **extra},
                 stream=True,
                 stream_options={"include_usage": True},
                 max_tokens=openai.omit if max_tokens is None else max_tokens,
-                tools=cast("list[ChatCompletionToolUnionParam]", list(tools)) if tools else openai.omit,
             )
             # Leaving this block (finished, failed, or the consumer closed us) closes the
             # HTTP response, so the provider sees the disconnect at once.
             async with response as raw:
-                async for chunk in _chunks(raw.iter_lines()):
+                kind = raw.headers.get("content-type", "")
+                if not kind.lower().startswith("text/event-stream"):
+                    # e.g. a proxy's HTML error page with status 200: not an answer.
+                    raise BadStream(f"HTTP {raw.status_code} answer is not an event stream "
+                                    f"(content-type {kind[:80] or 'missing'!r})")
+                ended = _End()
+                finished = False
+                async for chunk in _chunks(raw.iter_lines(), ended):
                     for choice in chunk.choices:
+                        index = choice.index
                         if choice.delta is not None and choice.delta.content:
-                            yield Delta(choice.delta.content)
+                            yield Delta(choice.delta.content, index, _logprobs(choice))
+                        if choice.delta is not None and choice.delta.refusal:
+                            yield Delta(choice.delta.refusal, index, refusal=True)
                         for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
-                            slot = calls.setdefault(call.index, ["", "", ""])
+                            slot = calls.setdefault(index, {}).setdefault(call.index, ["", "", ""])
                             slot[0] = slot[0] or call.id or ""
+                            name = call.function.name if call.function is not None else None
+                            fragment = (call.function.arguments if call.function is not None
+                                        else None) or ""
+                            first = not slot[1]
                             if call.function is not None:
                                 # Some servers repeat the name on every fragment: keep the first.
-                                slot[1] = slot[1] or call.function.name or ""
-                                slot[2] += call.function.arguments or ""
+                                slot[1] = slot[1] or name or ""
+                                slot[2] += fragment
+                            if tool_call_pieces:
+                                yield ToolCallPiece(call_index=call.index,
+                                                    id=call.id if first else None,
+                                                    name=name if first else None,
+                                                    arguments=fragment, index=index)
                         if choice.finish_reason:
-                            for piece in _complete_calls(calls):
+                            finished = True
+                            for piece in _complete_calls(calls.pop(index, {}), index):
                                 yield piece
-                            yield Finish(choice.finish_reason)
+                            yield Finish(choice.finish_reason, index)
                     if chunk.usage is not None:
                         yield Usage(
                             model=chunk.model or model,
@@ -169,8 +215,13 @@ class OpenAIProvider:
                             completion_tokens=chunk.usage.completion_tokens,
                             total_tokens=chunk.usage.total_tokens,
                         )
-            for piece in _complete_calls(calls):  # a stream that ended without finish_reason
-                yield piece
+                if not finished and not ended.done:
+                    # The connection closed mid-answer (a proxy cut it, the server died):
+                    # what arrived may be a fragment; never a completed answer.
+                    raise BadStream("the stream ended without a finish_reason or [DONE]")
+            for index, pending in sorted(calls.items()):  # ended without finish_reason
+                for piece in _complete_calls(pending, index):
+                    yield piece
         except Exception as exc:  # every failure of the call becomes one ProviderError
             raise self._translate(exc, model=model) from exc
 
@@ -194,6 +245,8 @@ class OpenAIProvider:
                 )
             case StreamFailure():
                 return ProviderError(f"failed mid-stream: {exc}", provider=self.name, model=model)
+            case BadStream():
+                return ProviderError(str(exc), provider=self.name, model=model, retryable=True)
             case _ if _is_transport_error(exc):
                 # A transport error while reading the body (the SDK maps only those of the
                 # request itself): the connection broke or a read timed out.
@@ -205,8 +258,16 @@ class OpenAIProvider:
                 )
 
 
-async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChunk]:
-    """``chat.completion.chunk`` objects from an SSE body, until ``data: [DONE]``.
+@dataclasses.dataclass(slots=True)
+class _End:
+    """Set by :func:`_chunks` when the body ended with ``data: [DONE]``."""
+
+    done: bool = False
+
+
+async def _chunks(lines: AsyncIterator[str], ended: _End) -> AsyncIterator[ChatCompletionChunk]:
+    """``chat.completion.chunk`` objects from an SSE body, until ``data: [DONE]``
+    (``ended.done`` then says so).
 
     Follows the SSE rules the SDK's decoder follows: ``data:`` lines joined, a blank line
     ends an event, comments and ``id:``/``retry:`` lines ignored; an ``error`` event or a
@@ -228,6 +289,7 @@ async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChun
         payload, kind = "\n".join(data), event
         data, event = [], ""
         if payload.startswith("[DONE]"):
+            ended.done = True
             return
         try:
             chunk = ChatCompletionChunk.model_validate_json(payload)
@@ -239,7 +301,9 @@ async def _chunks(lines: AsyncIterator[str]) -> AsyncIterator[ChatCompletionChun
                 error = body.get("error", body) if isinstance(body, dict) else body
                 message = error.get("message") if isinstance(error, dict) else None
                 raise StreamFailure(str(message or error))
-            ChatCompletionChunk.model_validate(body)  # raises the validation error
+            # Not a chunk: raises the validation error. A chunk that only the strict JSON
+            # parser refused (a lone surrogate escape) is kept, never skipped in silence.
+            chunk = ChatCompletionChunk.model_validate(body)
         if chunk is not None:
             yield chunk
 
@@ -264,10 +328,23 @@ class StreamFailure(Exception):
     """The provider reported an error in the middle of a stream."""
 
 
-def _complete_calls(calls: dict[int, list[str]]) -> list[ToolCallRequest]:
-    """The accumulated calls in index order (then forgotten)."""
+class BadStream(Exception):
+    """The answer is not a whole event stream: another content type, or cut short."""
+
+
+def _logprobs(choice: Any) -> list[dict[str, Any]] | None:
+    """A streamed choice's per-token log probabilities (OpenAI's ``logprobs.content``)."""
+    logprobs = choice.logprobs
+    if logprobs is None or not logprobs.content:
+        return None
+    return [item.model_dump(mode="json") for item in logprobs.content]
+
+
+def _complete_calls(calls: dict[int, list[str]], choice: int = 0) -> list[ToolCallRequest]:
+    """The accumulated calls of one choice in index order (then forgotten)."""
     done = [
-        ToolCallRequest(id=call_id or f"call_{index}", name=name, arguments_json=arguments)
+        ToolCallRequest(id=call_id or f"call_{index}", name=name, arguments_json=arguments,
+                        index=choice)
         for index, (call_id, name, arguments) in sorted(calls.items())
     ]
     calls.clear()

@@ -17,7 +17,7 @@ Each round is one stream per panelist (``stream_start``/``stream_end`` at depth 
 
 Context sharing: the prompt of round *k* carries the transcript of the rounds before (and,
 in sequential mode, of the earlier speakers of round *k*). A panelist that fails ends its
-own stream with an ``error`` event and status ``error``; the others go on, and ``done``
+own stream with a ``turn_error`` event and status ``error``; the others go on, and ``done``
 reports ``ok: false``. Between rounds the advisor emits an ``advisor`` event: continue
 (``gate_continue``) or end early (``end_early``, when every panelist of the round failed).
 """
@@ -253,7 +253,7 @@ class RoundtableHarness:
         yield LlmCall(stream_id=stream_id, model=model, messages=messages)
         yield StreamStart(stream_id=stream_id, agent=panelist.name, depth=1,
                           parent_stream_id=table.moderator)
-        reply = ModelReply()
+        reply = ModelReply(max_tokens=ctx.max_tokens)
         try:
             pieces = self.provider.stream_chat(model=model, messages=messages,
                                                max_tokens=ctx.max_tokens)

@@ -105,7 +105,7 @@ class ExportReport:
         return {
             "lake": self.lake, "files": [f.to_json() for f in self.files], "rows": self.rows,
             "requests": self.requests, "watermark": self.watermark,
-            "previous_watermark": self.previous_watermark, "elapsed_ms": round(self.elapsed_ms, 3),
+            "previous_watermark": self.previous_watermark, "elapsed_ms": round(self.elapsed_ms),
         }
 
 

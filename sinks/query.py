@@ -343,7 +343,7 @@ class QueryResult:
         head = json.dumps({"columns": self.columns, "types": self.types},
                           separators=(",", ":"))[:-1]
         tail = json.dumps({"row_count": len(self.rows), "truncated": self.truncated,
-                           "elapsed_ms": round(self.elapsed_ms, 3)}, separators=(",", ":"))[1:]
+                           "elapsed_ms": round(self.elapsed_ms)}, separators=(",", ":"))[1:]
         return f'{head},"rows":[{",".join(self.encoded)}],{tail}'
 
     def to_json(self) -> dict[str, Any]:
@@ -354,7 +354,7 @@ class QueryResult:
             "rows": [[json_safe(value) for value in row] for row in self.rows],
             "row_count": len(self.rows),
             "truncated": self.truncated,
-            "elapsed_ms": round(self.elapsed_ms, 3),
+            "elapsed_ms": round(self.elapsed_ms),  # whole ms, as every *_ms on the wire
         }
 
     def to_csv(self) -> str:

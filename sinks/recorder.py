@@ -69,7 +69,7 @@ class TurnRecorder(Observer[Event]):
             self.store.put_message(MessageRow(
                 message_id=f"{self.ctx.request_id}:{ordinal}",
                 conversation_id=self.ctx.conversation_id, request_id=self.ctx.request_id,
-                ordinal=ordinal, role=message["role"], content=message["content"],
+                ordinal=ordinal, role=message["role"], content=message.get("content") or "",
                 status="complete", created_at=self._request.started_at,
                 updated_at=self._request.started_at,
             ))
@@ -118,6 +118,9 @@ class TurnRecorder(Observer[Event]):
         if isinstance(event, ToolCall):
             row.params = json.dumps(event.params, ensure_ascii=False, default=str)
             row.started_at = event.ts
+            if event.side == "client":  # the client runs it: no result will come here
+                row.status = "client"
+                row.finished_at = event.ts
         else:
             row.status = "ok" if event.ok else "error"
             row.ok = event.ok

@@ -3,7 +3,7 @@
 A ``kill -9`` (or a crash) leaves requests whose last stored event is not ``done``; their
 followers would wait forever and the wire rules would not hold. On start-up each such
 request is closed in the store as the wire requires: every open stream ends with status
-``error``, then one ``error`` event and one ``done`` (``ok: false, reason:
+``error``, then one ``turn_error`` event and one ``done`` (``ok: false, reason:
 "interrupted"``), numbered after the last stored event. The request becomes
 ``interrupted`` and its assistant message keeps the text that was stored.
 
@@ -71,7 +71,7 @@ async def _close(store: EventStore, request_id: str) -> None:
         for stream_id in reversed(open_streams):
             closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
         closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
-        closing.append((Done(ok=False, duration_ms=0.0, reason="interrupted"), None, None))
+        closing.append((Done(ok=False, duration_ms=0, reason="interrupted"), None, None))
     seq = state.last_seq + SEQ_GAP if state.last_seq and closing else state.last_seq
     for event, agent, depth in closing:
         seq += 1

@@ -3,9 +3,11 @@
 Frames are built as bytes in one place. The native frame is ``id: <seq>`` /
 ``event: <type>`` / ``data: <one-line JSON>``; JSON never holds a raw CR or LF, the type
 is one of our literals and the id an int, so event data can never break the framing.
+Comments are stripped of line breaks for the same reason. Reconnection advice
+(``retry:``) is a line of the first event's frame (:func:`event_frame`), never a block alone.
 U+2028, U+2029 and U+0085, which JSON may carry raw but line-based readers (``str.splitlines``,
 some ``iter_lines``) split on, are escaped (``\\u2028``) in every frame's JSON
-(:func:`escape_separators`). Comments are stripped of line breaks for the same reason.
+(:func:`escape_separators`).
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ def frame_json(value: Any) -> str:
     return escape_separators(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
 
 
-def event_frame(event: EventBase) -> bytes:
-    """The native frame of a numbered event."""
+def event_frame(event: EventBase, *, retry_ms: int | None = None) -> bytes:
+    """The native frame of a numbered event; with ``retry_ms``, a ``retry:`` line in it.
+
+    ``retry:`` rides inside a real event's block, never alone: httpx-sse dispatches a lone
+    ``retry:`` block as an event with empty data (its ``sse.json()`` then fails).
+    """
     kind = getattr(event, "type")  # noqa: B009 - every concrete event has a literal type
+    retry = "" if retry_ms is None else f"retry: {int(retry_ms)}\n"
     data = escape_separators(event.model_dump_json())
-    return f"id: {event.seq}\nevent: {kind}\ndata: {data}\n\n".encode()
+    return f"{retry}id: {event.seq}\nevent: {kind}\ndata: {data}\n\n".encode()
 
 
 def data_frame(payload: str) -> bytes:
@@ -64,11 +71,6 @@ def comment_frame(text: str) -> bytes:
     """A comment line: ignored by clients, keeps proxies from closing idle streams."""
     clean = text.translate(_COMMENT_BREAKS)
     return f": {clean}\n\n".encode()
-
-
-def retry_frame(milliseconds: int) -> bytes:
-    """Reconnection advice for EventSource clients."""
-    return f"retry: {int(milliseconds)}\n\n".encode()
 
 
 async def open_sse(request: web.Request, *, headers: Mapping[str, str] | None = None) -> web.StreamResponse:

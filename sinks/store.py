@@ -14,6 +14,14 @@ Reads use their own cursor (the writer keeps its own: a partly read result on th
 connection blocks bulk writes) and run in a worker thread. :meth:`EventStore.flush` is a
 barrier: everything queued before it is on disk when it returns, which memory uses so a
 conversation's previous turn is always seen by the next one.
+
+Nothing is dropped (issue 10). A batch that fails is split until every row that can be
+written is written; a row that cannot (say a lone surrogate in its text) is kept in
+``dead_letters`` with its content made safe, counted, and reported to its turn's barrier;
+no other row pays for it. When the store itself cannot write (a full disk), the failed
+batch is kept in memory, new rows join it, and it is retried with backoff until the store
+takes it; :meth:`EventStore.health` says so meanwhile (no file system paths in it), and
+the server refuses new turns once ``backlog_max_rows`` rows wait.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -58,8 +68,8 @@ CREATE TABLE IF NOT EXISTS requests (
     status            VARCHAR   NOT NULL,   -- running, completed, cancelled, error, interrupted
     started_at        TIMESTAMP NOT NULL,
     finished_at       TIMESTAMP,
-    duration_ms       DOUBLE,
-    first_token_ms    DOUBLE,               -- from start to the first text event
+    duration_ms       BIGINT,               -- whole milliseconds
+    first_token_ms    BIGINT,               -- from start to the first text event, whole ms
     model             VARCHAR,
     prompt_tokens     BIGINT,
     completion_tokens BIGINT,
@@ -93,9 +103,76 @@ CREATE TABLE IF NOT EXISTS tool_executions (
     error           VARCHAR,                -- the refusal or failure, when not
     started_at      TIMESTAMP NOT NULL,
     finished_at     TIMESTAMP,
-    duration_ms     DOUBLE
+    duration_ms     BIGINT                  -- whole milliseconds
+);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    request_id   VARCHAR,                   -- the turn the row belonged to
+    row_key      VARCHAR,                   -- events: the seq; others: the row's primary key
+    target       VARCHAR   NOT NULL,        -- the table it was meant for
+    error        VARCHAR   NOT NULL,        -- why it could not be written
+    content      VARCHAR   NOT NULL,        -- the row as JSON, made safe (ASCII escapes)
+    recorded_at  TIMESTAMP NOT NULL
 );
 """
+
+#: The DuckDB storage format new store files are written in, on purpose: ``v1.4.0`` (file
+#: version 67) opens in every DuckDB tool from the 1.4 LTS line on — the ``duckdb-cli`` 1.5.x a
+#: user installs today reads file versions 64–68, and the bundled duckdb 2.x writes 69 by
+#: default. An existing file keeps the version it was created with. ``STORE_STORAGE_VERSION``.
+DEFAULT_STORAGE_VERSION: Final[str] = "v1.4.0"
+
+#: Columns the docs call ``*_ms``: whole milliseconds (``BIGINT``); files created before were
+#: ``DOUBLE`` and are migrated when the store opens.
+MS_COLUMNS: Final[tuple[tuple[str, str], ...]] = (
+    ("requests", "duration_ms"), ("requests", "first_token_ms"), ("tool_executions", "duration_ms"),
+)
+
+
+def migrate(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """Bring a store file written by an older version up to :data:`SCHEMA`; returns what it did.
+
+    - ``*_ms`` columns of type ``DOUBLE`` become ``BIGINT`` (rounded);
+    - events of the old turn-level type ``error`` become ``turn_error`` (column and JSON).
+
+    Idempotent and cheap when there is nothing to do; run inside the store's open.
+    """
+    done: list[str] = []
+    for table, column in MS_COLUMNS:
+        row = con.execute(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?",
+            [table, column]).fetchall()
+        if row and row[0][0] != "BIGINT":
+            con.execute(f"ALTER TABLE {table} ALTER COLUMN {column} TYPE BIGINT "
+                        f"USING CAST(round({column}) AS BIGINT)")
+            done.append(f"{table}.{column}: {row[0][0]} -> BIGINT")
+    (legacy,) = con.execute("SELECT count(*) FROM events WHERE type = 'error'").fetchall()[0]
+    if legacy:
+        con.execute("""UPDATE events SET type = 'turn_error',
+                       data = json_merge_patch(data, '{"type": "turn_error"}')
+                       WHERE type = 'error'""")
+        done.append(f"events: {legacy} of type 'error' -> 'turn_error'")
+    return done
+
+
+def create_file(path: str, *, storage_version: str = DEFAULT_STORAGE_VERSION) -> bool:
+    """Create an empty DuckDB file in ``storage_version`` unless ``path`` exists; True if made.
+
+    The version is a property of the file: later connections (any configuration, so other
+    code in this process can still ``duckdb.connect(path)``) keep writing it.
+    """
+    if Path(path).exists():
+        return False
+    duckdb.connect(path, config={"storage_compatibility_version": storage_version}).close()
+    return True
+
+
+def storage_version_of(con: duckdb.DuckDBPyConnection) -> str | None:
+    """The storage version DuckDB reports for the connection's database, e.g. ``v1.4.0+``."""
+    rows = con.execute("SELECT tags['storage_version'] FROM duckdb_databases() "
+                       "WHERE database_name = current_database()").fetchall()
+    return str(rows[0][0]) if rows and rows[0][0] is not None else None
+
 
 _TS = pa.timestamp("us")
 
@@ -115,8 +192,8 @@ class RequestRow:
     started_at: float
     trace: bool = False
     finished_at: float | None = None
-    duration_ms: float | None = None
-    first_token_ms: float | None = None
+    duration_ms: int | None = None
+    first_token_ms: int | None = None
     model: str | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
@@ -157,7 +234,7 @@ class ToolExecutionRow:
     result: str | None = None
     error: str | None = None
     finished_at: float | None = None
-    duration_ms: float | None = None
+    duration_ms: int | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -170,20 +247,134 @@ class _EventRow:
 @dataclasses.dataclass(slots=True)
 class _Barrier:
     done: Callable[[BaseException | None], None]
+    request_id: str | None = None
+    events_only: bool = False
 
 
 @dataclasses.dataclass(slots=True)
 class StoreStats:
-    """Counters of the writer, for /healthz and benchmarks."""
+    """Counters of the writer, for /healthz and benchmarks (``last_error`` names no path)."""
 
     events_written: int = 0
     flushes: int = 0
     failed_flushes: int = 0
     last_flush_ms: float = 0.0
     last_error: str | None = None
+    dead_letters: int = 0
+    retries: int = 0
 
 
-_Op = _EventRow | RequestRow | MessageRow | ToolExecutionRow | _Barrier
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreHealth:
+    """What :meth:`EventStore.health` reports: can the store write, and how much waits.
+
+    Attributes:
+        writable: False from a write the store refused (disk full, I/O error) until a
+            retry succeeds.
+        backlog_rows: Rows kept in memory that the store has not taken yet.
+        backlog_max_rows: From this many, new turns are refused (503).
+        accepting: Whether new turns may start (``backlog_rows < backlog_max_rows``).
+        dead_letters: Rows that could never be written, kept in ``dead_letters``.
+        last_error: The last write error, without file system paths.
+        retry_in_s: When the next retry is due (0 when writable).
+    """
+
+    writable: bool
+    backlog_rows: int
+    backlog_max_rows: int
+    accepting: bool
+    dead_letters: int
+    last_error: str | None
+    retry_in_s: float
+
+
+_Row = _EventRow | RequestRow | MessageRow | ToolExecutionRow
+_Op = _Row | _Barrier
+
+#: How many turns' dead-letter counts are kept for their barriers to collect.
+_DEAD_COUNTS_MAX = 10_000
+
+_QUOTED_PATH = re.compile(r""""/[^"]*"|'/[^']*'""")
+_PATH = re.compile(r"""(?<![\w.:/])/(?:[^\s"'/:]+/)*[^\s"'/:]*""")
+
+
+def scrub_paths(text: str) -> str:
+    """``text`` with every absolute file system path replaced by ``<path>``: store errors
+    (DuckDB names the file it could not write) reach clients, logs stay detailed."""
+    quoted = _QUOTED_PATH.sub(lambda m: f"{m.group(0)[0]}<path>{m.group(0)[0]}", text)
+    return _PATH.sub("<path>", quoted)
+
+
+def _safe(text: str) -> str:
+    """``text`` encodable as UTF-8 (a lone surrogate becomes a backslash escape)."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _Unwritable(Exception):
+    """The store refused a write as a whole (disk full, I/O): keep the rows, retry later."""
+
+
+def _store_failure(exc: BaseException) -> bool:
+    """Whether an error is the store's (retry later) rather than one row's (dead letter)."""
+    return isinstance(exc, duckdb.OperationalError | duckdb.FatalException | OSError | MemoryError)
+
+
+@dataclasses.dataclass(slots=True)
+class _Batch:
+    """Rows waiting to be written: events in order, upserts coalesced by key."""
+
+    events: list[_EventRow] = dataclasses.field(default_factory=list)
+    requests: dict[str, RequestRow] = dataclasses.field(default_factory=dict)
+    messages: dict[str, MessageRow] = dataclasses.field(default_factory=dict)
+    tools: dict[str, ToolExecutionRow] = dataclasses.field(default_factory=dict)
+
+    def add(self, row: _Row) -> None:
+        if isinstance(row, _EventRow):
+            self.events.append(row)
+        elif isinstance(row, RequestRow):
+            self.requests[row.request_id] = row
+        elif isinstance(row, MessageRow):
+            self.messages[row.message_id] = row
+        else:
+            self.tools[row.execution_id] = row
+
+    def extend(self, other: _Batch) -> None:
+        """Add ``other``'s rows after these (its upserts win)."""
+        self.events.extend(other.events)
+        self.requests.update(other.requests)
+        self.messages.update(other.messages)
+        self.tools.update(other.tools)
+
+    def rows(self) -> int:
+        return len(self.events) + len(self.requests) + len(self.messages) + len(self.tools)
+
+    def all_rows(self) -> list[_Row]:
+        return [*self.events, *self.requests.values(), *self.messages.values(),
+                *self.tools.values()]
+
+    def chunks(self, size: int) -> list[_Batch]:
+        """Events in chunks of ``size``, the upserts with the last one."""
+        parts = [_Batch(events=self.events[i:i + size])
+                 for i in range(0, len(self.events), size)] or [_Batch()]
+        last = parts[-1]
+        last.requests, last.messages, last.tools = self.requests, self.messages, self.tools
+        return parts
+
+    def halves(self) -> list[_Batch]:
+        """Two (or more) smaller batches with these rows: one table each, then halves."""
+        tables = [_Batch(events=self.events), _Batch(requests=self.requests),
+                  _Batch(messages=self.messages), _Batch(tools=self.tools)]
+        tables = [part for part in tables if part.rows()]
+        if len(tables) > 1:
+            return tables
+        rows = self.all_rows()
+        middle = len(rows) // 2
+        first, second = _Batch(), _Batch()
+        for row in rows[:middle]:
+            first.add(row)
+        for row in rows[middle:]:
+            second.add(row)
+        return [first, second]
 
 
 class EventStore:
@@ -193,14 +384,30 @@ class EventStore:
         path: The DuckDB file (its folder is created); ``":memory:"`` for tests.
         flush_interval_ms: An event waits at most about this long before it is written.
         flush_max_rows: A batch is written as soon as this many rows wait.
+        storage_version: The DuckDB storage format of a file this store creates
+            (:data:`DEFAULT_STORAGE_VERSION`); an existing file keeps its own.
+        backlog_max_rows: Rows kept while the store cannot write, from which
+            :meth:`health` says ``accepting=False`` (rows are never dropped: running turns
+            go on adding theirs).
+        retry_min_ms: The first retry after a refused write; doubled after each failure.
+        retry_max_ms: The longest wait between retries.
+        barrier_timeout_s: How long :meth:`flush` waits by default before it raises.
     """
 
     def __init__(
-        self, path: Path | str, *, flush_interval_ms: float = 250.0, flush_max_rows: int = 2048
+        self, path: Path | str, *, flush_interval_ms: float = 250.0, flush_max_rows: int = 2048,
+        storage_version: str = DEFAULT_STORAGE_VERSION,
+        backlog_max_rows: int = 200_000, retry_min_ms: float = 100.0,
+        retry_max_ms: float = 5_000.0, barrier_timeout_s: float = 10.0,
     ) -> None:
         self.path = str(path)
+        self.storage_version = storage_version
         self.flush_interval_s = flush_interval_ms / 1000
         self.flush_max_rows = flush_max_rows
+        self.backlog_max_rows = backlog_max_rows
+        self.retry_min_s = retry_min_ms / 1000
+        self.retry_max_s = retry_max_ms / 1000
+        self.barrier_timeout_s = barrier_timeout_s
         self.stats = StoreStats()
         self._ops: collections.deque[_Op] = collections.deque()
         self._wake = threading.Event()
@@ -209,20 +416,35 @@ class EventStore:
         self._con: duckdb.DuckDBPyConnection | None = None
         self._read_lock = threading.Lock()
         self._read: duckdb.DuckDBPyConnection | None = None
+        # The writer thread's own state: rows the store refused, and who waits for them.
+        self._backlog = _Batch()
+        self._backlog_rows = 0  # read by other threads
+        self._waiting: list[_Barrier] = []
+        self._writable = True
+        self._retry_at = 0.0
+        self._retry_s = self.retry_min_s
+        self._dead_lock = threading.Lock()
+        self._dead_by_request: dict[str | None, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> EventStore:
         """Create the file and schema and start the writer thread."""
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
         try:
+            if self.path != ":memory:":
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                create_file(self.path, storage_version=self.storage_version)
             self._con = duckdb.connect(self.path)
         except duckdb.Error as exc:
             raise StoreError(f"cannot open the event store {self.path!r}: {exc}") from exc
         self._con.execute(SCHEMA)
+        for change in migrate(self._con):
+            log.info("event store %s migrated: %s", self.path, change)
         create_views(self._con)
         harden(self._con)  # no file, network or extension access for any SQL on this store
         self._read = self._con.cursor()
+        # pyarrow's first table costs about a second (lazy set-up): pay it here, not in the
+        # first turn's flush barrier.
+        _events_table([])
         writer = self._con.cursor()
         self._thread = threading.Thread(
             target=self._run_writer, args=(writer,), name="event-store-writer", daemon=True
@@ -242,13 +464,19 @@ class EventStore:
                 # written here, and their flush barriers settled, rather than dropped.
                 late = self._con.cursor()
                 try:
-                    self._drain(late)
+                    self._drain(late, force=True)
+                    self._abandon()
                 finally:
                     late.close()
         if self._con is not None:
             with self._read_lock:
                 try:
                     self._con.execute("CHECKPOINT")
+                except duckdb.Error as exc:
+                    # What was committed is in the write-ahead log, which the next open
+                    # replays: a failed checkpoint (a full disk) loses nothing.
+                    log.error("the event store could not checkpoint on close (%s); the "
+                              "write-ahead log keeps the data", _safe(str(exc)))
                 finally:
                     if self._read is not None:
                         self._read.close()
@@ -286,8 +514,17 @@ class EventStore:
         if len(self._ops) >= self.flush_max_rows and not self._wake.is_set():
             self._wake.set()  # a lock: only once per batch, not on every append
 
-    async def flush(self) -> None:
-        """Return once everything queued before the call is written (a barrier)."""
+    async def flush(self, *, request_id: str | None = None, timeout_s: float | None = None,
+                    events_only: bool = False) -> None:
+        """Return once everything queued before the call is written (a barrier).
+
+        Raises :class:`StoreError` when the store has not taken those rows within
+        ``timeout_s`` (default ``barrier_timeout_s``: they stay queued and are written when
+        it can), or, with ``request_id``, when rows of that request could not be written
+        (dead letters; each is reported to one such barrier). The message names no file
+        system path. ``events_only``: wait for the events only, not for the request,
+        message and tool rows (derived from the events, written right after them).
+        """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
 
@@ -298,13 +535,31 @@ class EventStore:
                 if error is None:
                     future.set_result(None)
                 else:
-                    future.set_exception(StoreError(f"flush failed: {error}"))
+                    future.set_exception(StoreError(scrub_paths(f"flush failed: {error}")))
 
             loop.call_soon_threadsafe(settle)
 
-        self._enqueue(_Barrier(done))
+        self._enqueue(_Barrier(done, request_id, events_only))
         self._wake.set()
-        await future
+        timeout = self.barrier_timeout_s if timeout_s is None else timeout_s
+        try:
+            await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            health = self.health()
+            raise StoreError(
+                f"the event store has not written within {timeout:g}s "
+                f"({health.backlog_rows} rows wait; last error: {health.last_error})"
+            ) from None
+
+    def health(self) -> StoreHealth:
+        """Whether the store writes, and how much waits (no file system paths)."""
+        backlog = self._backlog_rows + (0 if self._writable else len(self._ops))
+        return StoreHealth(
+            writable=self._writable, backlog_rows=backlog,
+            backlog_max_rows=self.backlog_max_rows, accepting=backlog < self.backlog_max_rows,
+            dead_letters=self.stats.dead_letters, last_error=self.stats.last_error,
+            retry_in_s=0.0 if self._writable else round(max(0.0, self._retry_at - time.monotonic()), 3),
+        )
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor on the store's database, for analysts' reads and exports."""
@@ -393,65 +648,177 @@ class EventStore:
     def _run_writer(self, con: duckdb.DuckDBPyConnection) -> None:
         try:
             while True:
-                self._wake.wait(self.flush_interval_s)
+                wait = self.flush_interval_s
+                if not self._writable:
+                    wait = min(wait, max(0.0, self._retry_at - time.monotonic()))
+                self._wake.wait(wait)
                 self._wake.clear()
                 stopping = self._stopping
-                self._drain(con)
+                self._drain(con, force=stopping)
                 if stopping:
-                    self._drain(con)
+                    self._drain(con, force=True)
+                    self._abandon()
                     return
         finally:
             con.close()
 
-    def _drain(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Take everything queued now and write it in one batch per table."""
-        events: list[_EventRow] = []
-        requests: dict[str, RequestRow] = {}
-        messages: dict[str, MessageRow] = {}
-        tools: dict[str, ToolExecutionRow] = {}
-        barriers: list[_Barrier] = []
-        error: BaseException | None = None
+    def _drain(self, con: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
+        """Take everything queued now and write it with the backlog, in batches by table.
+
+        While the store refuses writes, the rows only join the backlog until the next retry
+        is due (``force``: now, on close). Barriers are settled once nothing queued before
+        them waits.
+        """
         ops = self._ops
+        backlog = self._backlog
         while ops:
             op = ops.popleft()
-            if isinstance(op, _EventRow):
-                events.append(op)
-            elif isinstance(op, RequestRow):
-                requests[op.request_id] = op
-            elif isinstance(op, MessageRow):
-                messages[op.message_id] = op
-            elif isinstance(op, ToolExecutionRow):
-                tools[op.execution_id] = op
+            if isinstance(op, _Barrier):
+                self._waiting.append(op)
             else:
-                barriers.append(op)
-            if len(events) >= self.flush_max_rows:
-                error = self._write(con, events, {}, {}) or error
-                events = []
-        if events or requests or messages or tools:
-            error = self._write(con, events, requests, messages, tools) or error
-        for barrier in barriers:
-            barrier.done(error)
+                backlog.add(op)
+        self._backlog_rows = backlog.rows()
+        if backlog.rows() and (self._writable or force or time.monotonic() >= self._retry_at):
+            self._write_backlog(con)
+        self._settle()
 
-    def _write(
-        self,
-        con: duckdb.DuckDBPyConnection,
-        events: list[_EventRow],
-        requests: dict[str, RequestRow],
-        messages: dict[str, MessageRow],
-        tools: dict[str, ToolExecutionRow] | None = None,
-    ) -> BaseException | None:
+    def _settle(self) -> None:
+        """Settle the barriers nothing waits for any more: all of them when the backlog is
+        empty, those for events only when no event waits."""
+        if not self._waiting:
+            return
+        empty, no_events = not self._backlog.rows(), not self._backlog.events
+        waiting, self._waiting = self._waiting, []
+        for barrier in waiting:
+            if empty or (barrier.events_only and no_events):
+                barrier.done(self._barrier_error(barrier))
+            else:
+                self._waiting.append(barrier)
+
+    def _write_backlog(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Write the backlog: the events first (in chunks), then the upserts, so a barrier
+        for events (a turn's done) does not wait for the (slower) upserts."""
+        if not self._writable:
+            self.stats.retries += 1
+        backlog = self._backlog
+        upserts = _Batch(requests=backlog.requests, messages=backlog.messages, tools=backlog.tools)
+        events = _Batch(events=backlog.events).chunks(self.flush_max_rows)
+        self._backlog = _Batch()
+        for phase in (events, [upserts]):
+            parts = [part for part in reversed(phase) if part.rows()]  # a stack: first on top
+            try:
+                self._write_parts(con, parts)
+            except _Unwritable as exc:
+                kept = _Batch()
+                for part in reversed(parts):
+                    kept.extend(part)
+                if phase is events:
+                    kept.extend(upserts)
+                self._backlog = kept
+                self._backlog_rows = kept.rows()
+                self._writable = False
+                self._retry_at = time.monotonic() + self._retry_s
+                log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
+                          exc.__cause__, kept.rows(), self._retry_s)
+                self._retry_s = min(self._retry_s * 2, self.retry_max_s)
+                return
+            if phase is events:
+                self._backlog = upserts
+                self._settle()  # the events are written: a turn's done may go
+        if not self._writable:
+            log.warning("the event store writes again; the backlog is written")
+        self._writable = True
+        self._retry_s = self.retry_min_s
+        self._backlog = _Batch()
+        self._backlog_rows = 0
+
+    def _write_parts(self, con: duckdb.DuckDBPyConnection, parts: list[_Batch]) -> None:
+        """Write each part on the stack; split a part that fails, down to single rows,
+        which become dead letters. Raises :class:`_Unwritable` (the unwritten parts left on
+        the stack) when the store refuses a write as a whole."""
+        while parts:
+            part = parts[-1]
+            error = self._write(con, part)
+            if error is None:
+                parts.pop()
+                continue
+            if _store_failure(error):
+                raise _Unwritable() from error
+            parts.pop()
+            if part.rows() > 1:
+                parts.extend(reversed(part.halves()))
+                continue
+            try:
+                self._dead_letter(con, part.all_rows()[0], error)
+            except Exception as exc:  # cannot even record it now: keep it, retry later
+                parts.append(part)
+                raise _Unwritable() from exc
+
+    def _dead_letter(self, con: duckdb.DuckDBPyConnection, row: _Row, error: BaseException) -> None:
+        """Record a row that cannot be written, with its content made safe."""
+        match row:
+            case _EventRow(event=event):
+                request_id: str | None = event.request_id
+                key, target = str(event.seq), "events"
+                content = {"agent": row.agent, "depth": row.depth,
+                           "event": event.model_dump(mode="python")}
+            case RequestRow():
+                request_id, key, target = row.request_id, row.request_id, "requests"
+                content = dataclasses.asdict(row)
+            case MessageRow():
+                request_id, key, target = row.request_id, row.message_id, "messages"
+                content = dataclasses.asdict(row)
+            case ToolExecutionRow():
+                request_id, key, target = row.request_id, row.execution_id, "tool_executions"
+                content = dataclasses.asdict(row)
+        message = scrub_paths(_safe(f"{type(error).__name__}: {error}"))
+        con.execute(
+            "INSERT INTO dead_letters VALUES (?, ?, ?, ?, ?, now()::TIMESTAMP)",
+            [None if request_id is None else _safe(request_id), _safe(key), target, message,
+             json.dumps(content, ensure_ascii=True, default=str)],
+        )
+        self.stats.dead_letters += 1
+        with self._dead_lock:
+            counts = self._dead_by_request
+            counts[request_id] = counts.pop(request_id, 0) + 1
+            while len(counts) > _DEAD_COUNTS_MAX:
+                del counts[next(iter(counts))]
+        log.error("event store: a %s row of request %s cannot be written (%s); kept in "
+                  "dead_letters", target, request_id, message)
+
+    def _barrier_error(self, barrier: _Barrier) -> BaseException | None:
+        if barrier.request_id is None:
+            return None  # a reader's barrier: another turn's dead letter is not its failure
+        with self._dead_lock:
+            lost = self._dead_by_request.pop(barrier.request_id, 0)
+        if not lost:
+            return None
+        return StoreError(f"{lost} rows could not be written (kept in dead_letters: "
+                          f"{self.stats.last_error})")
+
+    def _abandon(self) -> None:
+        """On close with a store that still refuses writes: say loudly what is lost."""
+        if self._backlog.rows():
+            log.error("the event store closes with %d rows it could not write; they are lost",
+                      self._backlog.rows())
+        waiting, self._waiting = self._waiting, []
+        for barrier in waiting:
+            barrier.done(StoreError("the event store closed before it could write"))
+
+    def _write(self, con: duckdb.DuckDBPyConnection, batch: _Batch) -> BaseException | None:
+        """Write one batch in one transaction; the error, or None when it is written."""
         started = time.perf_counter()
         error: BaseException | None = None
         batches: dict[str, pa.Table] = {}
         try:
-            if events:
-                batches["event_batch"] = _events_table(events)
-            if requests:
-                batches["request_batch"] = _rows_table(list(requests.values()), RequestRow)
-            if messages:
-                batches["message_batch"] = _rows_table(list(messages.values()), MessageRow)
-            if tools:
-                batches["tool_batch"] = _rows_table(list(tools.values()), ToolExecutionRow)
+            if batch.events:
+                batches["event_batch"] = _events_table(batch.events)
+            if batch.requests:
+                batches["request_batch"] = _rows_table(list(batch.requests.values()), RequestRow)
+            if batch.messages:
+                batches["message_batch"] = _rows_table(list(batch.messages.values()), MessageRow)
+            if batch.tools:
+                batches["tool_batch"] = _rows_table(list(batch.tools.values()), ToolExecutionRow)
             for name, table in batches.items():
                 con.register(name, table)
             try:
@@ -459,24 +826,29 @@ class EventStore:
             except duckdb.ConstraintException:
                 # A duplicate (request_id, seq) must not cost the rest of the batch.
                 log.warning("duplicate event keys in a batch; keeping the stored ones")
-                con.rollback()
+                _rollback(con)
                 _apply(con, batches, strict=False)
-            self.stats.events_written += len(events)
-        except Exception as exc:  # keep the writer alive: log, count, go on
+            self.stats.events_written += len(batch.events)
+        except Exception as exc:  # keep the writer alive: the caller splits or keeps the rows
             error = exc
             self.stats.failed_flushes += 1
-            self.stats.last_error = str(exc)
-            log.exception("event store flush failed (%d events)", len(events))
-            try:
-                con.rollback()
-            except duckdb.Error:
-                pass
+            self.stats.last_error = scrub_paths(_safe(f"{type(exc).__name__}: {exc}"))
+            log.warning("event store write failed (%d rows): %s", batch.rows(),
+                        _safe(str(exc)))
+            _rollback(con)
         finally:
             for name in batches:
                 con.unregister(name)
         self.stats.flushes += 1
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         return error
+
+
+def _rollback(con: duckdb.DuckDBPyConnection) -> None:
+    try:
+        con.rollback()
+    except duckdb.Error:
+        pass  # no transaction was open (a failed commit ends it)
 
 
 def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, strict: bool) -> None:

@@ -3,7 +3,8 @@
 Every view is computed from the tables at query time (nothing is stored twice), so it is
 right for turns recorded before the view existed, and it works the same over the Parquet
 lake once ``events``, ``requests`` and ``messages`` name the lake's files (see
-``docs/analysts.md``). Times are UTC; durations are milliseconds.
+``docs/analysts.md``). Times are UTC; durations are whole milliseconds (``BIGINT``; averages
+and quantiles of them are ``DOUBLE``).
 
 =======================  =============================================================
 view                     one row per
@@ -36,9 +37,10 @@ WITH marks AS (
            min(ts) FILTER (WHERE type = 'request_received')                   AS received_at,
            min(ts) FILTER (WHERE type = 'text')                               AS first_text_at,
            max(ts) FILTER (WHERE type = 'done')                               AS done_at,
-           max(CAST(data->>'duration_ms' AS DOUBLE)) FILTER (WHERE type = 'done') AS done_duration_ms,
+           max(CAST(round(CAST(data->>'duration_ms' AS DOUBLE)) AS BIGINT))
+               FILTER (WHERE type = 'done')                                   AS done_duration_ms,
            count(*) FILTER (WHERE type = 'text')                              AS text_events,
-           count(*) FILTER (WHERE type = 'error')                             AS errors,
+           count(*) FILTER (WHERE type = 'turn_error')                        AS errors,
            count(*)                                                           AS events
     FROM events
     GROUP BY request_id
@@ -49,7 +51,8 @@ SELECT m.request_id,
        r.model,
        coalesce(r.status, CASE WHEN m.done_at IS NULL THEN 'running' END) AS status,
        coalesce(r.started_at, m.received_at)                                  AS started_at,
-       date_diff('microsecond', m.received_at, m.first_text_at) / 1000.0      AS first_token_ms,
+       CAST(round(date_diff('microsecond', m.received_at, m.first_text_at) / 1000.0) AS BIGINT)
+                                                                              AS first_token_ms,
        coalesce(m.done_duration_ms, r.duration_ms)                           AS duration_ms,
        m.text_events,
        r.prompt_tokens,
@@ -78,7 +81,7 @@ SELECT c.request_id,
        r.ts                                         AS answered_at,
        CAST(r.data->>'ok' AS BOOLEAN)               AS ok,
        r.data->>'error'                             AS error,
-       CAST(r.data->>'duration_ms' AS DOUBLE)       AS duration_ms
+       CAST(round(CAST(r.data->>'duration_ms' AS DOUBLE)) AS BIGINT) AS duration_ms
 FROM events c
 LEFT JOIN events r
        ON r.request_id = c.request_id AND r.type = 'tool_result'
@@ -149,7 +152,8 @@ WITH starts AS (
     GROUP BY request_id, stream_id
 )
 SELECT s.request_id, s.stream_id, s.agent, s.depth, s.started_at, e.ended_at, e.status,
-       date_diff('microsecond', s.started_at, t.first_text_at) / 1000.0 AS first_token_ms,
+       CAST(round(date_diff('microsecond', s.started_at, t.first_text_at) / 1000.0) AS BIGINT)
+                                   AS first_token_ms,
        coalesce(t.text_events, 0)  AS text_events,
        coalesce(t.chars, 0)        AS chars,
        u.completion_tokens

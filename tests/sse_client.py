@@ -150,7 +150,9 @@ def events_of(frames: Iterable[Frame]) -> list[dict[str, Any]]:
 def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str, Any]]:
     """Assert the native protocol's rules (DESIGN.md "The wire"); returns the events.
 
-    - frames without data (comments, ``retry:``) are skipped, as clients skip them;
+    - frames without data (comments) are skipped, as clients skip them; no ``retry:``
+      block stands alone (the server puts it in the first event frame of each response);
+    - no ``event:`` is ``error`` or ``message`` (EventSource's own names);
     - every other frame is an event frame (``id``, ``event``, one-line JSON ``data``) whose
       ``event`` equals ``data.type`` and whose ``id`` equals ``data.seq``;
     - the first is ``request_received`` with seq 1; exactly one ``done``, and it is last;
@@ -161,13 +163,17 @@ def assert_wire_rules(frames: Sequence[Frame], *, trace: bool) -> list[dict[str,
     - trace-only types (llm_call, route, memory) appear only when ``trace``; with trace on
       nothing is hidden, so the seqs are exactly 1..N.
     """
-    # Comment-only and retry-only frames (heartbeats, reconnect advice) are not dispatched
-    # by clients; the rules are about the event frames.
+    # Comment-only frames (heartbeats) are not dispatched by clients; a lone ``retry:``
+    # block is (by httpx-sse, as an empty event), so reconnect advice rides in the first
+    # event's block. The rules are about the event frames.
+    lone = [frame for frame in frames if frame.data is None and frame.retry is not None]
+    assert not lone, f"a lone retry: block: {lone[0]}"
     frames = [frame for frame in frames if frame.data is not None]
     assert frames, "no frames"
     events: list[dict[str, Any]] = []
     for index, frame in enumerate(frames):
-        assert not frame.comments and frame.retry is None, f"frame {index}: {frame}"
+        assert not frame.comments, f"frame {index}: {frame}"
+        assert frame.event not in ("error", "message"), f"frame {index}: EventSource's own name"
         assert "\n" not in frame.data, f"frame {index}: data spans lines"
         data = frame.json
         assert isinstance(data, dict), f"frame {index}: data is not an object"

@@ -323,7 +323,7 @@ async def test_request_latency(store: EventStore, turns: list[TurnBuilder]) -> N
         assert row["duration_ms"] == (done[0].event.duration_ms if done else None)
         assert row["status"] == turn.status
         assert row["text_events"] == len(texts)
-        assert row["errors"] == len(turn.of_type("error"))
+        assert row["errors"] == len(turn.of_type("turn_error"))
         assert row["events"] == len(turn.records)
         assert row["model"] == turn.model and row["conversation_id"] == turn.conversation_id
 
@@ -556,7 +556,7 @@ async def test_query_endpoint_formats(
     assert resp.status == 200 and resp.headers["X-Truncated"] == "false"
     body = await resp.json()
     assert body["columns"] == ["request_id", "first_token_ms", "started_at"]
-    assert body["types"] == ["VARCHAR", "DOUBLE", "TIMESTAMP"]
+    assert body["types"] == ["VARCHAR", "BIGINT", "TIMESTAMP"]  # whole milliseconds
     assert [r[0] for r in body["rows"]] == sorted(t.request_id for t in turns)
     assert body["truncated"] is False and body["row_count"] == len(turns)
 

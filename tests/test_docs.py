@@ -93,7 +93,7 @@ async def test_rebuilt_text_matches_stored_message(recorded_store: EventStore) -
 
 
 async def test_failure_query_names_the_error(recorded_store: EventStore) -> None:
-    [failures] = [sql for sql in sql_blocks(ROOT / "docs" / "analysts.md") if "type = 'error'" in sql]
+    [failures] = [sql for sql in sql_blocks(ROOT / "docs" / "analysts.md") if "type = 'turn_error'" in sql]
     rows = await recorded_store.aquery(failures)
     assert len(rows) == 1
     _request_id, model, error, retryable = rows[0]

@@ -600,8 +600,12 @@ async def test_bursty_producer_reconnect_loop_loses_nothing(
 
 # -- heartbeat and reconnect advice -------------------------------------------------------
 def assert_heartbeats(frames: list[Frame], *, retry_ms: int) -> None:
-    """``retry:`` first; a keep-alive comment before the first text and between texts."""
-    assert frames[0].retry == retry_ms and frames[0].data is None, frames[0]
+    """A ``: stream open`` comment first, ``retry:`` in the first event's block (never
+    alone); a keep-alive comment before the first text and between texts."""
+    assert frames[0].comments == ["stream open"] and frames[0].data is None, frames[0]
+    assert frames[0].retry is None, frames[0]
+    assert frames[1].retry == retry_ms and frames[1].event == "request_received", frames[1]
+    assert [f.retry for f in frames[2:] if f.retry is not None] == [], "retry: sent once"
     kinds = ["beat" if f.data is None and "keep-alive" in f.comments else f.event
              for f in frames]
     first_text = kinds.index("text")
@@ -639,7 +643,7 @@ async def test_heartbeat_and_retry_advice_on_native_streams(
 
     native, replayed, openai_raw = await asyncio.gather(streamed(), followed(), chat())
     for raw in (native, replayed):
-        assert raw.startswith(b"retry: 1234\n\n"), raw[:40]
+        assert raw.startswith(b": stream open\n\nretry: 1234\nid: 1\nevent: request_received\n"), raw[:60]
         assert_heartbeats(parse_sse(raw), retry_ms=1234)
     # The OpenAI-compatible stream stays data-only, heartbeat or not (field notes).
     assert all(line == "" or line.startswith("data: ") for line in openai_raw.decode().split("\n"))
@@ -829,7 +833,7 @@ async def test_startup_closes_interrupted_requests(tmp_path: Path) -> None:
              "finish_reason": None},
             {"seq": 9 + GAP + 2, "type": "stream_end", "stream_id": 1, "status": "error",
              "finish_reason": None},
-            {"seq": 9 + GAP + 3, "type": "error", "stream_id": None, "error": error_text,
+            {"seq": 9 + GAP + 3, "type": "turn_error", "stream_id": None, "error": error_text,
              "retryable": True},
             {"seq": 9 + GAP + 4, "type": "done", "ok": False, "duration_ms": 0.0,
              "reason": "interrupted"},
@@ -854,7 +858,7 @@ async def test_startup_closes_interrupted_requests(tmp_path: Path) -> None:
         short = await replay(client, "req_just_started", params={"trace": "true"})
         short_events = assert_wire_rules(short, trace=True)
         assert [(e["type"], e["seq"]) for e in short_events] == [
-            ("request_received", 1), ("route", 2), ("error", 2 + GAP + 1),
+            ("request_received", 1), ("route", 2), ("turn_error", 2 + GAP + 1),
             ("done", 2 + GAP + 2)]
         assert short_events[-1]["reason"] == "interrupted"
 

@@ -210,7 +210,7 @@ async def test_kill_9_mid_turn_then_restart_closes_and_resumes(tmp_path: Path) -
         events = assert_wire_rules(full, trace=False)
         done = events[-1]
         assert done["ok"] is False and done["reason"] == "interrupted"
-        assert [e["type"] for e in events[-3:]] == ["stream_end", "error", "done"]
+        assert [e["type"] for e in events[-3:]] == ["stream_end", "turn_error", "done"]
         assert events[-3]["status"] == "error" and events[-2]["retryable"] is True
         # What the client saw is the start of the recovered stream …
         assert frame_keys(full)[: len(seen)] == frame_keys(seen)

@@ -230,7 +230,7 @@ async def test_provider_error_mid_stream(store: EventStore, retryable: bool) -> 
     assert dump(collect(turn)) == expected(
         turn,
         [text("Hel"), text("lo"),
-         {"type": "error", "stream_id": 1, "error": str(error), "retryable": retryable},
+         {"type": "turn_error", "stream_id": 1, "error": str(error), "retryable": retryable},
          end("error")],
         done_ok=False, reason="error",
     )
@@ -248,7 +248,7 @@ async def test_provider_error_before_any_piece(store: EventStore) -> None:
     turn = orchestrator(ScriptedProvider([boom(retryable=True)]), store).run(ask())
     result = await finish(turn)
     assert [e.type for e in collect(turn)] == [
-        "request_received", "route", "memory", "llm_call", "stream_start", "error",
+        "request_received", "route", "memory", "llm_call", "stream_start", "turn_error",
         "stream_end", "done",
     ]
     assert (result.status, result.content) == ("error", "")
@@ -412,7 +412,8 @@ async def test_drain_cancels_a_held_turn(store: EventStore) -> None:
     async with asyncio.timeout(2):
         await provider.holding.wait()
 
-    assert await orch.drain(grace_s=0.05) == 1
+    # The grace covers the quick turn's end, its done barrier (a store write) included.
+    assert await orch.drain(grace_s=1.0) == 1
     assert held.result.done() and quick.result.done()
     assert held.result.result().status == "cancelled"
     assert quick.result.result().status == "completed"
@@ -536,11 +537,11 @@ async def test_unreachable_model_ends_the_turn_with_a_retryable_error(
         await provider.aclose()
     events = collect(turn)
     assert result.status == "error"
-    error = next(e for e in events if e.type == "error")
+    error = next(e for e in events if e.type == "turn_error")
     assert error.model_dump(include={"stream_id", "retryable"}) == {
         "stream_id": 1, "retryable": True
     }
-    assert [e.type for e in events][-3:] == ["error", "stream_end", "done"]
+    assert [e.type for e in events][-3:] == ["turn_error", "stream_end", "done"]
 
 
 async def test_late_subscriber_of_a_long_turn_gets_every_event() -> None:

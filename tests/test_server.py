@@ -324,7 +324,8 @@ async def test_chat_completions_not_streamed(client: TestClient) -> None:
     assert body["object"] == "chat.completion"
     assert body["model"] == MODEL
     (choice,) = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": answer(messages)}
+    assert choice["message"] == {"role": "assistant", "content": answer(messages),
+                                 "refusal": None}
     assert choice["finish_reason"] == "stop"
     tokens = len(compose_answer(MODEL, messages))
     assert body["usage"] == {
@@ -457,7 +458,7 @@ async def test_provider_failure_ends_the_turn_cleanly(
     resp, frames = await orchestrate(client, {"messages": messages, "trace": True})
     events = assert_wire_rules(frames, trace=True)
     request_id = resp.headers["X-Request-Id"]
-    (error,) = of_type(events, "error")
+    (error,) = of_type(events, "turn_error")
     assert error["error"]
     if kind == "http500":
         assert "500" in error["error"] and error["retryable"] is True

@@ -142,7 +142,7 @@ def test_turn_updates_fold_the_answer() -> None:
         Text(stream_id=1, delta="Hi"),
         Text(stream_id=1, delta="!"),
         ErrorEvent(stream_id=1, error="late failure"),
-        Done(ok=False, duration_ms=1.0, reason="error"),
+        Done(ok=False, duration_ms=1, reason="error"),
     )
     source = scheduler.create_cold_observable(
         *(on_next(10 * (i + 1), e) for i, e in enumerate(events)), on_completed(100)
@@ -157,7 +157,7 @@ def test_turn_updates_fold_the_answer() -> None:
         (210, "pending", "", "", "request_received", None),
         (250, "streaming", "Hi", "Hi", "text", None),
         (260, "streaming", "Hi!", "!", "text", None),
-        (270, "streaming", "Hi!", "", "error", "late failure"),
+        (270, "streaming", "Hi!", "", "turn_error", "late failure"),
         (280, "error", "Hi!", "", "done", "late failure"),
     ]
     assert all(m.value.value.response_id == "req_1" for m in results.messages

@@ -223,9 +223,9 @@ async def test_writes_before_open_raise_store_error(path: Path) -> None:
 
 async def test_writer_survives_a_failing_batch(store: EventStore) -> None:
     store.put_request(request("bad", conversation_id=None))  # NOT NULL violated
-    with pytest.raises(StoreError):
-        await store.flush()
-    assert store.stats.failed_flushes == 1
+    with pytest.raises(StoreError):  # its request's barrier hears of the dead letter
+        await store.flush(request_id="bad")
+    assert store.stats.failed_flushes == 1 and store.stats.dead_letters == 1
     assert store.stats.last_error
 
     store.append_event(text(1), agent="assistant", depth=0)
@@ -247,16 +247,18 @@ async def test_writer_survives_a_failing_batch_without_flush(path: Path) -> None
         store.close()
 
 
-async def test_flush_reports_a_failed_sub_batch(path: Path) -> None:
+async def test_a_failed_sub_batch_is_split_and_its_bad_row_kept_aside(path: Path) -> None:
     store = EventStore(path, flush_interval_ms=60_000, flush_max_rows=2).open()
     try:
         bad = text(1)
         bad.request_id = None  # type: ignore[assignment]  # NOT NULL violated
         store.append_event(bad, agent=None, depth=None)
-        store.append_event(text(2), agent=None, depth=None)  # same sub-batch: lost with it
+        store.append_event(text(2), agent=None, depth=None)  # same sub-batch: kept (split)
         store.append_event(text(3), agent=None, depth=None)  # the final batch: written
-        with pytest.raises(StoreError):
-            await store.flush()
+        await store.flush()  # a reader's barrier: another row's dead letter is not its failure
+        assert store.stats.dead_letters == 1
+        assert store.query("SELECT seq FROM events ORDER BY seq") == [(2,), (3,)]
+        assert store.query("SELECT target, row_key FROM dead_letters") == [("events", "1")]
     finally:
         store.close()
 

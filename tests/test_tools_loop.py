@@ -236,9 +236,9 @@ async def test_the_step_limit_stops_a_runaway_loop(store: EventStore) -> None:
     types = [e.type for e in events]
     assert types.count("tool_result") == 2 and types.count("llm_call") == 3
     assert len(provider.calls) == 3
-    assert types[-3:] == ["error", "stream_end", "done"]
+    assert types[-3:] == ["turn_error", "stream_end", "done"]
     error, end, done = dump(events[-3:])
-    assert error == {"type": "error", "stream_id": 1, "retryable": False, "error": (
+    assert error == {"type": "turn_error", "stream_id": 1, "retryable": False, "error": (
         "tool loop stopped: the model asked for tools again after 2 rounds (MAX_TOOL_STEPS=2)")}
     assert end["status"] == "error" and done == {"type": "done", "ok": False, "reason": "error"}
     assert result.status == "error" and "MAX_TOOL_STEPS" in (result.error or "")

@@ -224,7 +224,19 @@ async def test_speech_round_trip_through_turns(client: TestClient, tmp_path: Pat
     assert text_of(events) == 'The tool speech_transcribe returned: "tools are harnesses too".'
 
 
-async def test_the_openai_endpoint_runs_the_loop_too(client: TestClient) -> None:
+@pytest.fixture
+async def wire_tools_client(aiohttp_client: ClientFactory, tmp_path: Path) -> TestClient:
+    """A server whose deployer switched the server's tools on for the OpenAI wire."""
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    (workspace / "notes.txt").write_text(NOTES + "\n")
+    return await aiohttp_client(server.create_app(
+        settings_for(tmp_path, openai_wire_server_tools=True)))
+
+
+async def test_the_openai_endpoint_runs_the_loop_when_switched_on(
+        wire_tools_client: TestClient) -> None:
+    client = wire_tools_client
     async with client.post("/v1/chat/completions", json={
         "model": "offline", "messages": [{"role": "user", "content": "read the file notes.txt"}],
     }) as resp:
@@ -233,7 +245,8 @@ async def test_the_openai_endpoint_runs_the_loop_too(client: TestClient) -> None
     assert body["choices"][0]["message"]["content"] == f'The tool fs_read returned: "{NOTES}".'
 
 
-async def test_the_sdk_sees_plain_chunks_while_tools_run(client: TestClient) -> None:
+async def test_the_sdk_sees_plain_chunks_while_tools_run(wire_tools_client: TestClient) -> None:
+    client = wire_tools_client
     base_url = str(client.make_url("/v1"))
     async with openai.AsyncOpenAI(base_url=base_url, api_key="x", max_retries=0) as sdk:
         stream = await sdk.chat.completions.create(

@@ -114,7 +114,7 @@ class ToolOutcome:
     ok: bool
     data: Any = None
     error: str | None = None
-    duration_ms: float = 0.0
+    duration_ms: int = 0
 
     def for_model(self, max_chars: int) -> str:
         """The tool message content the model gets: JSON, cut at ``max_chars``."""
@@ -143,7 +143,7 @@ class ToolRegistry:
         >>> registry.add(Tool(name="demo.echo", description="echo", params=Echo, run=echo,
         ...                   family="demo"))  # doctest: +SKIP
         >>> await registry.execute("demo.echo", {"text": "hi"})  # doctest: +SKIP
-        ToolOutcome(ok=True, data={'text': 'hi'}, error=None, duration_ms=0.1)
+        ToolOutcome(ok=True, data={'text': 'hi'}, error=None, duration_ms=0)
     """
 
     def __init__(self, tools: Iterable[Tool[Any]] = (), *, limits: ToolLimits | None = None,
@@ -267,5 +267,5 @@ def _problems(exc: ValidationError) -> str:
     )
 
 
-def _ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)
+def _ms(started: float) -> int:
+    return round((time.perf_counter() - started) * 1000)  # whole ms, as on every wire

@@ -294,7 +294,7 @@ class ProcessRun:
     stderr: str
     truncated: bool
     timed_out: bool
-    duration_ms: float
+    duration_ms: int
 
 
 async def run_process(
@@ -347,7 +347,7 @@ async def run_process(
         stdout=buffers["stdout"].decode("utf-8", errors="replace"),
         stderr=buffers["stderr"].decode("utf-8", errors="replace"),
         truncated=truncated, timed_out=timed_out,
-        duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        duration_ms=round((time.perf_counter() - started) * 1000),
     )
 
 

@@ -1,0 +1,454 @@
+"""Hot path: streamed ``/v1/chat/completions`` through four variants, measured side by side.
+
+Every variant is a real process on loopback, in front of the same upstream (the bundled
+offline model, its own process, ``--token-delay-ms`` per token, default 50 = 20 tokens/s):
+
+- direct: the upstream read directly (no proxy: the floor for latency);
+- bare: a pass-through aiohttp proxy of about 40 lines (``--bare-proxy``, in this file): the
+  floor for a Python proxy on this machine;
+- ours: ``python server.py`` with ``OPENAI_BASE_URL`` at the upstream (store on: every event
+  in DuckDB);
+- litellm: LiteLLM's proxy (1 worker), installed by this bench into a throw-away venv
+  (``--litellm-venv``, default under /tmp); skipped with the reason when it cannot be
+  installed or started. It is never a dependency of the project.
+
+Figures (medians over ``--reps`` interleaved repetitions; no figure is asserted anywhere):
+
+- server CPU per token and per request: for each N in ``--tokens`` (default 20,100,200), a
+  batch of ``--batch`` concurrent requests of N tokens; the server's CPU (utime + stime from
+  /proc) per request is fitted against N: the slope is the CPU per token, the intercept the
+  CPU per request;
+- time to first token (TTFT) over ``--ttft-requests`` (30) sequential requests, and what each
+  proxy adds to the direct median;
+- fan-out: ``--fanout`` (400) concurrent streams of 100 tokens; p99 of the extra inter-token
+  gap (the gap minus the token delay) and streams unfinished;
+- a per-stage breakdown of our hot path in this process (µs per event): parse (one SDK chunk),
+  pipeline (the Rx chain), store (building the Arrow row), frame (SSE framing), so the next
+  regression names its stage.
+
+Run: ``python bench/proxy_bench.py [--reps 3] [--tokens 20,100,200] [--batch 20]
+[--fanout 400] [--no-litellm]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+ROOT = Path(__file__).resolve().parents[1]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+VARIANTS = ("direct", "bare", "ours", "litellm")
+
+
+# -- the bare pass-through proxy -------------------------------------------------------------
+UPSTREAM = web.AppKey("upstream", str)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+
+
+async def bare_proxy(request: web.Request) -> web.StreamResponse:
+    """Forward the body upstream and stream the answer back, byte for byte."""
+    body = await request.read()
+    session = request.app[SESSION]
+    async with session.post(request.app[UPSTREAM] + request.path, data=body,
+                            headers={"Content-Type": "application/json",
+                                     "Authorization": "Bearer offline"}) as upstream:
+        response = web.StreamResponse(status=upstream.status, headers={
+            "Content-Type": upstream.headers.get("Content-Type", "application/json")})
+        await response.prepare(request)
+        async for piece in upstream.content.iter_any():
+            await response.write(piece)
+        await response.write_eof()
+        return response
+
+
+async def run_bare_proxy(port: int, upstream: str) -> None:
+    app = web.Application()
+    app[UPSTREAM] = upstream.rstrip("/")
+
+    async def session_ctx(app: web.Application):  # type: ignore[no-untyped-def]
+        app[SESSION] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        yield
+        await app[SESSION].close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_post("/v1/chat/completions", bare_proxy)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    await asyncio.Event().wait()
+
+
+# -- processes -------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process and its threads, in seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+@dataclass
+class Proc:
+    name: str
+    proc: subprocess.Popen[bytes]
+    base: str  # e.g. http://127.0.0.1:P/v1
+    log: Path
+
+
+def start(name: str, argv: list[str], env: dict[str, str], port: int, tmp: Path,
+          *, v1: bool = True) -> Proc:
+    log = tmp / f"{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    return Proc(name, proc, f"http://127.0.0.1:{port}" + ("/v1" if v1 else ""), log)
+
+
+async def wait_ready(session: aiohttp.ClientSession, proc: Proc, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    body = {"model": "offline", "messages": [{"role": "user", "content": "warm"}],
+            "max_tokens": 2, "stream": True}
+    while time.monotonic() < deadline:
+        if proc.proc.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-2000:]}")
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.post(proc.base + "/chat/completions", json=body,
+                                    headers={"Authorization": "Bearer offline"}) as r:
+                if r.status == 200:
+                    await r.read()
+                    return
+        await asyncio.sleep(0.3)
+    raise RuntimeError(f"{proc.name} not ready after {timeout_s}s: {proc.log.read_text()[-2000:]}")
+
+
+def stop(proc: Proc) -> None:
+    if proc.proc.poll() is None:
+        proc.proc.terminate()
+        try:
+            proc.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def install_litellm(venv: Path) -> tuple[Path | None, str]:
+    """LiteLLM's proxy in its own venv; (its ``litellm`` command or None, why not)."""
+    exe = venv / "bin" / "litellm"
+    if exe.exists():
+        return exe, ""
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True,
+                       capture_output=True, timeout=120)
+        subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "litellm[proxy]"],
+                       check=True, capture_output=True, timeout=900)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError) as exc:
+        detail = getattr(exc, "stderr", b"") or b""
+        return None, f"install failed: {exc} {detail.decode(errors='replace')[-300:]}"
+    return (exe, "") if exe.exists() else (None, "no litellm command after install")
+
+
+# -- clients ---------------------------------------------------------------------------------
+@dataclass
+class Stream:
+    started: float = 0.0
+    first: float | None = None
+    arrivals: list[float] = field(default_factory=list)
+    done: bool = False
+    error: str | None = None
+
+
+async def stream_once(session: aiohttp.ClientSession, base: str, tokens: int, out: Stream,
+                      *, content: str = "Tell me a story") -> None:
+    body = {"model": "offline", "stream": True, "max_tokens": tokens,
+            "messages": [{"role": "user", "content": content}]}
+    out.started = time.perf_counter()
+    try:
+        async with session.post(base + "/chat/completions", json=body,
+                                headers={"Authorization": "Bearer offline"}) as r:
+            if r.status != 200:
+                out.error = f"HTTP {r.status}: {(await r.text())[:200]}"
+                return
+            async for line in r.content:
+                if not line.startswith(b"data: "):
+                    continue
+                payload = line[6:].strip()
+                if payload == b"[DONE]":
+                    out.done = True
+                    return
+                now = time.perf_counter()
+                chunk = json.loads(payload)
+                choices = chunk.get("choices") or []
+                if choices and (choices[0].get("delta") or {}).get("content"):
+                    if out.first is None:
+                        out.first = now
+                    out.arrivals.append(now)
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        out.error = repr(exc)
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares line through (x, y): (slope, intercept)."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+    return slope, my - slope * mx
+
+
+# -- the measurements ------------------------------------------------------------------------
+async def cpu_batch(session: aiohttp.ClientSession, proc: Proc, pid: int, tokens: int,
+                    batch: int) -> tuple[float, int]:
+    """CPU seconds per request of ``pid`` over one batch; and how many failed."""
+    streams = [Stream() for _ in range(batch)]
+    before = proc_cpu_s(pid)
+    await asyncio.gather(*(stream_once(session, proc.base, tokens, s) for s in streams))
+    await asyncio.sleep(0.3)  # the store's flush of this batch counts too
+    spent = proc_cpu_s(pid) - before
+    return spent / batch, sum(1 for s in streams if not s.done)
+
+
+async def ttft(session: aiohttp.ClientSession, proc: Proc, n: int) -> list[float]:
+    times = []
+    for i in range(n):
+        s = Stream()
+        await stream_once(session, proc.base, 3, s, content=f"first token please {i}")
+        if s.first is not None:
+            times.append((s.first - s.started) * 1000)
+    return times
+
+
+async def fanout(session: aiohttp.ClientSession, proc: Proc, n: int, tokens: int,
+                 delay_ms: float) -> tuple[float, int, float]:
+    """(p99 extra gap ms, unfinished streams, tokens/s delivered) for n concurrent streams."""
+    streams = [Stream() for _ in range(n)]
+
+    async def one(i: int, s: Stream) -> None:
+        await asyncio.sleep(i / n)  # ramp over one second
+        await stream_once(session, proc.base, tokens, s, content=f"fan out {i}")
+
+    started = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one(i, s) for i, s in enumerate(streams))),
+                           timeout=tokens * delay_ms / 1000 * 6 + 60)
+    wall = time.perf_counter() - started
+    gaps = [(b - a) * 1000 - delay_ms for s in streams
+            for a, b in zip(s.arrivals, s.arrivals[1:], strict=False)]
+    delivered = sum(len(s.arrivals) for s in streams)
+    return percentile(gaps, 0.99), sum(1 for s in streams if not s.done), delivered / wall
+
+
+def stage_breakdown(n: int = 20_000) -> dict[str, float]:
+    """µs per event of each stage of our hot path, measured in this process."""
+    from openai.types.chat import ChatCompletionChunk
+
+    from core.events import Text
+    from sinks.sse import event_frame
+    from sinks.store import _EventRow, _events_table
+
+    chunk = json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1,
+                        "model": "offline", "choices": [{"index": 0, "delta": {"content": "tok "},
+                                                          "finish_reason": None}]})
+    out: dict[str, float] = {}
+    t = time.perf_counter()
+    for _ in range(n):
+        ChatCompletionChunk.model_validate_json(chunk)
+    out["parse (SDK chunk model_validate_json)"] = (time.perf_counter() - t) / n * 1e6
+
+    import reactivex
+    from reactivex import operators as ops
+
+    from operators import number_events, visible
+    events = [Text(stream_id=1, delta="tok ") for _ in range(n)]
+    sink: list[Any] = []
+    t = time.perf_counter()
+    reactivex.from_iterable(events).pipe(number_events("req_x"), visible(trace=False),
+                                         ops.filter(lambda e: True)).subscribe(sink.append)
+    out["pipeline (number, visible: Rx)"] = (time.perf_counter() - t) / n * 1e6
+
+    rows = [_EventRow(e, "assistant", 0) for e in sink]
+    t = time.perf_counter()
+    _events_table(rows)
+    out["store (Arrow row build, writer thread)"] = (time.perf_counter() - t) / n * 1e6
+
+    t = time.perf_counter()
+    for e in sink:
+        event_frame(e)
+    out["frame (native SSE frame, JSON)"] = (time.perf_counter() - t) / n * 1e6
+    return out
+
+
+# -- driver ----------------------------------------------------------------------------------
+async def drive(args: argparse.Namespace, procs: dict[str, Proc], pids: dict[str, int]
+                ) -> dict[str, dict[str, Any]]:
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+    results: dict[str, dict[str, Any]] = {name: {"cpu": [], "ttft": [], "fanout": []}
+                                          for name in procs}
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        for proc in procs.values():
+            await wait_ready(session, proc)
+            for _ in range(3):  # warm-up
+                await stream_once(session, proc.base, 5, Stream())
+        for rep in range(args.reps):
+            for name, proc in procs.items():  # interleaved: one rep of every variant in turn
+                points = []
+                for tokens in args.tokens:
+                    per_request, failed = await cpu_batch(session, proc, pids[name], tokens,
+                                                          args.batch)
+                    points.append((tokens, per_request))
+                    if failed:
+                        print(f"  {name}: {failed} of {args.batch} failed at N={tokens}",
+                              file=sys.stderr)
+                results[name]["cpu"].append(fit(points))
+                results[name]["ttft"].append(statistics.median(
+                    await ttft(session, proc, args.ttft_requests) or [float("nan")]))
+                if args.fanout:
+                    results[name]["fanout"].append(
+                        await fanout(session, proc, args.fanout, 100, args.token_delay_ms))
+                print(f"  rep {rep + 1} {name} done", file=sys.stderr, flush=True)
+    return results
+
+
+def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped: str) -> None:
+    med = statistics.median
+    rows: dict[str, dict[str, float]] = {}
+    for name, r in results.items():
+        slopes = [s for s, _ in r["cpu"]]
+        intercepts = [i for _, i in r["cpu"]]
+        rows[name] = {
+            "cpu_token_us": med(slopes) * 1e6, "cpu_request_ms": med(intercepts) * 1e3,
+            "ttft_ms": med(r["ttft"]),
+            "p99_gap_ms": med([f[0] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+            "unfinished": max([f[1] for f in r["fanout"]], default=0),
+            "tokens_s": med([f[2] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+        }
+    direct_ttft = rows.get("direct", {}).get("ttft_ms", float("nan"))
+    names = [n for n in VARIANTS if n in rows and n != "direct"]
+    print(f"\nproxy_bench: token delay {args.token_delay_ms:g} ms, CPU batches of {args.batch} "
+          f"at N={args.tokens}, {args.reps} interleaved reps (medians), fan-out {args.fanout}")
+    print(f"{'figure':<42}" + "".join(f"{n:>14}" for n in names))
+    lines = [
+        ("server CPU per token (slope), µs", "cpu_token_us", ".0f"),
+        ("server CPU per request (intercept), ms", "cpu_request_ms", ".1f"),
+        ("TTFT added vs direct (median), ms", None, ".1f"),
+        (f"p99 extra inter-token gap at N={args.fanout}, ms", "p99_gap_ms", ".0f"),
+        (f"streams unfinished at N={args.fanout}", "unfinished", ".0f"),
+        (f"tokens/s delivered at N={args.fanout}", "tokens_s", ",.0f"),
+    ]
+    for label, key, spec in lines:
+        cells = []
+        for n in names:
+            value = rows[n]["ttft_ms"] - direct_ttft if key is None else rows[n][key]
+            cells.append(f"{value:>14{spec}}")
+        print(f"{label:<42}" + "".join(cells))
+    if "bare" in rows and "ours" in rows:
+        b, o = rows["bare"], rows["ours"]
+        def ratio(key: str) -> str:
+            return f"{o[key] / b[key]:.2f}x" if b[key] > 0 else "n/a (bare <= 0)"
+
+        print(f"ratios ours/bare: CPU per token {ratio('cpu_token_us')}, "
+              f"per request {ratio('cpu_request_ms')}")
+    print(f"direct TTFT median {direct_ttft:.1f} ms")
+    if skipped:
+        print(f"litellm skipped: {skipped}")
+    print("\nour hot path per stage, µs per event (this process):")
+    for stage, us in stage_breakdown().items():
+        print(f"  {stage:<44}{us:8.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--tokens", default="20,100,200")
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--ttft-requests", type=int, default=30)
+    parser.add_argument("--fanout", type=int, default=400, help="0 skips the fan-out phase")
+    parser.add_argument("--token-delay-ms", type=float, default=50.0)
+    parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--litellm-venv", default=str(Path(tempfile.gettempdir()) /
+                                                      "agentflow-bench-litellm"))
+    parser.add_argument("--bare-proxy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare_proxy:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(run_bare_proxy(args.port, args.upstream))
+        return
+    args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    tmp = Path(tempfile.mkdtemp(prefix="proxy_bench_"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "DB_PATH"))}
+    env["PYTHONUNBUFFERED"] = "1"
+    procs: dict[str, Proc] = {}
+    skipped = ""
+    try:
+        port = free_port()
+        procs["direct"] = start("direct", [sys.executable, "-m", "pipeline.offline_model",
+                                           "--port", str(port), "--token-delay-ms",
+                                           f"{args.token_delay_ms:g}"], env, port, tmp)
+        upstream = procs["direct"].base
+        port = free_port()
+        procs["bare"] = start("bare", [sys.executable, str(Path(__file__).resolve()),
+                                       "--bare-proxy", "--upstream",
+                                       upstream.removesuffix("/v1"), "--port", str(port)],
+                              env, port, tmp)
+        port = free_port()
+        ours_env = {**env, "OPENAI_BASE_URL": upstream, "OPENAI_API_KEY": "offline",
+                    "MODELS": '["offline"]'}
+        procs["ours"] = start("ours", [sys.executable, "server.py", "--port", str(port),
+                                       "--db", str(tmp / "events.duckdb")], ours_env, port, tmp)
+        if args.no_litellm:
+            skipped = "--no-litellm"
+        else:
+            exe, skipped = install_litellm(Path(args.litellm_venv))
+            if exe is not None:
+                port = free_port()
+                procs["litellm"] = start("litellm", [
+                    str(exe), "--model", "openai/offline", "--api_base", upstream,
+                    "--port", str(port), "--num_workers", "1", "--host", "127.0.0.1"],
+                    {**env, "OPENAI_API_KEY": "offline"}, port, tmp)
+        pids = {name: p.proc.pid for name, p in procs.items()}
+        try:
+            results = asyncio.run(drive(args, procs, pids))
+        except RuntimeError as exc:
+            if "litellm" in str(exc) and "litellm" in procs:
+                skipped = f"did not start: {str(exc)[:300]}"
+                stop(procs.pop("litellm"))
+                pids.pop("litellm")
+                results = asyncio.run(drive(args, procs, pids))
+            else:
+                raise
+    finally:
+        for proc in procs.values():
+            stop(proc)
+    report(results, args, skipped)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
