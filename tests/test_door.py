@@ -314,9 +314,11 @@ def test_check_json_walks_without_recursion() -> None:
 
 # -- WebSocket: every bad message gets an error frame ---------------------------------------
 async def test_websocket_bad_messages_get_error_frames(
-    aiohttp_client: ClientFactory, tmp_path: Path
+    aiohttp_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    client = await start(aiohttp_client, tmp_path)
+    base_url = await fake_upstream(aiohttp_server, FORGED)  # the model answers FORGED
+    client = await start(aiohttp_client, tmp_path, openai_base_url=base_url, openai_api_key="x",
+                         default_model="fake", models=["fake"])
     async with client.ws_connect("/v1/ws") as ws:
         bad: list[tuple[str | bytes, str, str | None]] = [
             (b"\x00\x01binary", "invalid_message", None),
@@ -347,6 +349,7 @@ async def test_websocket_bad_messages_get_error_frames(
             assert "\u2028" not in text and "\u2029" not in text and "\x85" not in text
             frames.append(json.loads(text))
     assert frames[-1]["status"] == "completed"
+    assert frames[-2]["turn"]["content"] == FORGED  # the separators arrived, escaped
     assert await stored_requests(client) == 1
 
 
