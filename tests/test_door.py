@@ -371,9 +371,10 @@ def forged_lines(raw: bytes) -> list[str]:
     return [line for line in text.splitlines() if line not in text.split("\n")]
 
 
-async def fake_upstream(aiohttp_server: Any, text: str) -> str:
+async def fake_upstream(aiohttp_server: Any, text: str, *, raw: bool = False) -> str:
     """An OpenAI-compatible model server whose answer is ``text`` (its own JSON escapes
-    the separators, as ``json.dumps`` does); returns its base URL."""
+    the separators, as ``json.dumps`` does, unless ``raw``: then they go as UTF-8, as
+    pydantic-based servers send them); returns its base URL."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -382,7 +383,7 @@ async def fake_upstream(aiohttp_server: Any, text: str) -> str:
         for delta, finish in (({"role": "assistant", "content": ""}, None),
                               ({"content": text}, None), ({}, "stop")):
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await response.write(f"data: {json.dumps(chunk, ensure_ascii=not raw)}\n\n".encode())
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         await response.write(f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
                              .encode() + b"data: [DONE]\n\n")
@@ -424,6 +425,20 @@ async def test_user_and_model_text_cannot_forge_frames(
     pieces = [json.loads(f.data) for f in parse_sse(chunks) if f.data and f.data != "[DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content") or ""
                    for c in pieces if c["choices"]) == FORGED
+
+
+async def test_an_upstream_sending_raw_separators_is_read_whole(
+    aiohttp_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Our own reading of the model's stream splits lines as SSE does (CR/LF only), not as
+    httpx's iter_lines (which splits at U+2028 too and would cut the chunk)."""
+    base_url = await fake_upstream(aiohttp_server, FORGED, raw=True)
+    client = await start(aiohttp_client, tmp_path, openai_base_url=base_url, openai_api_key="x",
+                         default_model="fake", models=["fake"])
+    async with client.post("/v1/orchestrate", json={"messages": [user("hi")]}) as resp:
+        events = [f.json for f in parse_sse(await resp.read()) if f.data]
+    assert events[-1]["type"] == "done" and events[-1]["ok"] is True, events[-3:]
+    assert "".join(e.get("delta", "") for e in events if e["type"] == "text") == FORGED
 
 
 # -- hostile pages: Host and Origin, CORS -------------------------------------------------
