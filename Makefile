@@ -12,11 +12,13 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,otel]'
 	touch $(STAMP)
 
+# HOST, PORT, DB_PATH and every other setting come from the environment
+# (defaults 127.0.0.1, 8080, ./data/events.duckdb): `PORT=18501 make run`.
 run: install
-	$(PY) server.py --host 127.0.0.1 --port 8080 --db ./data/events.duckdb
+	$(PY) server.py
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -30,6 +32,7 @@ bench: install
 	$(PY) bench/store_bench.py
 	$(PY) bench/fairness_bench.py
 	$(PY) bench/fanout_bench.py
+	$(PY) bench/taps_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

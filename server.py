@@ -9,15 +9,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
+import os
+import re
 import signal
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from pydantic import ValidationError
+from reactivex import Observer
 
 from api.analytics import ANALYTICS, Analytics, add_analytics_routes
 from api.common import (
@@ -28,6 +33,7 @@ from api.common import (
     ORCHESTRATOR,
     PROVIDER,
     RATE_LIMITER,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
@@ -49,15 +55,30 @@ from api.native import (
 )
 from api.openai import chat_completions, get_model, list_models
 from api.openapi import openapi_json
-from api.ops import healthz, index_page, list_tools, speech_providers
+from api.ops import (
+    METRICS,
+    access_log,
+    add_metrics,
+    healthz,
+    index_page,
+    list_tools,
+    speech_providers,
+)
+from api.responses import add_responses_routes
+from api.seeds import api_chat_stream, chat_stream
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
 from core.config import Settings
-from pipeline.offline_model import OfflineModelServer
+from core.errors import PipelineError, StoreError
+from core.events import Event
+from core.logs import configure as configure_logs
+from core.turn import TurnContext
+from pipeline.cli import main as pipeline_main
 from pipeline.orchestrator import StreamingOrchestrator
-from pipeline.providers import OpenAIProvider
+from pipeline.provider_registry import RegistryConfigError, default_model, open_registry
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
+from pipeline.wiring import agent_options
 from sinks.recovery import recover_interrupted
 from sinks.store import EventStore
 
@@ -84,50 +105,62 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     async with contextlib.AsyncExitStack() as stack:
-        if settings.offline:
-            offline = await stack.enter_async_context(
-                OfflineModelServer(token_delay_ms=settings.offline_token_delay_ms)
-            )
+        # providers and agents (issue 14): every provider of PROVIDERS plus the bundled
+        # offline ones; app[PROVIDER] is the default provider's client (speech tools use it).
+        registry = await open_registry(settings, stack)
+        app[REGISTRY] = registry
+        offline = registry.offline_server
+        if offline is not None:
             app[OFFLINE] = offline
-            base_url: str | None = offline.base_url
-            api_key: str | None = "offline"
-        else:
-            base_url, api_key = settings.openai_base_url, settings.openai_api_key
-        provider = OpenAIProvider(base_url=base_url, api_key=api_key,
-                                  timeout_s=settings.model_timeout_s,
-                                  max_retries=settings.model_max_retries,
-                                  max_connections=settings.model_max_connections)
-        stack.push_async_callback(provider.aclose)
-        app[PROVIDER] = provider
-        models = [*await _known_models(settings, provider), ROUNDTABLE_MODEL]
+        app[PROVIDER] = registry.entries[registry.default].provider
+        models = [*registry.model_ids(), ROUNDTABLE_MODEL]
         app[MODELS] = models
-        log.info("model provider %s; models %s", provider.name, ", ".join(models))
+        log.info("model providers %s (default %s); models %s", ", ".join(registry.entries),
+                 registry.default, ", ".join(models))
         yield
 
 
-async def _known_models(settings: Settings, provider: OpenAIProvider) -> list[str]:
-    if settings.models:
-        models = list(settings.models)
-    else:
-        try:
-            models = await asyncio.wait_for(provider.list_models(), timeout=10)
-        except Exception as exc:  # a provider without /models still serves DEFAULT_MODEL
-            log.warning("could not list the provider's models (%s); offering %s only",
-                        exc, settings.default_model)
-            models = []
-    if settings.default_model not in models:
-        models.insert(0, settings.default_model)
-    return models
+Tap = Callable[[TurnContext], Observer[Event]]
+TAPS: web.AppKey[list[Tap]] = web.AppKey("taps")
+
+
+async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The turn taps: metrics always, OpenTelemetry traces when OTEL_EXPORTER_OTLP_ENDPOINT
+    is set (exported on stop, after the turns drained)."""
+    settings = app[SETTINGS]
+    taps: list[Tap] = [app[METRICS].tap]
+    app[TAPS] = taps
+    endpoint = settings.otel_exporter_otlp_endpoint
+    if not endpoint:
+        yield
+        return
+    try:
+        from sinks.telemetry import start_tracing  # the optional `otel` extra
+    except ImportError as exc:
+        raise StartupError(
+            f"OTEL_EXPORTER_OTLP_ENDPOINT is set but OpenTelemetry is not installed ({exc.name}): "
+            "pip install -e '.[otel]' (make install does), or unset it") from exc
+    tracing = start_tracing(endpoint=endpoint, service_name=settings.otel_service_name)
+    taps.append(tracing.tap)
+    log.info("sending traces to %s (OTLP/HTTP)", endpoint)
+    try:
+        yield
+    finally:
+        await asyncio.to_thread(tracing.shutdown)
 
 
 async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    taps: list[Tap] = app[TAPS]
     # The speech tools use the model endpoint's audio API through the same client.
     app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
-        provider=app[PROVIDER], store=app[STORE], default_model=settings.default_model,
+        provider=app[REGISTRY], store=app[STORE],
+        default_model=default_model(app[REGISTRY], settings),
         history_limit=settings.history_max_messages, tools=app[TOOLS],
+        taps=taps,
         durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
+        **agent_options(settings, registry=app[REGISTRY], tools=app[TOOLS], store=app[STORE]),
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -150,6 +183,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     """Build the application; resources start and stop with it (``cleanup_ctx``)."""
     settings = settings or Settings()
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[
+        access_log,  # outermost: it sees the final status of every request
         json_errors,
         door,  # hosts, origins, CORS preflight, API keys, announced body size (issue 10)
     ])
@@ -161,13 +195,15 @@ def create_app(settings: Settings | None = None) -> web.Application:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit_rpm)
     app.on_response_prepare.append(cors_headers)
     app[CLIENTS] = ClientStats()
-    app.cleanup_ctx.extend([store_ctx, model_ctx, orchestrator_ctx])
+    add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
+    app.cleanup_ctx.extend([store_ctx, model_ctx, telemetry_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model:.+}", get_model)
+    add_responses_routes(app)  # /v1/responses (issue 11)
     app.router.add_get("/v1/tools", list_tools)
     app.router.add_get("/speech/providers", speech_providers)
     app.router.add_get("/v1/requests/{request_id}/events", request_events)
@@ -175,6 +211,8 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.router.add_post("/v1/requests/{request_id}/cancel", request_cancel)
     app.router.add_get("/v1/ws", websocket)
     app.router.add_post("/v1/roundtable", roundtable)
+    app.router.add_post("/chat/stream", chat_stream)  # seed 003's wire (issue 14)
+    app.router.add_post("/api/chat/stream", api_chat_stream)  # seed 001's wire (issue 14)
     app.router.add_get("/", index_page)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/openapi.json", openapi_json)  # every route has a row in api/openapi.py
@@ -275,12 +313,23 @@ def refuse_exposure(settings: Settings) -> str | None:
 
 
 async def serve(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return."""
+    """Serve until SIGTERM/SIGINT, then stop accepting, drain turns, flush, return.
+
+    Raises:
+        StartupError: the server could not start (port taken, store locked, …): the
+            message says what to do.
+    """
     app = create_app(settings)
     # handler_cancellation: notice a dropped client at once, not at the next write.
     runner = web.AppRunner(app, handler_cancellation=True, handle_signals=False,
                            shutdown_timeout=settings.shutdown_grace_s + 5, access_log=None)
-    await runner.setup()
+    try:
+        await runner.setup()
+    except Exception as exc:
+        with contextlib.suppress(Exception):  # close what did start (the store's lock)
+            app.freeze()
+            await app.cleanup()
+        raise _startup_failure(exc, settings) from exc
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -288,19 +337,65 @@ async def serve(settings: Settings) -> None:
     try:
         site = _DoorSite(runner, settings.host, settings.port,
                          header_timeout_s=settings.header_timeout_s)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            raise _startup_failure(exc, settings) from exc
         host, port = runner.addresses[0][:2]
-        print(f"serving on http://{host}:{port} (db {settings.db_path}, "
-              f"model {'offline' if settings.offline else app[PROVIDER].name})", flush=True)
+        log.info("serving on http://%s:%s (db %s, model %s)", host, port, settings.db_path,
+                 "offline" if settings.offline else app[PROVIDER].name)
         await stop.wait()
-        print("stopping: no new requests; draining running turns", flush=True)
+        log.info("stopping: no new requests; draining running turns")
     finally:
         await runner.cleanup()
-    print("stopped cleanly", flush=True)
+    log.info("stopped cleanly")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+class StartupError(PipelineError):
+    """The server cannot start; the message says why and what to do (no traceback)."""
+
+
+def _startup_failure(exc: BaseException, settings: Settings) -> StartupError:
+    if isinstance(exc, StartupError):
+        return exc
+    where = f"{settings.host}:{settings.port}"
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return StartupError(f"port {settings.port} on {settings.host} is already in use (another "
+                            "server?): stop it, or choose another port with PORT=… or --port")
+    if isinstance(exc, OSError) and exc.errno == errno.EACCES:
+        return StartupError(f"not allowed to listen on {where} (ports below 1024 need root): "
+                            "choose another port with PORT=… or --port")
+    if isinstance(exc, OSError) and exc.errno in (errno.EADDRNOTAVAIL, socket.EAI_NONAME):
+        return StartupError(f"cannot listen on {settings.host!r}: not an address of this machine; "
+                            "set HOST=… or --host (e.g. 127.0.0.1 or 0.0.0.0)")
+    if isinstance(exc, StoreError):
+        text = str(exc)
+        if "lock" in text.lower():
+            pid = re.search(r"PID (\d+)", text)
+            holder = f"process {pid.group(1)}" if pid else "another process"
+            return StartupError(
+                f"the event store {settings.db_path} is held by {holder} (another server on the "
+                "same file?): stop it, or use another file with DB_PATH=… or --db")
+        return StartupError(f"{text.splitlines()[0]}; check DB_PATH (or --db) and its folder")
+    return StartupError(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                        "(LOG_LEVEL=DEBUG shows the traceback)")
+
+
+def _describe_invalid(exc: ValidationError) -> str:
+    """One short clause per invalid setting, named as its environment variable."""
+    parts = []
+    for error in exc.errors():
+        name = "_".join(str(part) for part in error["loc"][:1]).upper() or "settings"
+        got = repr(error.get("input"))
+        parts.append(f"{name}: {error['msg']} (got {got[:60]})")
+    return "; ".join(parts)
+
+
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
+    """``python server.py [--host H] [--port P] [--db FILE]``; exit 0 after a clean stop,
+    1 when the server cannot start, 2 for invalid settings."""
+    parser = argparse.ArgumentParser(prog=prog,
+                                     description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--host", help="address to listen on (HOST)")
     parser.add_argument("--port", type=int, help="port to listen on, 0 for any (PORT)")
     parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
@@ -316,19 +411,63 @@ def main(argv: list[str] | None = None) -> int:
         overrides["db_path"] = args.db
     if args.allow_no_auth:
         overrides["allow_no_auth"] = True
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpx2", "aiohttp.access"):  # one line per model call is noise
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"invalid settings:\n{exc}", file=sys.stderr)
+        fallback = os.environ.get("LOG_FORMAT", "text").lower()
+        configure_logs(fmt="json" if fallback == "json" else "text")
+        log.error("invalid settings: %s. Fix the variable (or flag) and start again.",
+                  _describe_invalid(exc))
         return 2
+    configure_logs(level=settings.log_level, fmt=settings.log_format)
     if (why := refuse_exposure(settings)) is not None:
-        print(why, file=sys.stderr)
+        log.error("%s", why)
         return 2
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        log.debug("the cause", exc_info=exc.__cause__)
+        return 1
+    except RegistryConfigError as exc:  # providers and agents that cannot work (issue 14)
+        log.error("invalid settings: %s", exc)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before the signal handlers were installed
+        log.info("interrupted while starting")
+        return 130
+    except Exception:  # a bug: still one log line (the traceback in it, JSON with LOG_FORMAT)
+        log.exception("the server failed")
+        return 1
     return 0
+
+
+#: The commands of ``python -m pipeline`` that ``agentflow`` passes on.
+PIPELINE_COMMANDS = ("query", "export", "report", "sql")
+CLI_USAGE = """usage: agentflow {serve,query,export,report,sql} ...
+
+  serve    run the server (python server.py): --host, --port, --db, or HOST, PORT, DB_PATH
+  query    one read-only SQL statement on the event store (python -m pipeline query)
+  export   export closed requests to the Parquet lake (python -m pipeline export)
+  report   an HTML or PNG report with charts (python -m pipeline report)
+  sql      an interactive SQL prompt on the event store (python -m pipeline sql)
+
+'agentflow COMMAND --help' tells more."""
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The ``agentflow`` console script (``[project.scripts]``): ``serve`` runs
+    :func:`main`; the analysts' commands are ``python -m pipeline``'s (:mod:`pipeline.cli`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(CLI_USAGE, file=sys.stdout if args else sys.stderr)
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command == "serve":
+        return main(rest, prog="agentflow serve")
+    if command in PIPELINE_COMMANDS:
+        return pipeline_main([command, *rest])
+    print(f"agentflow: unknown command {command!r}\n\n{CLI_USAGE}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from core.errors import BufferOverflowError
 from core.events import Event
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
+from pipeline.provider_registry import ProviderRegistry, UnknownModelError
 from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
@@ -51,6 +52,7 @@ OFFLINE = web.AppKey("offline", OfflineModelServer)
 CLIENTS = web.AppKey("clients", ClientStats)
 COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
 TOOLS = web.AppKey("tools", ToolRegistry)
+REGISTRY = web.AppKey("registry", ProviderRegistry)
 
 
 
@@ -321,14 +323,22 @@ async def cors_headers(request: web.Request, response: web.StreamResponse) -> No
     response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
-def check_model(request: web.Request, model: str | None) -> str:
-    """The model to use; an unknown one is a 404 ``model_not_found``."""
-    settings = request.app[SETTINGS]
-    chosen = model or settings.default_model
-    if chosen not in request.app[MODELS]:
-        raise ApiError(404, f"The model {chosen!r} does not exist; GET /v1/models lists them.",
-                       code="model_not_found", param="model")
+def check_model(request: web.Request, model: str | None, *, param: str = "model") -> str:
+    """The model to use (``provider/model`` or a bare id of the default provider); one no
+    provider serves is a 404 ``model_not_found``."""
+    chosen = model or request.app[ORCHESTRATOR].default_model
+    try:
+        request.app[REGISTRY].resolve(chosen)
+    except UnknownModelError as exc:
+        raise ApiError(404, str(exc), code="model_not_found", param=param) from exc
     return chosen
+
+
+def model_of(model: str | None, provider: str | None) -> str | None:
+    """Seed 003's ``provider`` body field joined to its ``model``: ``provider/model``."""
+    if provider is None:
+        return model
+    return f"{provider}/{model or 'offline'}"
 
 
 

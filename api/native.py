@@ -14,7 +14,7 @@ from api.common import (
     COORDINATOR,
     MODELS,
     ORCHESTRATOR,
-    PROVIDER,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     STORE,
@@ -31,7 +31,7 @@ from api.common import (
 from api.wire import ApiError, OrchestrateRequest, read_body
 from core.events import Event, is_trace
 from core.turn import TurnInput
-from operators import resume_after, visible
+from operators import agent_filter, agent_view, resume_after, visible
 from pipeline.harnesses import MemoryHarness
 from pipeline.orchestrator import Turn
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest
@@ -61,8 +61,9 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
     if body.background:
         return _accepted(turn)
     settings = request.app[SETTINGS]
-    events = turn.events(trace=body.trace, max_buffer=settings.client_buffer_events,
-                         idle_s=settings.heartbeat_s)
+    events = turn.view(compose(visible(trace=body.trace),
+                               agent_view(max_depth=body.max_depth, agents=body.agents)),
+                       max_buffer=settings.client_buffer_events, idle_s=settings.heartbeat_s)
     return await stream_native(
         request, events, headers=_turn_headers(turn),
         on_disconnect=turn.cancel if body.on_disconnect == "cancel" else None,
@@ -88,7 +89,7 @@ def start_roundtable(app: web.Application, spec: RoundtableRequest, *, kind: str
                            code="model_not_found", param="panelists")
     pacer = Pacer(window=settings.roundtable_window, paced=paced)
     harness = RoundtableHarness(
-        provider=app[PROVIDER], spec=spec, pacer=pacer,
+        provider=app[REGISTRY], spec=spec, pacer=pacer,
         memory=MemoryHarness(app[STORE], limit=settings.history_max_messages),
         max_buffer_per_panelist=settings.roundtable_max_queue,
     )
@@ -152,12 +153,14 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     since = parse_cursor(request)
     trace = parse_flag(request, "trace")
     admit_stream(request)
+    max_depth, agents = parse_agent_view(request)
     app = request.app
     turn = app[ORCHESTRATOR].live.get(request_id)
     events: AsyncGenerator[Event | None]
     if turn is not None:
         events = turn.view(
-            compose(resume_after(since), visible(trace=trace)),
+            compose(resume_after(since), visible(trace=trace),
+                    agent_view(max_depth=max_depth, agents=agents)),
             max_buffer=app[SETTINGS].client_buffer_events, idle_s=app[SETTINGS].heartbeat_s,
         )
     else:
@@ -169,16 +172,33 @@ async def request_events(request: web.Request) -> web.StreamResponse:
         if since and row["last_seq"] is not None and since >= row["last_seq"]:
             # Finished and fully seen: 204 tells EventSource to stop reconnecting.
             return web.Response(status=204, headers={"X-Request-Id": request_id})
-        events = _stored(store, request_id, since, trace=trace)
+        events = _stored(store, request_id, since, trace=trace,
+                         keep=agent_filter(max_depth=max_depth, agents=agents))
     return await stream_native(request, events, headers={"X-Request-Id": request_id})
 
 
 async def _stored(
-    store: EventStore, request_id: str, since: int, *, trace: bool
+    store: EventStore, request_id: str, since: int, *, trace: bool,
+    keep: Callable[[Event], bool] = lambda _: True,
 ) -> AsyncGenerator[Event | None]:
     async for event in store.events_since(request_id, since):
-        if trace or not is_trace(event):
+        if (trace or not is_trace(event)) and keep(event):
             yield event
+
+
+def parse_agent_view(request: web.Request) -> tuple[int | None, list[str] | None]:
+    """``max_depth`` (a non-negative integer) and ``agents`` (comma-separated names) of the
+    query: which streams this subscriber sees (issue 14)."""
+    raw = request.query.get("max_depth")
+    max_depth: int | None = None
+    if raw is not None and raw != "":
+        if not (raw.isascii() and raw.isdigit()) or len(raw) > 6:
+            raise ApiError(400, f"max_depth must be a non-negative integer, got {raw[:40]!r}",
+                           code="invalid_query", param="max_depth")
+        max_depth = int(raw)
+    names = request.query.get("agents")
+    agents = [n.strip() for n in names.split(",") if n.strip()] if names else None
+    return max_depth, agents
 
 
 async def request_status(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from api.common import (
     CLIENTS,
     MODELS,
     ORCHESTRATOR,
+    REGISTRY,
     ROUNDTABLE_MODEL,
     SETTINGS,
     _last_words,
@@ -30,7 +31,7 @@ from core.config import Settings
 from core.errors import BufferOverflowError
 from core.turn import TurnInput
 from operators import ChatChunk, to_chat_chunks
-from pipeline.roundtable import Panelist, RoundtableRequest, panel_names
+from pipeline.roundtable import RoundtableRequest, panel_names, panel_of
 from sinks.sse import DONE_FRAME, data_frame, open_sse
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                            param=name)
         spec = RoundtableRequest(
             messages=body.messages, rounds=settings.roundtable_rounds, max_tokens=max_tokens,
-            panelists=[Panelist(name=name) for name in settings.roundtable_panel],
+            panelists=panel_of(settings.roundtable_panel),
             conversation_id=body.conversation_id,
         )
         turn, _ = start_roundtable(app, spec, kind="chat.completions", paced=False)
@@ -252,15 +253,17 @@ async def get_model(request: web.Request) -> web.Response:
 
 
 def _model_object(request: web.Request, model: str) -> dict[str, Any]:
-    owner = "offline" if request.app[SETTINGS].offline else "upstream"
+    """OpenAI's model object; ``owned_by`` is the model's provider (or ``roundtable``)."""
+    if model == ROUNDTABLE_MODEL:
+        owner = "roundtable"
+    else:
+        owner = request.app[REGISTRY].split(model)[0].name
     return {"id": model, "object": "model", "created": 0, "owned_by": owner}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    """``GET /v1/models``: the models a turn may name (OpenAI's list shape)."""
+    """``GET /v1/models``: the models a turn may name (OpenAI's list shape): every model as
+    ``provider/model``, the default provider's also bare, and ``roundtable``."""
     return web.json_response({
         "object": "list", "data": [_model_object(request, m) for m in request.app[MODELS]],
     })
-
-
-

@@ -28,6 +28,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, TypeAdapter
 
 from api.analytics import QueryRequest
+from api.responses import ResponsesRequest
 from api.wire import ChatCompletionRequest, OrchestrateRequest
 from api.ws import WsCancel, WsChat
 from core.events import Event
@@ -128,6 +129,8 @@ def _json(description: str, model: type[BaseModel] | None = None) -> Reply:
 
 REQUEST_ID = Param("request_id", "path", {"type": "string"}, "the request id (X-Request-Id)",
                    required=True)
+RESPONSE_ID = Param("response_id", "path", {"type": "string"},
+                    "the response id (resp_…, X-Response-Id)", required=True)
 TRACE = Param("trace", "query", {"type": "string", "enum": ["true", "false", "1", "0"]},
               "also send the trace-only events (llm_call, route, memory)")
 CURSOR = (
@@ -161,8 +164,34 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               responses={200: Reply("a `chat.completion`, or with `stream: true` `data:`-only "
                                     "SSE of `chat.completion.chunk` and `data: [DONE]`",
                                     schema={"type": "object"})}),
+    Operation("POST", "/v1/responses", "OpenAI's Responses API on a durable turn", "openai",
+              body=ResponsesRequest, starts_turn=True,
+              responses={200: Reply("the `response` object, or with `stream: true` SSE of "
+                                    "`event: <type>` / `data: <Responses event>` frames, each "
+                                    "with a `sequence_number`", schema={"type": "object"})}),
+    Operation("GET", "/v1/responses/{response_id}",
+              "A response object; with stream=true its events after starting_after", "openai",
+              params=(RESPONSE_ID,
+                      Param("stream", "query", {"type": "string",
+                                                "enum": ["true", "false", "1", "0"]},
+                            "replay and follow the response's events"),
+                      Param("starting_after", "query", {"type": "integer", "minimum": -1},
+                            "every event with sequence_number > N (default: all)")),
+              responses={200: Reply("the `response` object, or with `stream=true` its events "
+                                    "as SSE", schema={"type": "object"})}),
+    Operation("POST", "/v1/responses/{response_id}/cancel",
+              "Stop a background response, keeping its partial output", "openai",
+              params=(RESPONSE_ID,), responses={200: _json("the `response` object")}),
+    Operation("DELETE", "/v1/responses/{response_id}", "Forget a response", "openai",
+              params=(RESPONSE_ID,),
+              responses={200: _json("`{id, object: response.deleted, deleted: true}`")}),
     Operation("GET", "/v1/models", "The models a turn may name (OpenAI's list)", "openai",
               responses={200: _json("`{object: list, data: [{id, object, created, owned_by}]}`")}),
+    Operation("GET", "/v1/models/{model}", "One model (OpenAI's model object)", "openai",
+              params=(Param("model", "path", {"type": "string"}, "a model id, e.g. `offline`",
+                            required=True),),
+              responses={200: _json("`{id, object: model, created, owned_by}`"),
+                         404: _json("unknown model (`model_not_found`)")}),
     Operation("GET", "/v1/ws", "WebSocket: chat turns and their updates", "websocket",
               description="Upgrade to a WebSocket. Client messages: `WsChat` (starts a turn) "
                           "and `WsCancel`; the server sends `response_id`, `update` (a turn "
@@ -191,6 +220,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               responses={200: _json("the providers")}),
     Operation("GET", "/healthz", "Liveness and the figures an operator looks at first", "ops",
               responses={200: _json("status, live turns, clients, store, tools")}),
+    Operation("GET", "/metrics", "Prometheus metrics (text format 0.0.4)", "ops",
+              responses={200: Reply("the metrics", media="text/plain", schema={"type": "string"})}),
     Operation("GET", "/", "The roundtable viewer page", "ops",
               responses={200: Reply("HTML", media="text/html", schema={"type": "string"})}),
     Operation("GET", "/openapi.json", "This document", "ops",

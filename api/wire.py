@@ -62,6 +62,9 @@ class OrchestrateRequest(BaseModel):
     on_disconnect: Literal["continue", "cancel"] = "continue"
     background: StrictBool = False
     tool_calls: list[ToolCallSpec] = Field(default_factory=list, max_length=64)
+    #: Issue 14: see only streams this deep (0: the top level) and/or of these agents.
+    max_depth: StrictInt | None = Field(default=None, ge=0)
+    agents: list[str] | None = Field(default=None, max_length=64)
 
 
 class ToolFunction(BaseModel):

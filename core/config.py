@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.agent_settings import (
+    AgentConfig,
+    PriceConfig,
+    ProviderConfig,
+    check_agent_names,
+    check_provider_names,
+)
 
 
 class Settings(BaseSettings):
@@ -140,6 +148,23 @@ class Settings(BaseSettings):
     # (end of the trust settings)
 
     # -- operations: logs, metrics, traces (issue 15): add settings of that area below -------
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="the least severe log line printed")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: every line the server prints is one JSON object")
+    access_log: bool = Field(default=True, description="one log line per HTTP request")
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP collector (e.g. http://127.0.0.1:4318): traces on")
+    otel_service_name: str = Field(default="agentflow", description="service.name of the traces")
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.upper() if value.lower() in {"debug", "info", "warning", "error", "critical"} \
+            else value.lower()
+
     # wire and tools
     store_storage_version: str = Field(
         default="v1.4.0", pattern=r"^(v\d+\.\d+\.\d+|latest)$",
@@ -159,9 +184,40 @@ class Settings(BaseSettings):
         default="forward", description="unknown chat-completions body fields: sent on, or a 400"
     )
     openai_wire_max_n: int = Field(default=16, ge=1, le=128, description="largest n (choices)")
+    # responses
+    responses_max_input_items: int = Field(
+        default=2048, ge=1, description="items of a /v1/responses input; more → 400"
+    )
+    responses_on_disconnect: Literal["cancel", "continue"] = Field(
+        default="cancel", description="a foreground streamed response whose client leaves"
+    )
     # (end of the OpenAI wire settings)
 
     # -- providers and agents (issue 14): add settings of that area below --------------------
+    providers: dict[str, ProviderConfig] = Field(
+        default_factory=dict, description="JSON: name → {base_url, api_key_env, models, ...}")
+    offline_providers: bool = Field(default=True, description="serve offline-a, offline-b, offline-c")
+    default_provider: str | None = Field(
+        default=None, description="provider of a bare model id; default: first configured, else offline-a")
+    provider_list_timeout_s: float = Field(default=10.0, gt=0, description="listing models at start")
+    router_model: str | None = Field(
+        default=None, description="provider/model deciding routes; unset: the built-in rules")
+    agents: list[AgentConfig] = Field(default_factory=list, description="JSON: sub-agents")
+    max_agent_depth: int = Field(default=2, ge=0, description="nested delegation depth; 0 = none")
+    advisor_model: str | None = Field(default=None, description="provider/model advising after each step")
+    advisor_max_redirects: int = Field(default=1, ge=0, description="redirects per response")
+    prices: dict[str, PriceConfig] = Field(default_factory=dict, description="JSON: over the bundled file")
+    prices_file: Path | None = Field(default=None, description="default: the bundled prices.json")
+
+    @field_validator("providers")
+    @classmethod
+    def _provider_names(cls, value: dict[str, ProviderConfig]) -> dict[str, ProviderConfig]:
+        return check_provider_names(value)
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_names(cls, value: list[AgentConfig]) -> list[AgentConfig]:
+        return check_agent_names(value)
     # (end of the agents settings)
 
     @property

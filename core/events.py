@@ -138,6 +138,8 @@ class TokenUsage(EventBase):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    #: USD for this call by the price table (``PRICES``); None for an unpriced model.
+    cost_usd: float | None = None
 
 
 class Advisor(EventBase):

@@ -177,6 +177,9 @@ class TurnContext:
     model_params: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: Whether the server's own tools are offered (never, beside a client's ``tools``).
     server_tools: bool = True
+    #: The router's ``delegate`` decision: the sub-agent and its task (issue 14).
+    route_agent: str | None = None
+    route_task: str | None = None
     _stream_ids: itertools.count[int] = dataclasses.field(default_factory=lambda: itertools.count(1))
 
     def next_stream_id(self) -> int:
@@ -204,13 +207,18 @@ class TurnResult(BaseModel):
     first_token_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
+    cost_usd: float | None = None
 
 
 @dataclasses.dataclass
 class TurnState:
     """A fold over a turn's events: what the recorder writes and the result reports.
 
-    The assistant's content is the text of the top-level (depth 0) streams.
+    The assistant's content is the text of the top-level (depth 0) streams; the model is
+    the last top-level stream's (a sub-agent's or advisor's call does not rename the
+    request); ``cost_usd`` sums every priced ``token_usage`` (sub-agents, panelists, router,
+    advisor, tool rounds). A cancelled turn counts one completion token per text piece of
+    the streams whose usage never arrived.
     """
 
     request_id: str
@@ -226,34 +234,53 @@ class TurnState:
     duration_ms: int | None = None
     error: str | None = None
     last_seq: int = 0
+    cost_usd: float | None = None
+    _streamed: dict[int, int] = dataclasses.field(default_factory=dict)
+    _usage_seen: set[int] = dataclasses.field(default_factory=set)
+    _pending_model: dict[int, str] = dataclasses.field(default_factory=dict)
 
     def apply(self, event: Event) -> None:
         """Fold one numbered event into the state."""
         self.last_seq = event.seq
         match event:
             case Text(stream_id=stream_id, delta=delta):
+                self._streamed[stream_id] = self._streamed.get(stream_id, 0) + 1
                 if self.depths.get(stream_id, 0) == 0:
                     self.parts.append(delta)
                 if self.first_token_ms is None:
                     self.first_token_ms = round((event.ts - self.started) * 1000)
             case StreamStart(stream_id=stream_id, depth=depth):
                 self.depths[stream_id] = depth
+                pending = self._pending_model.pop(stream_id, None)
+                if pending is not None and depth == 0:
+                    self.model = pending
             case StreamEnd(stream_id=stream_id, finish_reason=reason):
                 if reason and self.depths.get(stream_id, 0) == 0:
                     self.finish_reason = reason
-            case TokenUsage():
-                self.model = event.model or self.model
+            case TokenUsage(stream_id=stream_id):
+                self._usage_seen.add(stream_id)
+                if event.cost_usd is not None:
+                    self.cost_usd = round((self.cost_usd or 0.0) + event.cost_usd, 10)
+                if self.depths.get(stream_id, 0) == 0:
+                    self.model = event.model or self.model
                 self.usage.prompt_tokens += event.prompt_tokens
                 self.usage.completion_tokens += event.completion_tokens
                 self.usage.total_tokens += event.total_tokens
-            case LlmCall(model=model):
-                self.model = model
+            case LlmCall(stream_id=stream_id, model=model):
+                if stream_id not in self.depths:  # its stream_start follows: decide then
+                    self._pending_model[stream_id] = model
+                elif self.depths[stream_id] == 0:
+                    self.model = model
             case ErrorEvent(error=message):
                 self.error = message if self.error is None else self.error
             case Done(ok=ok, reason=reason, duration_ms=duration_ms):
                 self.duration_ms = duration_ms
                 if reason == "cancelled":
                     self.status = "cancelled"
+                    streamed = sum(n for sid, n in self._streamed.items()
+                                   if sid not in self._usage_seen)
+                    self.usage.completion_tokens += streamed
+                    self.usage.total_tokens += streamed
                 elif reason == "interrupted":
                     self.status = "interrupted"
                 else:
@@ -271,5 +298,5 @@ class TurnState:
             status=self.status, content=self.content, model=self.model,
             finish_reason=self.finish_reason, usage=self.usage.model_copy(),
             duration_ms=self.duration_ms, first_token_ms=self.first_token_ms,
-            error=self.error, last_seq=self.last_seq,
+            error=self.error, last_seq=self.last_seq, cost_usd=self.cost_usd,
         )

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, TypeAlias
 
+from core.agent_settings import AgentConfig
+from core.errors import PipelineError
 from core.events import (
+    ErrorEvent,
     Event,
     LlmCall,
     Memory,
@@ -24,8 +28,11 @@ from core.events import (
     TokenUsage,
     ToolCall,
     ToolCallDelta,
+    ToolResult,
 )
 from core.turn import TurnContext, new_id
+from pipeline.agents import AgentTeam, agent_function, agent_tool, task_of
+from pipeline.offline_model import ADVISOR_NOTE
 from pipeline.providers import (
     ChatProvider,
     Delta,
@@ -35,11 +42,42 @@ from pipeline.providers import (
     ToolCallRequest,
     Usage,
 )
-from pipeline.tools import ToolRegistry, ToolStepLimitError, assistant_message, plan_call, run_calls
+from pipeline.tools import (
+    PlannedCall,
+    ToolRegistry,
+    ToolStepLimitError,
+    assistant_message,
+    plan_call,
+    run_calls,
+)
 
 Harness: TypeAlias = Callable[[TurnContext], AsyncIterator[Event]]
 
 log = logging.getLogger(__name__)
+
+#: Rounds of agent calls a response without tools may make (MAX_TOOL_STEPS bounds the rest).
+_AGENT_STEPS = 8
+
+
+@dataclasses.dataclass
+class Verdict:
+    """An advisor's verdict on one answer: ``gate_continue``, ``redirect`` or ``end_early``."""
+
+    kind: str = "gate_continue"
+    note: str | None = None
+
+
+class Reviewer(Protocol):
+    """What the response harness needs of an advisor (:class:`pipeline.advisor.AdvisorStep`)."""
+
+    max_redirects: int
+
+    def review(
+        self, ctx: TurnContext, *, messages: Sequence[dict[str, Any]], answer: str,
+        stream_id: int, depth: int, verdict: Verdict,
+    ) -> AsyncIterator[Event]:
+        """The advisor's events; its verdict is written into ``verdict``."""
+        ...
 
 
 class Archivist(Protocol):
@@ -206,11 +244,24 @@ class ResponseHarness:
     :class:`~pipeline.tools.ToolStepLimitError`: a ``turn_error`` event, the stream ends
     ``error``. With ``MAX_TOOL_STEPS=0`` no tools are offered, and calls of tools that were
     not offered are never run.
+
+    Sub-agents (issue 14, :mod:`pipeline.agents`): with ``agents``, the configured agents are
+    offered too (``agent_<name>``); a call of one runs that agent's own response harness
+    nested in this stream (depth + 1, ``parent_stream_id``), and its answer is the call's
+    result. When the router decided ``delegate``, the top-level response starts with that
+    call. A sub-agent harness has a ``task`` (its only user message), ``parent_stream_id``
+    and, optionally, ``allowed_tools``; its ``answer`` is what it said.
+
+    Advisor (issue 14, :mod:`pipeline.advisor`): with ``advisor``, each finished top-level
+    answer is reviewed; a ``redirect`` calls the model again with the note (bounded).
     """
 
     def __init__(
         self, provider: ChatProvider, *, agent: str = "assistant", system: str | None = None,
         model: str | None = None, depth: int = 0, tools: ToolRegistry | None = None,
+        agents: AgentTeam | None = None, advisor: Reviewer | None = None,
+        parent_stream_id: int | None = None, task: str | None = None,
+        allowed_tools: frozenset[str] | None = None,
     ) -> None:
         self.provider = provider
         self.agent = agent
@@ -218,22 +269,52 @@ class ResponseHarness:
         self.model = model
         self.depth = depth
         self.tools = tools
+        self.agents = agents
+        self.advisor = advisor
+        self.parent_stream_id = parent_stream_id
+        self.task = task
+        self.allowed_tools = allowed_tools
+        self.stream_id: int | None = None
+        self.answer_parts: list[str] = []
+
+    @property
+    def answer(self) -> str:
+        """Everything this harness's model said (a sub-agent's result)."""
+        return "".join(self.answer_parts)
+
+    def _offered_tools(self) -> list[dict[str, Any]]:
+        # MAX_TOOL_STEPS=0 means no rounds at all: offer nothing (direct calls still run).
+        if self.tools is None or not self.tools.limits.max_steps:
+            return []
+        offered = self.tools.offered()
+        if self.allowed_tools is None:
+            return offered
+        return [spec for spec in offered
+                if self.tools.display_name(spec["function"]["name"]) in self.allowed_tools]
 
     async def __call__(self, ctx: TurnContext) -> AsyncIterator[Event]:
-        stream_id = ctx.next_stream_id()
+        stream_id = self.stream_id = ctx.next_stream_id()
         model = self.model or ctx.model
         system = [{"role": "system", "content": self.system}] if self.system else []
-        messages: list[dict[str, Any]] = [*system, *ctx.history, *ctx.messages, *ctx.tool_context]
-        params = ctx.model_params
-        # A client's own tools replace the server's: the model is offered only the client's
-        # (in ``params``), and their calls are the client's to run.
+        messages: list[dict[str, Any]] = (
+            [*system, {"role": "user", "content": self.task}] if self.task is not None
+            else [*system, *ctx.history, *ctx.messages, *ctx.tool_context])
+        # A client's own tools replace the server's and the sub-agents: the model is offered
+        # only the client's (in ``params``), and their calls are the client's to run.
+        params = ctx.model_params if self.task is None else {}
         client_tools = "tools" in params
-        # MAX_TOOL_STEPS=0 means no rounds at all: offer nothing (direct calls still run).
-        offered = (self.tools.offered()
-                   if self.tools is not None and self.tools.limits.max_steps
-                   and ctx.server_tools and not client_tools else [])
-        yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
-        yield StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth)
+        tool_specs = self._offered_tools() if ctx.server_tools and not client_tools else []
+        agent_specs = (self.agents.offered(depth=self.depth)
+                       if self.agents is not None and not client_tools else [])
+        offered = [*tool_specs, *agent_specs]
+        start = StreamStart(stream_id=stream_id, agent=self.agent, depth=self.depth,
+                            parent_stream_id=self.parent_stream_id)
+        if self.parent_stream_id is None:
+            yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
+            yield start
+        else:  # nested: the stream opens first, so the llm_call belongs to a known depth
+            yield start
+            yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
 
         def open_choice(index: int) -> StreamStart:
             return StreamStart(stream_id=ctx.next_stream_id(), agent=self.agent,
@@ -241,36 +322,130 @@ class ResponseHarness:
 
         finish: str | None = None
         steps = 0
+        redirects = 0
+        max_steps = self.tools.limits.max_steps if self.tools is not None else _AGENT_STEPS
+        routed = self._routed_call(ctx) if agent_specs else []
         while True:
-            reply = ModelReply(max_tokens=ctx.max_tokens, client_tools=client_tools,
-                               open=open_choice)
-            extra: dict[str, Any] = {}
-            if offered:
-                extra["tools"] = offered
-            if params:
-                extra["params"] = params
-            if client_tools:
-                extra["tool_call_pieces"] = True
-            pieces = self.provider.stream_chat(model=model, messages=messages,
-                                               max_tokens=ctx.max_tokens, **extra)
-            async for event in reply.events(pieces, stream_id=stream_id):
-                yield event
-            for end in reply.close_choices():
-                yield end
-            finish = reply.finish or finish
-            text, requests = reply.text, reply.tool_calls
-            if not requests or self.tools is None or not offered:
-                break  # calls of tools never offered are not run
+            if routed:  # the router's delegate decision: the response starts with that call
+                text, requests, routed = [], routed, []
+            else:
+                reply = ModelReply(max_tokens=ctx.max_tokens, client_tools=client_tools,
+                                   open=open_choice)
+                extra: dict[str, Any] = {}
+                if offered:
+                    extra["tools"] = offered
+                if params:
+                    extra["params"] = params
+                if client_tools:
+                    extra["tool_call_pieces"] = True
+                pieces = self.provider.stream_chat(model=model, messages=messages,
+                                                   max_tokens=ctx.max_tokens, **extra)
+                async for event in reply.events(pieces, stream_id=stream_id):
+                    yield event
+                for end in reply.close_choices():
+                    yield end
+                finish = reply.finish or finish
+                text, requests = reply.text, reply.tool_calls
+            self.answer_parts.extend(text)
+            calls, agent_calls = self._plan(requests, tool_specs, agent_specs)
+            if not calls and not agent_calls:  # calls of tools never offered are not run
+                verdict = Verdict()
+                if self.advisor is not None and self.parent_stream_id is None:
+                    async for event in self.advisor.review(
+                            ctx, messages=messages, answer="".join(text), stream_id=stream_id,
+                            depth=self.depth, verdict=verdict):
+                        yield event
+                if verdict.kind == "redirect" and self.advisor is not None \
+                        and redirects < self.advisor.max_redirects:
+                    redirects += 1
+                    messages.append({"role": "assistant", "content": "".join(text)})
+                    messages.append({"role": "user",
+                                     "content": f"{ADVISOR_NOTE} {verdict.note or 'answer again'}"})
+                    yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
+                    continue
+                break
             steps += 1
-            if steps > self.tools.limits.max_steps:
-                raise ToolStepLimitError(max_steps=self.tools.limits.max_steps)
-            calls = [plan_call(self.tools, call_id=r.id, name=r.name, arguments=r.arguments_json)
-                     for r in requests]
-            messages.append(assistant_message("".join(text), calls))
-            async for event in run_calls(self.tools, calls, stream_id=stream_id, messages=messages):
-                yield event
+            if steps > max_steps:
+                raise ToolStepLimitError(max_steps=max_steps)
+            messages.append(assistant_message("".join(text), [*(c for c, _ in agent_calls), *calls]))
+            for call, spec in agent_calls:
+                async for event in self._delegate(ctx, call, spec, stream_id=stream_id,
+                                                  messages=messages):
+                    yield event
+            if calls and self.tools is not None:
+                async for event in run_calls(self.tools, calls, stream_id=stream_id,
+                                             messages=messages):
+                    yield event
             yield LlmCall(stream_id=stream_id, model=model, messages=list(messages))
         yield StreamEnd(stream_id=stream_id, status="ok", finish_reason=finish)
+
+    def _routed_call(self, ctx: TurnContext) -> list[ToolCallRequest]:
+        if (self.parent_stream_id is not None or ctx.route != "delegate" or self.agents is None
+                or ctx.route_agent is None or self.agents.get(ctx.route_agent) is None):
+            return []
+        return [ToolCallRequest(id=f"call_route_{ctx.route_agent}",
+                                name=agent_function(ctx.route_agent),
+                                arguments_json=json.dumps({"task": ctx.route_task or ""}))]
+
+    def _plan(
+        self, requests: list[ToolCallRequest], tool_specs: list[dict[str, Any]],
+        agent_specs: list[dict[str, Any]],
+    ) -> tuple[list[PlannedCall], list[tuple[PlannedCall, AgentConfig]]]:
+        """Split the model's calls into tool calls and agent calls; unoffered ones are
+        refused (a tool) or dropped (nothing offered at all)."""
+        calls: list[PlannedCall] = []
+        agent_calls: list[tuple[PlannedCall, AgentConfig]] = []
+        offered_tools = {spec["function"]["name"] for spec in tool_specs}
+        for request in requests:
+            spec = self.agents.match(request.name) if self.agents is not None and agent_specs else None
+            if spec is not None:
+                agent_calls.append((PlannedCall(
+                    call_id=request.id, name=request.name, function=request.name,
+                    arguments=request.arguments_json, params={"task": task_of(request.arguments_json)},
+                    error=None, execution_id=new_id("exec")), spec))
+            elif self.tools is not None and tool_specs:
+                call = plan_call(self.tools, call_id=request.id, name=request.name,
+                                 arguments=request.arguments_json)
+                tool = self.tools.resolve(request.name)
+                if call.error is None and (tool is None or tool.function not in offered_tools):
+                    call = dataclasses.replace(call, error=(
+                        f"{self.tools.display_name(request.name)}: not offered to {self.agent}"))
+                calls.append(call)
+        return calls, agent_calls
+
+    async def _delegate(
+        self, ctx: TurnContext, call: PlannedCall, spec: AgentConfig, *, stream_id: int,
+        messages: list[dict[str, Any]],
+    ) -> AsyncIterator[Event]:
+        """One sub-agent's whole turn nested in this stream, then its result for the model."""
+        task = str((call.params or {}).get("task", ""))
+        yield ToolCall(stream_id=stream_id, tool=agent_tool(spec.name),
+                       execution_id=call.execution_id, params={"task": task})
+        child = ResponseHarness(
+            self.provider, agent=spec.name, system=spec.system or None,
+            model=spec.model or ctx.model, depth=self.depth + 1,
+            tools=self.tools if spec.tools else None, allowed_tools=frozenset(spec.tools),
+            agents=self.agents, parent_stream_id=stream_id, task=task,
+        )
+        started = time.monotonic()
+        error: str | None = None
+        try:
+            async for event in child(ctx):
+                yield event
+        except PipelineError as exc:  # the sub-agent failed: its stream closes, the parent goes on
+            error = f"agent {spec.name}: {exc}"
+            if child.stream_id is not None:
+                yield ErrorEvent(stream_id=child.stream_id, error=str(exc),
+                                 retryable=bool(getattr(exc, "retryable", False)))
+                yield StreamEnd(stream_id=child.stream_id, status="error")
+        ms = round((time.monotonic() - started) * 1000)
+        data = {"agent": spec.name, "text": child.answer}
+        yield ToolResult(stream_id=stream_id, tool=agent_tool(spec.name),
+                         execution_id=call.execution_id, ok=error is None,
+                         data=data if error is None else None, error=error, duration_ms=ms)
+        body = {"ok": True, "data": data} if error is None else {"ok": False, "error": error}
+        messages.append({"role": "tool", "tool_call_id": call.call_id,
+                         "content": json.dumps(body, ensure_ascii=False)})
 
 
 class ToolHarness:

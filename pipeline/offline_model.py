@@ -86,7 +86,10 @@ from aiohttp.typedefs import Handler
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "ADVISOR_NOTE",
+    "ADVISOR_PROMPT",
     "MAX_TOKENS_CAP",
+    "ROUTER_PROMPT",
     "STATS_KEY",
     "OfflineModelServer",
     "OfflineStats",
@@ -95,7 +98,9 @@ __all__ = [
     "create_offline_app",
     "main",
     "plan_client_calls",
+    "plan_decision",
     "plan_tool_calls",
+    "route_rule",
     "schema_instance",
     "synthesize_wav",
     "token_logprobs",
@@ -138,6 +143,7 @@ class OfflineStats:
 class _Config:
     token_delay_ms: float
     models: tuple[str, ...]
+    voice: str = ""
 
 
 STATS_KEY: web.AppKey[OfflineStats] = web.AppKey("offline_stats", OfflineStats)
@@ -238,7 +244,8 @@ def _quote(text: str, limit: int) -> list[str]:
 
 
 def compose_answer(
-    model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None
+    model: str, messages: Sequence[Mapping[str, Any]], *, max_tokens: int | None = None,
+    voice: str = "",
 ) -> list[str]:
     """Compose the offline model's answer as tokens: a pure function of its arguments.
 
@@ -247,6 +254,7 @@ def compose_answer(
         messages: The full chat messages, as sent (``content`` a string, text parts or None).
         max_tokens: If given, the answer has exactly this many tokens (truncated or extended
             with hashed filler); otherwise its natural 12..40 tokens.
+        voice: A bundled offline provider's voice (see `voiced`); "" is the plain model.
 
     Returns:
         The tokens; each is one word, all but the first start with a space.
@@ -255,7 +263,7 @@ def compose_answer(
         >>> "".join(compose_answer("offline", [{"role": "user", "content": "hi"}]))[:15]
         'You said: "hi".'
     """
-    seed = _seed(model, messages)
+    seed = _seed(model, messages) if not voice else _seed(f"{model}@{voice}", messages)
     results = _tool_results(messages)
     if results:
         tokens = _tool_answer(results)
@@ -272,6 +280,8 @@ def compose_answer(
         while len(tokens) < natural:
             tokens.append(_filler(seed, len(tokens)))
         tokens[-1] += "."
+    if voice:  # the voice speaks first, so even a one-token answer differs between voices
+        tokens = [f"[{voice}]", " " + tokens[0], *tokens[1:]]
     if max_tokens is None:
         return tokens
     while len(tokens) < max_tokens:
@@ -352,6 +362,7 @@ def plan_tool_calls(
             else:
                 arguments = groups
             found.append((match.start(), tool, arguments))
+    found += _plan_agent_calls(text, offered)
     found.sort(key=lambda item: item[0])
     return [(offered[tool], arguments) for _, tool, arguments in found if tool in offered]
 
@@ -450,7 +461,9 @@ class _Choice:
                 else {"content": self.logprobs, "refusal": None}}
 
 
-def _compose_choice(body: _ChatRequest, messages: list[dict[str, Any]], index: int) -> _Choice:
+def _compose_choice(
+    body: _ChatRequest, messages: list[dict[str, Any]], index: int, *, voice: str = "",
+) -> _Choice:
     """Choice ``index`` of the answer, honouring the request's parameters (deterministically).
 
     * ``seed`` and the choice index (above 0) vary the hash the answer is picked by; without
@@ -462,7 +475,14 @@ def _compose_choice(body: _ChatRequest, messages: list[dict[str, Any]], index: i
     * ``stop`` cuts the text before the first stop sequence (``finish_reason: "stop"``).
     * ``logprobs`` gives each delta deterministic log probabilities (`token_logprobs`), with
       ``top_logprobs`` alternatives.
+    * the router's and the advisor's requests get their JSON decision (`plan_decision`);
+      ``voice`` is a bundled provider's voice (`compose_answer`).
     """
+    decision = plan_decision(messages)
+    if decision is not None:
+        return _Choice(index=index, deltas=[({"content": token}, None) for token in decision],
+                       finish_reason="stop", completion_tokens=len(decision),
+                       text="".join(decision), tool_calls=None, logprobs=None)
     variant = [*messages, *([{"role": "x-seed", "content": str(body.seed)}]
                             if body.seed is not None else []),
                *([{"role": "x-choice", "content": str(index)}] if index else [])]
@@ -479,7 +499,7 @@ def _compose_choice(body: _ChatRequest, messages: list[dict[str, Any]], index: i
     kind = (body.response_format or {}).get("type")
     if kind in ("json_object", "json_schema"):
         if kind == "json_object":
-            document: Any = {"answer": "".join(compose_answer(body.model, variant))}
+            document: Any = {"answer": "".join(compose_answer(body.model, variant, voice=voice))}
         else:
             spec = (body.response_format or {}).get("json_schema") or {}
             schema = spec.get("schema") if isinstance(spec, Mapping) else None
@@ -490,7 +510,7 @@ def _compose_choice(body: _ChatRequest, messages: list[dict[str, Any]], index: i
         if budget is not None and len(tokens) > budget:
             tokens, finish = tokens[:budget], "length"  # cut JSON, as a real model's is
     else:
-        tokens = compose_answer(body.model, variant, max_tokens=budget)
+        tokens = compose_answer(body.model, variant, max_tokens=budget, voice=voice)
         finish = "stop" if budget is None else "length"
     cut = _apply_stop(tokens, body.stop)
     if cut is not None:
@@ -670,6 +690,86 @@ def token_logprobs(token: str, *, top: int, seed: bytes, position: int) -> dict[
     return {"token": token, "logprob": base, "bytes": list(token.encode()),
             "top_logprobs": alternatives[:top]}
 
+# -- router, advisor and sub-agents (issue 14) -------------------------------------------------
+
+ROUTER_PROMPT = "You are the router."
+"""The first words of a router's system prompt; the offline model then answers a decision."""
+ADVISOR_PROMPT = "You are the advisor."
+"""The first words of an advisor's system prompt; the offline model then answers a verdict."""
+ADVISOR_NOTE = "Advisor note:"
+"""How a redirect's note starts in the messages the response model gets next."""
+_DELEGATE = re.compile(r"\bdelegate to (?P<name>[A-Za-z0-9][A-Za-z0-9_\-]*)\s*:\s*(?P<task>.+)",
+                       re.I | re.S)
+_ROUNDTABLE = re.compile(r"\broundtable\b", re.I)
+_REDIRECT = re.compile(r"\bredirect\b", re.I)
+
+
+def route_rule(
+    text: str, *, routes: Sequence[str], agents: Sequence[str], tools: Sequence[str],
+) -> dict[str, str]:
+    """The deterministic routing rule (the offline router's, and the built-in router's).
+
+    ``delegate to <name>: <task>`` with a known agent → ``delegate``; the word
+    ``roundtable`` → ``roundtable``; a tool request the offline model understands (for one of
+    ``tools``, function names) → ``agent``; anything else → ``respond``. Only ``routes``
+    enabled count.
+    """
+    delegate = _DELEGATE.search(text)
+    if delegate is not None and "delegate" in routes and delegate.group("name") in agents:
+        return {"route": "delegate", "agent": delegate.group("name"),
+                "task": delegate.group("task").strip(),
+                "reason": f"the message hands a task to {delegate.group('name')}"}
+    if "roundtable" in routes and _ROUNDTABLE.search(text):
+        return {"route": "roundtable", "reason": "the message asks for the roundtable"}
+    offered = [{"type": "function", "function": {"name": name}} for name in tools]
+    planned = plan_tool_calls([{"role": "user", "content": text}], offered) if offered else []
+    if "agent" in routes and planned:
+        return {"route": "agent", "reason": "the message asks for "
+                + ", ".join(sorted({name for name, _ in planned}))}
+    return {"route": "respond", "reason": "one model answers the conversation"}
+
+
+def _listed(system: str, label: str) -> list[str]:
+    for line in system.splitlines():
+        if line.lower().startswith(label.lower() + ":"):
+            return [item.strip() for item in line.split(":", 1)[1].split(",") if item.strip()]
+    return []
+
+
+def plan_decision(messages: Sequence[Mapping[str, Any]]) -> list[str] | None:
+    """The offline router's or advisor's answer (one JSON object, as tokens), or None when
+    the request is neither (its system prompt starts with `ROUTER_PROMPT` or `ADVISOR_PROMPT`).
+
+    The router's system prompt lists ``Routes:``, ``Agents:`` and ``Tools:`` lines; its
+    decision is `route_rule` of the last user message. The advisor answers ``redirect``
+    when a user message says the word ``redirect`` and no advisor note was given yet, else
+    ``gate_continue``.
+    """
+    if not messages or messages[0].get("role") != "system":
+        return None
+    system = _flatten(messages[0].get("content"))
+    users = [_flatten(m.get("content")) for m in messages if m.get("role") == "user"]
+    if system.startswith(ROUTER_PROMPT):
+        decision: dict[str, str] = route_rule(
+            users[-1] if users else "", routes=_listed(system, "Routes"),
+            agents=_listed(system, "Agents"), tools=_listed(system, "Tools"))
+    elif system.startswith(ADVISOR_PROMPT):
+        noted = any(ADVISOR_NOTE in text for text in users)
+        asked = any(_REDIRECT.search(text) for text in users if ADVISOR_NOTE not in text)
+        decision = ({"kind": "redirect", "note": "answer again from another angle, more briefly"}
+                    if asked and not noted else {"kind": "gate_continue"})
+    else:
+        return None
+    words = json.dumps(decision, ensure_ascii=False).split(" ")
+    return [words[0], *(" " + word for word in words[1:])]
+
+
+def _plan_agent_calls(text: str, offered: Mapping[str, str]) -> list[tuple[int, str, dict[str, Any]]]:
+    """``delegate to <name>: <task>`` → a call of the offered sub-agent tool ``agent.<name>``."""
+    match = _DELEGATE.search(text)
+    if match is None or f"agent.{match.group('name')}" not in offered:
+        return []
+    return [(match.start(), f"agent.{match.group('name')}", {"task": match.group("task").strip()})]
 
 
 # -- audio ------------------------------------------------------------------------------------
@@ -825,7 +925,8 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
         )
     # Hash the messages exactly as sent (validated above), not pydantic's re-dump with defaults.
     messages: list[dict[str, Any]] = raw["messages"]
-    choices = [_compose_choice(body, messages, index) for index in range(body.n)]
+    choices = [_compose_choice(body, messages, index, voice=config.voice)
+               for index in range(body.n)]
     completion_tokens = sum(choice.completion_tokens for choice in choices)
     usage = {
         "prompt_tokens": count_prompt_tokens(messages),
@@ -911,7 +1012,7 @@ async def _chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 def create_offline_app(
-    *, token_delay_ms: float = 20.0, models: Sequence[str] = ("offline",)
+    *, token_delay_ms: float = 20.0, models: Sequence[str] = ("offline",), voice: str = "",
 ) -> web.Application:
     """Build the offline model's aiohttp application.
 
@@ -922,6 +1023,7 @@ def create_offline_app(
         token_delay_ms: Sleep before each streamed token (the project's
             ``OFFLINE_TOKEN_DELAY_MS``).
         models: Model ids served; others get 404 ``model_not_found``.
+        voice: A voice of its own (``compose_answer``'s ``voice``): "" is the plain model.
 
     Returns:
         The application, with its `OfflineStats` under `STATS_KEY`.
@@ -935,7 +1037,7 @@ def create_offline_app(
         raise ValueError("offline model: models must name at least one model")
     app = web.Application(middlewares=[_json_errors], client_max_size=AUDIO_MAX_BYTES + 65_536)
     app[STATS_KEY] = OfflineStats()
-    app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models))
+    app[_CONFIG_KEY] = _Config(token_delay_ms=token_delay_ms, models=tuple(models), voice=voice)
     app.router.add_get("/v1/models", _list_models)
     app.router.add_post("/v1/chat/completions", _chat_completions)
     app.router.add_post("/v1/audio/speech", _audio_speech)
@@ -973,6 +1075,7 @@ class OfflineModelServer:
         token_delay_ms: float = 20.0,
         models: Sequence[str] = ("offline",),
         shutdown_timeout: float = 1.0,
+        voice: str = "",
     ) -> None:
         """Configure the server; nothing starts before ``__aenter__``.
 
@@ -983,7 +1086,9 @@ class OfflineModelServer:
             models: Model ids served.
             shutdown_timeout: Seconds ``__aexit__`` lets running streams finish before they
                 are cancelled (aiohttp's default of 60 s would hold tests up).
+            voice: The answers' voice (see `create_offline_app`).
         """
+        self._voice = voice
         self._host = host
         self._port = port
         self._token_delay_ms = token_delay_ms
@@ -1019,7 +1124,8 @@ class OfflineModelServer:
 
     async def __aenter__(self) -> Self:
         """Start the server; the port is known when this returns."""
-        app = create_offline_app(token_delay_ms=self._token_delay_ms, models=self._models)
+        app = create_offline_app(token_delay_ms=self._token_delay_ms, models=self._models,
+                                 voice=self._voice)
         runner = web.AppRunner(
             app, handler_cancellation=True, shutdown_timeout=self._shutdown_timeout
         )

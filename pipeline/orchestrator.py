@@ -24,28 +24,33 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import TypeVar, overload
 
 import reactivex
-from reactivex import Observable
+from reactivex import Observable, Observer
 from reactivex.scheduler.eventloop import AsyncIOScheduler
 from reactivex.subject import Subject
 
 from core.errors import StoreError
 from core.events import Event
+from core.logs import bind_request_id
 from core.turn import TurnContext, TurnInput, TurnResult, new_id
 from operators import (
     ReplayLog,
     durable_done,
     from_async_iterable,
     number_events,
+    price_usage,
     sequence,
     turn_deadline,
     turn_envelope,
     visible,
 )
+from operators._price_usage import Cost
+from pipeline.agents import AgentTeam
 from pipeline.harnesses import (
     Archivist,
     Harness,
     MemoryHarness,
     ResponseHarness,
+    Reviewer,
     RouterHarness,
     ToolHarness,
 )
@@ -74,9 +79,10 @@ class Turn:
 
     def __init__(
         self, *, ctx: TurnContext, stream: Observable[Event], result: asyncio.Future[TurnResult],
-        cancel: Subject[None], recorder: TurnRecorder, subject: ReplayLog[Event],
+        cancel: Subject[None], recorder: TurnRecorder, subject: ReplayLog[Event], taps: int = 0,
     ) -> None:
         self.ctx = ctx
+        self._taps = taps
         self._subject = subject
         self._recorder = recorder
         self.request_id = ctx.request_id
@@ -97,8 +103,9 @@ class Turn:
 
     @property
     def subscribers(self) -> int:
-        """How many observers follow the turn's hot stream now (recorder included)."""
-        return len(self._subject.observers)
+        """How many observers follow the turn's hot stream now (recorder included; the
+        orchestrator's ``taps``, e.g. metrics and traces, not counted)."""
+        return len(self._subject.observers) - self._taps
 
     @property
     def last_seq(self) -> int:
@@ -162,6 +169,15 @@ class StreamingOrchestrator:
         tools: The tool registry: the default sequence becomes ``(router, memory, tools,
             response)``, the tool harness running a request's direct ``tool_calls`` and the
             response harness offering the enabled tools to the model (the agent loop).
+        taps: Observers of every turn's whole stream besides the recorder (metrics, traces):
+            each factory makes one per turn, subscribed after the recorder and before any
+            client. A tap must not raise.
+        router: Replaces the default router (e.g. :class:`pipeline.router.ModelRouter`).
+        agents: Sub-agents offered to the response model (:mod:`pipeline.agents`).
+        advisor: Reviews each top-level answer (:mod:`pipeline.advisor`).
+        roundtable: The body of a turn the router sends to ``roundtable``: after the router,
+            it replaces memory, tools and response.
+        cost: Prices each ``token_usage`` (``cost_usd``, :func:`operators.price_usage`).
     """
 
     def __init__(
@@ -175,9 +191,16 @@ class StreamingOrchestrator:
         archivist: Archivist | None = None,
         harnesses: Sequence[Harness] | None = None,
         tools: ToolRegistry | None = None,
+        taps: Sequence[Callable[[TurnContext], Observer[Event]]] = (),
         durable_done: bool = True,
         deadline_s: float | None = None,
+        router: Harness | None = None,
+        agents: AgentTeam | None = None,
+        advisor: Reviewer | None = None,
+        roundtable: Callable[[TurnContext], Observable[Event]] | None = None,
+        cost: Cost | None = None,
     ) -> None:
+        self.taps = tuple(taps)
         self.provider = provider
         self.durable_done = durable_done
         self.deadline_s = deadline_s
@@ -187,11 +210,13 @@ class StreamingOrchestrator:
         self.agent = agent
         archivist = archivist or store or _NoHistory()
         self.harnesses: tuple[Harness, ...] = tuple(harnesses) if harnesses else (
-            RouterHarness(),
+            router or RouterHarness(),
             MemoryHarness(archivist, limit=history_limit),
             *((ToolHarness(tools),) if tools is not None else ()),
-            ResponseHarness(provider, agent=agent, tools=tools),
+            ResponseHarness(provider, agent=agent, tools=tools, agents=agents, advisor=advisor),
         )
+        self.roundtable = roundtable if not harnesses else None
+        self.cost = cost
         self.live: dict[str, Turn] = {}
 
     def run(
@@ -219,15 +244,23 @@ class StreamingOrchestrator:
         )
         cancel: Subject[None] = Subject()
         result: asyncio.Future[TurnResult] = loop.create_future()
+        # Every line logged for this turn from here on carries its id: the harness tasks
+        # are created below, with this context copied into them.
+        bind_request_id(ctx.request_id)
+        log.info("turn started", extra={"kind": ctx.kind, "model": ctx.model,
+                                        "conversation_id": ctx.conversation_id})
 
         def finished(final: TurnResult) -> None:
             self.live.pop(ctx.request_id, None)
+            log.info("turn %s", final.status, extra={
+                "request_id": ctx.request_id, "kind": ctx.kind, "status": final.status,
+                "duration_ms": final.duration_ms, "model": final.model})
             if not result.done():
                 result.set_result(final)
 
-        steps = body(ctx) if body is not None else sequence(
-            *(from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
-        )
+        steps = body(ctx) if body is not None else self._steps(ctx)
+        if self.cost is not None:
+            steps = steps.pipe(price_usage(self.cost))
         if self.deadline_s is not None:
             steps = steps.pipe(turn_deadline(self.deadline_s, scheduler=AsyncIOScheduler(loop)))
         enveloped = steps.pipe(
@@ -239,8 +272,10 @@ class StreamingOrchestrator:
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
         recorder.start()
         shared.subscribe(recorder)  # first, so the store sees each event before any client
+        for tap in self.taps:
+            shared.subscribe(tap(ctx))
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
-                    subject=shared)
+                    subject=shared, taps=len(self.taps))
         self.live[ctx.request_id] = turn
         numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
@@ -258,6 +293,18 @@ class StreamingOrchestrator:
                 raise
 
         return lambda: reactivex.from_future(asyncio.ensure_future(flushed()))
+
+    def _steps(self, ctx: TurnContext) -> Observable[Event]:
+        """The harnesses in order; with a roundtable, the router's decision picks the rest."""
+        first, *rest = (from_async_iterable(_bind(harness, ctx)) for harness in self.harnesses)
+        roundtable = self.roundtable
+        if roundtable is None:
+            return sequence(first, *rest)
+
+        def after_route(_: object) -> Observable[Event]:
+            return roundtable(ctx) if ctx.route == "roundtable" else sequence(*rest)
+
+        return sequence(first, reactivex.defer(after_route))
 
     async def drain(self, *, grace_s: float) -> int:
         """Let live turns finish within ``grace_s``, then cancel the rest.

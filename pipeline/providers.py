@@ -10,6 +10,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import json
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol, TypeAlias, cast
 
@@ -19,6 +20,8 @@ from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
 from core.errors import ProviderError
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -129,6 +132,8 @@ class OpenAIProvider:
             max_retries=max_retries, http_client=openai.DefaultAioHttpClient(limits=limits),
         )
         self.name = str(self.client.base_url).rstrip("/")
+        #: Failed model calls so far (``agentflow_provider_errors_total``).
+        self.failures = 0
 
     async def aclose(self) -> None:
         """Close the HTTP connection pool."""
@@ -224,7 +229,10 @@ class OpenAIProvider:
                 for piece in _complete_calls(pending, index):
                     yield piece
         except Exception as exc:  # every failure of the call becomes one ProviderError
-            raise self._translate(exc, model=model) from exc
+            error = self._translate(exc, model=model)
+            self.failures += 1
+            log.warning("%s", error, extra={"model": model, "provider_status": error.status})
+            raise error from exc
 
     def _translate(self, exc: Exception, *, model: str) -> ProviderError:
         match exc:

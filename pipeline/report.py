@@ -126,7 +126,9 @@ def collect(query: QueryFn) -> ReportData:
             SELECT request_id, min(started_at) AS started_at FROM panelist_stats
             GROUP BY request_id ORDER BY started_at DESC LIMIT 10
         )
-        SELECT p.request_id, r.started_at, p.agent, p.share_of_talk
+        SELECT p.request_id, r.started_at, p.agent, p.share_of_talk,
+               (SELECT m.content FROM messages m WHERE m.request_id = p.request_id
+                  AND m.role = 'user' ORDER BY m.ordinal LIMIT 1) AS topic
         FROM panelist_stats p JOIN recent r USING (request_id)
         ORDER BY r.started_at, p.agent""")
     panelists = query("""
@@ -198,9 +200,12 @@ def draw_tools(ax: Axes, data: ReportData) -> bool:
         label = f" {r['failed']} of {r['calls'] - r['unanswered']} failed"
         if r["unanswered"]:
             label += f", {r['unanswered']} never answered"
-        ax.annotate(label, (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
+        inside = bar.get_width() > 55  # a long bar: the label goes inside it, not past 100 %
+        ax.annotate(label.strip() + " " if inside else label,
+                    (bar.get_width(), bar.get_y() + bar.get_height() / 2), va="center",
+                    ha="right" if inside else "left", color="white" if inside else "black",
                     fontsize="small")
-    ax.set_xlim(0, max(100.0, max(rates) * 1.3))
+    ax.set_xlim(0, 100)  # a rate: the axis ends at 100 %, and so do the bars
     ax.set_xlabel("failure rate (%)")
     ax.set_title("Tool failure rates")
     return True
@@ -223,13 +228,35 @@ def draw_shares(ax: Axes, data: ReportData) -> bool:
         widths = [0.0 if math.isnan(w) else w for w in widths]
         ax.barh(range(len(requests)), widths, left=left, label=agent, color=PALETTE[n % len(PALETTE)])
         left = [a + b for a, b in zip(left, widths, strict=True)]
-    ax.set_yticks(range(len(requests)), [rid[-12:] for rid in requests], fontsize="small")
+    ax.set_yticks(range(len(requests)), roundtable_labels(data.shares, requests), fontsize="small")
     ax.set_xlim(0, 100)
     ax.set_xlabel("share of the talk (% of characters)")
     ax.set_title("Roundtables: each panelist's share")
     ax.legend(frameon=False, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.18),
               ncol=min(len(agents), 6))
     return True
+
+
+def roundtable_labels(shares: list[dict[str, Any]], requests: list[str], *,
+                      width: int = 40) -> list[str]:
+    """Each roundtable by its topic (its first user message), cut at ``width``; the same
+    topic twice gets its start time; one without a topic its request id's tail."""
+    first = {str(r["request_id"]): r for r in reversed(shares)}
+    labels = []
+    for request_id in requests:
+        row = first[request_id]
+        topic = " ".join(str(row.get("topic") or "").split())
+        if not topic:
+            labels.append(f"…{request_id[-12:]}")
+            continue
+        labels.append(topic if len(topic) <= width else topic[:width - 1].rstrip() + "…")
+    counts = {label: labels.count(label) for label in labels}
+    for i, request_id in enumerate(requests):
+        if counts[labels[i]] > 1:
+            started = first[request_id].get("started_at")
+            when = _as_datetime(started).strftime("%m-%d %H:%M:%S") if started else request_id[-6:]
+            labels[i] = f"{labels[i]} ({when})"
+    return labels
 
 
 def draw_panel_ttft(ax: Axes, data: ReportData) -> bool:

@@ -180,12 +180,13 @@ class RoundtableHarness:
         self.memory = memory
         self.max_buffer = max_buffer_per_panelist
 
-    def body(self, ctx: TurnContext) -> Observable[Event]:
+    def body(self, ctx: TurnContext, *, route: bool = True) -> Observable[Event]:
+        """The roundtable's events; ``route=False`` when the router already chose it."""
         table = _Table(ctx, self.spec)
         rounds = [self._round(table, k) for k in range(1, self.spec.rounds + 1)]
         between = [self._advise(table, k) for k in range(1, self.spec.rounds)]
         steps: list[Observable[Event]] = [
-            from_async_iterable(lambda: _route(self.spec)),
+            *([from_async_iterable(lambda: _route(self.spec))] if route else []),
             from_async_iterable(lambda: self.memory(ctx)),
             from_async_iterable(lambda: self._open(table)),
         ]
@@ -302,6 +303,21 @@ def _bind(
 async def _route(spec: RoundtableRequest) -> AsyncIterator[Event]:
     yield Route(route="roundtable",
                 reason=f"{len(spec.panelists)} panelists, {spec.rounds} round(s), {spec.mode}")
+
+
+def panel_of(entries: Sequence[str]) -> list[Panelist]:
+    """``ROUNDTABLE_PANEL`` entries as panelists: ``name``, ``name=provider/model``, or
+    ``provider/model`` (seated under the provider's name, e.g. ``offline-b``)."""
+    panel: list[Panelist] = []
+    for entry in entries:
+        name, equals, model = entry.partition("=")
+        if equals:
+            panel.append(Panelist(name=name.strip(), model=model.strip()))
+        elif "/" in entry:
+            panel.append(Panelist(name=entry.split("/", 1)[0], model=entry))
+        else:
+            panel.append(Panelist(name=entry))
+    return panel
 
 
 def panel_names(spec: RoundtableRequest) -> Sequence[str]:

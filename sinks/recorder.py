@@ -12,6 +12,7 @@ with the final result.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -32,6 +33,9 @@ from core.events import (
 from core.turn import TurnContext, TurnResult, TurnState
 from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
 
+#: The agent of a roundtable's depth-0 stream (:data:`pipeline.roundtable.MODERATOR`).
+MODERATOR = "moderator"
+
 log = logging.getLogger(__name__)
 
 
@@ -48,6 +52,9 @@ class TurnRecorder(Observer[Event]):
         self.on_done = on_done
         self.state = TurnState(ctx.request_id, ctx.conversation_id, ctx.model)
         self._streams: dict[int, tuple[str, int]] = {}
+        # A roundtable's panelists (depth-1 streams under the moderator) and what they said,
+        # kept as messages of their own so a follow-up turn remembers them (issue 14).
+        self._panelists: dict[int, tuple[str, list[str]]] = {}
         self._tools: dict[str, ToolExecutionRow] = {}
         now = time.time()
         self._request = RequestRow(
@@ -91,12 +98,17 @@ class TurnRecorder(Observer[Event]):
         match event:
             case StreamStart(stream_id=stream_id, agent=agent, depth=depth):
                 self._streams[stream_id] = (agent, depth)
+                parent = self._streams.get(event.parent_stream_id or -1)
+                if depth == 1 and parent is not None and parent[0] == MODERATOR:
+                    self._panelists[stream_id] = (agent, [])
             case RequestReceived(agent=agent):
                 pass
             case _:
                 owner = stream_id_of(event)
                 if owner is not None:
                     agent, depth = self._streams.get(owner, (None, None))
+                    if isinstance(event, Text) and owner in self._panelists:
+                        self._panelists[owner][1].append(event.delta)
         store = self.store
         if store is not None:
             store.append_event(event, agent=agent, depth=depth)
@@ -158,11 +170,19 @@ class TurnRecorder(Observer[Event]):
             request.total_tokens = result.usage.total_tokens
             request.last_seq = result.last_seq
             request.error = result.error
+            request.cost_usd = result.cost_usd
             self.store.put_request(request)
             self._assistant.content = result.content
+            self._assistant.cost_usd = result.cost_usd
             self._assistant.status = {"completed": "complete"}.get(result.status, result.status)
             self._assistant.updated_at = now
             self.store.put_message(self._assistant)
+            for k, (name, parts) in enumerate(self._panelists.values(), start=1):
+                if parts:
+                    self.store.put_message(dataclasses.replace(
+                        self._assistant, message_id=f"{self.ctx.request_id}:panelist:{k}",
+                        ordinal=self._assistant.ordinal + k, content=f"[{name}] {''.join(parts)}",
+                        status="complete", cost_usd=None))
 
     def _on_error_core(self, error: Exception) -> None:
         # The turn envelope turns failures into events; reaching here is a bug upstream.

@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS requests (
     total_tokens      BIGINT,
     trace             BOOLEAN   NOT NULL,
     last_seq          BIGINT,
-    error             VARCHAR
+    error             VARCHAR,
+    cost_usd          DOUBLE                -- sum of the token_usage costs; NULL: unpriced
 );
 CREATE TABLE IF NOT EXISTS messages (
     message_id      VARCHAR   PRIMARY KEY,
@@ -87,7 +88,8 @@ CREATE TABLE IF NOT EXISTS messages (
     content         VARCHAR   NOT NULL,
     status          VARCHAR   NOT NULL,     -- assistant: pending, streaming, complete, error, cancelled
     created_at      TIMESTAMP NOT NULL,
-    updated_at      TIMESTAMP NOT NULL
+    updated_at      TIMESTAMP NOT NULL,
+    cost_usd        DOUBLE                  -- assistant: what producing it cost
 );
 CREATE TABLE IF NOT EXISTS tool_executions (
     execution_id    VARCHAR   PRIMARY KEY,  -- the tool_call / tool_result events' execution_id
@@ -113,6 +115,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     content      VARCHAR   NOT NULL,        -- the row as JSON, made safe (ASCII escapes)
     recorded_at  TIMESTAMP NOT NULL
 );
+-- files made before the cost columns (issue 14)
+ALTER TABLE requests ADD COLUMN IF NOT EXISTS cost_usd DOUBLE;
+ALTER TABLE messages ADD COLUMN IF NOT EXISTS cost_usd DOUBLE;
 """
 
 #: The DuckDB storage format new store files are written in, on purpose: ``v1.4.0`` (file
@@ -200,6 +205,7 @@ class RequestRow:
     total_tokens: int | None = None
     last_seq: int | None = None
     error: str | None = None
+    cost_usd: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -215,6 +221,7 @@ class MessageRow:
     status: str
     created_at: float
     updated_at: float
+    cost_usd: float | None = None
 
 
 @dataclasses.dataclass(slots=True)

@@ -12,6 +12,10 @@ view                     one row per
 ``request_latency``      request: time to first token, duration, status, tokens
 ``tokens_by_model_day``  model and UTC day (from ``token_usage`` events, so each
                          panelist's model counts for its own tokens)
+``costs_by_model_day``  UTC day, provider and model: requests, tokens and ``cost_usd`` (from
+                         ``token_usage`` events: sub-agents, panelists, router, advisor,
+                         tool rounds each by their own model; ``provider`` is NULL for a
+                         bare model id, i.e. the default provider)
 ``tool_calls``           tool execution: its ``tool_call`` joined to its ``tool_result``
 ``tool_stats``           tool: calls, failures, failure rate, latency
 ``conversation_stats``   conversation: turns, messages, tokens, first and last activity
@@ -70,6 +74,25 @@ SELECT data->>'model'                                   AS model,
        CAST(sum(CAST(data->>'total_tokens' AS BIGINT)) AS BIGINT)      AS total_tokens
 FROM events
 WHERE type = 'token_usage'
+GROUP BY ALL""",
+    "costs_by_model_day": """
+WITH usage AS (
+    SELECT request_id, CAST(ts AS DATE) AS day, data->>'model' AS id,
+           CAST(data->>'prompt_tokens' AS BIGINT) AS prompt_tokens,
+           CAST(data->>'completion_tokens' AS BIGINT) AS completion_tokens,
+           TRY_CAST(data->>'cost_usd' AS DOUBLE) AS cost_usd
+    FROM events
+    WHERE type = 'token_usage'
+)
+SELECT day,
+       CASE WHEN position('/' IN id) > 0 THEN split_part(id, '/', 1) END        AS provider,
+       CASE WHEN position('/' IN id) > 0 THEN substr(id, position('/' IN id) + 1)
+            ELSE id END                                                       AS model,
+       count(DISTINCT request_id)                                             AS requests,
+       CAST(sum(prompt_tokens) AS BIGINT)                                     AS prompt_tokens,
+       CAST(sum(completion_tokens) AS BIGINT)                                 AS completion_tokens,
+       sum(cost_usd)                                                          AS cost_usd
+FROM usage
 GROUP BY ALL""",
     "tool_calls": """
 SELECT c.request_id,

@@ -141,7 +141,8 @@ def test_schemathesis_finds_no_server_error(live: Server, tmp_path: Path) -> Non
     """Valid and invalid requests for every operation that does not start a turn; only
     invalid ones (fuzzed bodies, parameters) for those that do. No 5xx anywhere."""
     turns = sorted(op.operation_id for op in OPERATIONS if op.starts_turn)
-    assert turns == ["post_v1_chat_completions", "post_v1_orchestrate", "post_v1_roundtable"]
+    assert turns == ["post_v1_chat_completions", "post_v1_orchestrate", "post_v1_responses",
+                     "post_v1_roundtable"]
     pattern = "^(" + "|".join(turns) + ")$"
     others = _schemathesis(live, mode="all", phases="examples,coverage,fuzzing",
                            operations=pattern, include=False, folder=tmp_path)
@@ -153,7 +154,7 @@ def test_schemathesis_finds_no_server_error(live: Server, tmp_path: Path) -> Non
     # server accepts (curl -d sends form-urlencoded): for turns, fuzzed invalid data only.
     negative = _schemathesis(live, mode="negative", phases="fuzzing", operations=pattern,
                              include=True, folder=tmp_path)
-    assert re.search(r"Selected: 3/", negative), negative
+    assert re.search(r"Selected: 4/", negative), negative
     after = httpx.post(f"{live.base}/v1/query", json={"sql": "SELECT count(*) FROM requests"},
                        timeout=10).json()["rows"][0][0]
     assert after == before, "an invalid body started a turn"

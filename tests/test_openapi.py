@@ -65,7 +65,8 @@ def test_the_document_is_valid_openapi_31() -> None:
     ops = [op for item in document["paths"].values() for op in item.values()]
     assert len(ops) == len(OPERATIONS)
     assert sorted(op["operationId"] for op in ops if op.get("x-starts-turn")) == [
-        "post_v1_chat_completions", "post_v1_orchestrate", "post_v1_roundtable"]
+        "post_v1_chat_completions", "post_v1_orchestrate", "post_v1_responses",
+        "post_v1_roundtable"]
     # A broken document is refused (the validator is not a no-op).
     broken = build_document()
     broken["paths"]["/v1/orchestrate"]["post"]["responses"] = {"200": {"content": {}}}

@@ -148,7 +148,7 @@ def end(status: str, finish_reason: str | None = None) -> dict[str, Any]:
 
 
 USAGE_EVENT = {"type": "token_usage", "stream_id": 1, "model": "m", "prompt_tokens": 3,
-               "completion_tokens": 2, "total_tokens": 5}
+               "completion_tokens": 2, "total_tokens": 5, "cost_usd": None}
 
 
 # -- a turn, start to end -------------------------------------------------------------------

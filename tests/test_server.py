@@ -138,7 +138,9 @@ async def test_models(client: TestClient) -> None:
         assert resp.status == 200
         body = await resp.json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == [MODEL, "roundtable"]
+    # issue 14: the default provider's models bare, every model as provider/model, roundtable
+    assert [m["id"] for m in body["data"]] == [
+        MODEL, "offline-a/offline", "offline-b/offline", "offline-c/offline", "roundtable"]
     assert all(m["object"] == "model" for m in body["data"])
 
 

@@ -186,7 +186,7 @@ async def test_one_tool_round_whole_event_list() -> None:
          "parent_stream_id": None},
         {"type": "text", "stream_id": 1, "delta": "Let me look."},
         {"type": "token_usage", "stream_id": 1, "model": "m", "prompt_tokens": 3,
-         "completion_tokens": 2, "total_tokens": 5},
+         "completion_tokens": 2, "total_tokens": 5, "cost_usd": None},
         {"type": "tool_call", "stream_id": 1, "tool": "t.echo", "execution_id": "X",
          "params": {"key": "k"}},
         {"type": "tool_result", "stream_id": 1, "tool": "t.echo", "execution_id": "X", "ok": True,
@@ -194,7 +194,7 @@ async def test_one_tool_round_whole_event_list() -> None:
         {"type": "llm_call", "stream_id": 1, "model": "m", "messages": [USER, asked, answered]},
         {"type": "text", "stream_id": 1, "delta": "Done."},
         {"type": "token_usage", "stream_id": 1, "model": "m", "prompt_tokens": 9,
-         "completion_tokens": 1, "total_tokens": 10},
+         "completion_tokens": 1, "total_tokens": 10, "cost_usd": None},
         {"type": "stream_end", "stream_id": 1, "status": "ok", "finish_reason": "stop"},
         {"type": "done", "ok": True, "reason": "completed"},
     ]

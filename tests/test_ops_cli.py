@@ -1,0 +1,90 @@
+"""The ``agentflow`` console script and the Makefile's ``run`` (issue 15)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import server
+from sinks.store import EventStore
+from tests.ops_server import ROOT, clean_env, launch, wait_healthy
+from tests.procs import free_port
+
+
+def test_the_console_script_is_declared_and_its_module_ships_in_the_wheel() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["scripts"] == {"agentflow": "server:cli"}
+    wheel = project["tool"]["hatch"]["build"]["targets"]["wheel"]
+    assert wheel["force-include"] == {"server.py": "server.py"}
+    assert "otel" in project["project"]["optional-dependencies"]
+
+
+def _agentflow(*args: str) -> subprocess.CompletedProcess[str]:
+    """What the installed ``agentflow`` script runs: ``sys.exit(server.cli())``."""
+    return subprocess.run(
+        [sys.executable, "-c", "import sys, server; sys.exit(server.cli())", *args],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=60)
+
+
+def test_agentflow_dispatches_to_the_pipeline_cli(tmp_path: Path) -> None:
+    db = tmp_path / "events.duckdb"
+    EventStore(db).open().close()
+    done = _agentflow("query", "SELECT count(*) + 42 AS answer FROM events", "--db", str(db),
+                      "--format", "json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["rows"] == [[42]]
+    assert "python -m pipeline report" in _agentflow("report", "--help").stdout
+
+
+def test_agentflow_without_a_command_or_with_an_unknown_one_says_so() -> None:
+    empty = _agentflow()
+    assert empty.returncode == 2 and "usage: agentflow {serve,query,export,report,sql}" in empty.stderr
+    unknown = _agentflow("bogus")
+    assert unknown.returncode == 2 and "unknown command 'bogus'" in unknown.stderr
+    assert server.cli(["--help"]) == 0
+
+
+def test_agentflow_sql_opens_the_pipelines_prompt(tmp_path: Path) -> None:
+    db = tmp_path / "events.duckdb"
+    EventStore(db).open().close()
+    done = subprocess.run(
+        [sys.executable, "-c", "import sys, server; sys.exit(server.cli())", "sql", "--db", str(db)],
+        cwd=ROOT, env=clean_env(), input="SELECT 6 * 7 AS answer;\n", capture_output=True,
+        text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "42" in done.stdout
+    assert "usage: python -m pipeline sql" in _agentflow("sql", "--help").stdout
+
+
+def test_agentflow_serve_serves(tmp_path: Path) -> None:
+    running = wait_healthy(launch(
+        tmp_path, argv=[sys.executable, "-c", "import sys, server; sys.exit(server.cli())", "serve"]))
+    assert running.stop() == 0
+    assert "serving on " + running.base in running.output()
+
+
+def _make_run_recipe() -> str:
+    makefile = (ROOT / "Makefile").read_text()
+    match = re.search(r"^run:.*\n((?:\t.*\n)+)", makefile, flags=re.M)
+    assert match is not None
+    (line,) = match.group(1).strip().splitlines()
+    return line.strip()
+
+
+def test_make_run_takes_port_host_and_db_path_from_the_environment(tmp_path: Path) -> None:
+    recipe = _make_run_recipe()
+    assert recipe == "$(PY) server.py"  # no flag overrides the environment
+    # the recipe as make runs it, with the venv's python
+    argv = [sys.executable if word == "$(PY)" else word for word in recipe.split()]
+    port = free_port()
+    running = wait_healthy(launch(tmp_path, argv=argv, port=port, HOST="127.0.0.1"))
+    assert running.stop() == 0
+    assert f"serving on http://127.0.0.1:{port} (db {tmp_path / 'events.duckdb'}," in running.output()
+
+
+def test_make_install_includes_the_otel_extra() -> None:
+    assert "pip install --quiet -e '.[dev,otel]'" in (ROOT / "Makefile").read_text()
