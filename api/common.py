@@ -241,8 +241,12 @@ def _forbidden(message: str, code: str) -> ApiError:
     return ApiError(403, message, type="invalid_request_error", code=code)
 
 
+#: What API keys guard: the API, the speech info and the seeds' wires (they start turns).
+KEYED_PREFIXES = ("/v1/", "/speech/", "/chat/", "/api/")
+
+
 def _needs_key(path: str) -> bool:
-    return path.startswith(("/v1/", "/speech/")) or path == "/v1"
+    return path.startswith(KEYED_PREFIXES) or path == "/v1"
 
 
 @web.middleware

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -162,6 +163,8 @@ CONTROL_IDS = [
                               "conversation_id": "c\rd"}, "conversation_id"),
     ("/v1/roundtable", {"topic": "t", "panelists": [{"name": "a", "model": "offline\x7f"}]},
      "panelists.0.model"),
+    ("/api/chat/stream", {"sessionId": "s\n1", "content": "x"}, "sessionId"),
+    ("/chat/stream", {"message": "x", "session_id": "s\x1b"}, "session_id"),
 ]
 
 
@@ -524,11 +527,12 @@ async def test_api_keys_guard_every_v1_route(aiohttp_client: ClientFactory, tmp_
     client = await start(aiohttp_client, tmp_path, api_keys=["k1", "k2"], admin_key="adm")
     app = client.app
     routes = sorted({(r.method, r.resource.canonical) for r in app.router.routes()
-                     if r.resource is not None and r.resource.canonical.startswith(("/v1", "/speech"))
-                     and r.method != "HEAD"})
-    assert len(routes) >= 12
+                     if r.resource is not None and r.method != "HEAD"
+                     and r.resource.canonical.startswith(("/v1", "/speech", "/chat", "/api"))})
+    assert len(routes) >= 14 and ("POST", "/chat/stream") in routes
     for method, path in routes:
-        url = path.replace("{request_id}", "req_x").replace("{path}", "x.parquet")
+        url = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: "x.parquet" if m[1] == "path" else "x_1",
+                     path)
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
             async with client.request(method, url, headers=headers) as resp:
                 error = await error_of(resp, 401)
