@@ -28,6 +28,7 @@ from api.analytics import ANALYTICS, Analytics, add_analytics_routes
 from api.common import (
     CLIENTS,
     COORDINATOR,
+    EVENT_LOG,
     MODELS,
     OFFLINE,
     ORCHESTRATOR,
@@ -79,6 +80,7 @@ from pipeline.provider_registry import RegistryConfigError, default_model, open_
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
 from pipeline.wiring import agent_options
+from sinks.event_log import RedisEventLog
 from sinks.recovery import recover_interrupted
 from sinks.store import EventStore
 
@@ -100,6 +102,27 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     await recover_interrupted(store)
     yield
     await asyncio.to_thread(store.close)  # writes everything still queued
+
+
+async def event_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The distributed log client (``EVENT_LOG=redis://…``); nothing with ``memory``.
+    Closed after the turns drained: what is still queued is appended first."""
+    settings = app[SETTINGS]
+    if not settings.redis_log:
+        yield
+        return
+    event_log = RedisEventLog(
+        settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
+        live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
+        retry_max_s=settings.event_log_retry_max_s, give_up_s=settings.event_log_give_up_s,
+        ping_s=settings.event_log_ping_s, batch_max=settings.event_log_batch_max,
+        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
+    )
+    await event_log.start()
+    app[EVENT_LOG] = event_log
+    log.info("event log: Redis at %s, prefix %r", event_log.safe_url, settings.redis_prefix)
+    yield
+    await event_log.aclose()
 
 
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -161,6 +184,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
         taps=taps,
         durable_done=settings.done_barrier, deadline_s=settings.turn_deadline_s,
         **agent_options(settings, registry=app[REGISTRY], tools=app[TOOLS], store=app[STORE]),
+        event_log=app.get(EVENT_LOG),
     )
     app[COORDINATOR] = SessionCoordinator(app[ORCHESTRATOR], store=app[STORE],
                                           max_buffer=settings.client_buffer_events)
@@ -196,7 +220,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_response_prepare.append(cors_headers)
     app[CLIENTS] = ClientStats()
     add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
-    app.cleanup_ctx.extend([store_ctx, model_ctx, telemetry_ctx, orchestrator_ctx])
+    app.cleanup_ctx.extend([store_ctx, event_log_ctx, model_ctx, telemetry_ctx, orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
@@ -401,6 +425,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--db", help="DuckDB file of the event store (DB_PATH)")
     parser.add_argument("--allow-no-auth", action="store_true", default=None,
                         help="serve a non-loopback address without API keys (ALLOW_NO_AUTH)")
+    parser.add_argument("--event-log", help="memory or redis://host:port/db (EVENT_LOG)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -411,6 +436,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         overrides["db_path"] = args.db
     if args.allow_no_auth:
         overrides["allow_no_auth"] = True
+    if args.event_log is not None:
+        overrides["event_log"] = args.event_log
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:

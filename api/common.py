@@ -27,6 +27,7 @@ from pipeline.provider_registry import ProviderRegistry, UnknownModelError
 from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
+from sinks.event_log import RedisEventLog
 from sinks.sse import comment_frame, event_frame, open_sse
 from sinks.store import EventStore
 
@@ -53,6 +54,7 @@ CLIENTS = web.AppKey("clients", ClientStats)
 COORDINATOR = web.AppKey("coordinator", SessionCoordinator)
 TOOLS = web.AppKey("tools", ToolRegistry)
 REGISTRY = web.AppKey("registry", ProviderRegistry)
+EVENT_LOG = web.AppKey("event_log", RedisEventLog)  # only with EVENT_LOG=redis://… (issue 13)
 
 
 

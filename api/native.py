@@ -12,6 +12,7 @@ from reactivex import compose
 
 from api.common import (
     COORDINATOR,
+    EVENT_LOG,
     MODELS,
     ORCHESTRATOR,
     REGISTRY,
@@ -29,6 +30,7 @@ from api.common import (
     stream_native,
 )
 from api.wire import ApiError, OrchestrateRequest, read_body
+from core.errors import PipelineError
 from core.events import Event, is_trace
 from core.turn import TurnInput
 from operators import agent_filter, agent_view, resume_after, visible
@@ -59,6 +61,7 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         model=model, max_tokens=body.max_tokens, kind="orchestrate", tool_calls=body.tool_calls,
     ))
     if body.background:
+        await _visible_everywhere(request.app, turn)
         return _accepted(turn)
     settings = request.app[SETTINGS]
     events = turn.view(compose(visible(trace=body.trace),
@@ -110,6 +113,7 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:
+        await _visible_everywhere(request.app, turn)
         return _accepted(turn)
     # The client paces the panel by what it has consumed, hidden trace events included:
     # credit spent on an llm_call it never sees must come back, or the panel would stall.
@@ -147,7 +151,9 @@ async def request_events(request: web.Request) -> web.StreamResponse:
 
     A live turn is followed through its hot stream, which replays what the client missed
     before the live events, so nothing is lost or repeated while the store writes in
-    batches. A finished request (also after a restart) is read from the store.
+    batches. With ``EVENT_LOG=redis://…`` a turn not live in this process is followed from
+    its Redis stream while that exists (it may run in another process). A finished request
+    (also after a restart) is read from the store.
     """
     request_id = path_id(request, "request_id")
     since = parse_cursor(request)
@@ -163,6 +169,10 @@ async def request_events(request: web.Request) -> web.StreamResponse:
                     agent_view(max_depth=max_depth, agents=agents)),
             max_buffer=app[SETTINGS].client_buffer_events, idle_s=app[SETTINGS].heartbeat_s,
         )
+    elif (redis_events := await _from_event_log(app, request_id, since, trace=trace)) is not None:
+        if isinstance(redis_events, web.StreamResponse):
+            return redis_events
+        events = redis_events
     else:
         store = app[STORE]
         await store.flush()  # a turn that just finished may still be queued
@@ -175,6 +185,44 @@ async def request_events(request: web.Request) -> web.StreamResponse:
         events = _stored(store, request_id, since, trace=trace,
                          keep=agent_filter(max_depth=max_depth, agents=agents))
     return await stream_native(request, events, headers={"X-Request-Id": request_id})
+
+
+async def _visible_everywhere(app: web.Application, turn: Turn) -> None:
+    """With the distributed log, answer a background turn's ``202`` once its first event
+    is in Redis, so a follow-up on any other process finds it (bounded: Redis may be away)."""
+    event_log = app.get(EVENT_LOG)
+    if event_log is not None:
+        await event_log.appended(turn.request_id, seq=1, within=app[SETTINGS].event_log_timeout_s)
+
+
+async def _from_event_log(
+    app: web.Application, request_id: str, since: int, *, trace: bool
+) -> AsyncGenerator[Event | None] | web.StreamResponse | None:
+    """The turn's events from the distributed log if its stream is there (issue 13):
+    a 204 when it is finished and fully seen; None to fall back to the store."""
+    event_log = app.get(EVENT_LOG)
+    if event_log is None:
+        return None
+    try:
+        head = await event_log.head(request_id)
+    except PipelineError as exc:  # Redis is away: the store may still have the turn
+        log.warning("%s; falling back to the store", exc)
+        return None
+    if not head.exists:
+        return None
+    if since and head.done and since >= head.last_seq:
+        return web.Response(status=204, headers={"X-Request-Id": request_id})
+    follow = event_log.follow(request_id, since=since, idle_s=app[SETTINGS].heartbeat_s)
+    return _visible_only(follow, trace=trace)
+
+
+async def _visible_only(
+    events: AsyncGenerator[Event | None], *, trace: bool
+) -> AsyncGenerator[Event | None]:
+    async with contextlib.aclosing(events) as source:
+        async for event in source:
+            if event is None or trace or not is_trace(event):
+                yield event
 
 
 async def _stored(

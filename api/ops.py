@@ -13,6 +13,7 @@ from aiohttp import web
 
 from api.common import (
     CLIENTS,
+    EVENT_LOG,
     ORCHESTRATOR,
     PROVIDER,
     REGISTRY,
@@ -45,10 +46,13 @@ async def healthz(request: web.Request) -> web.Response:
     settings = app[SETTINGS]
     stats = app[STORE].stats
     store = app[STORE].health()
+    # The distributed log (issue 13): degraded while Redis is unreachable (turns go on).
+    event_log = app[EVENT_LOG].health() if EVENT_LOG in app else {"kind": "memory", "state": "ok"}
     # A store that cannot write is not healthy (503), even before new turns are refused.
-    status = "ok" if store.writable else "degraded"
+    status = "ok" if store.writable and event_log["state"] == "ok" else "degraded"
     return web.json_response(status=200 if store.writable else 503, data={
         "status": status,
+        "event_log": event_log,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": app[ORCHESTRATOR].default_model,
                   "default_provider": app[REGISTRY].default},

@@ -220,6 +220,33 @@ class Settings(BaseSettings):
         return check_agent_names(value)
     # (end of the agents settings)
 
+    # -- the distributed log (issue 13): add settings of that area below -------------------
+    event_log: str = Field(default="memory", description="memory, or redis://host:port/db")
+    redis_prefix: str = Field(default="agentflow", min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
+                              description="before every Redis key and channel")
+    event_log_ttl_s: int = Field(default=3600, ge=1, description="a finished turn's stream expires")
+    event_log_live_ttl_s: int = Field(default=86_400, ge=60, description="a live stream, renewed")
+    event_log_retry_base_s: float = Field(default=0.05, gt=0, description="first append retry")
+    event_log_retry_max_s: float = Field(default=2.0, gt=0, description="longest append retry wait")
+    event_log_give_up_s: float = Field(default=300.0, gt=0, description="unappended finished turn")
+    event_log_ping_s: float = Field(default=1.0, gt=0, description="Redis health and restart check")
+    event_log_batch_max: int = Field(default=512, ge=1, description="events of a turn per append")
+    event_log_timeout_s: float = Field(default=2.0, gt=0, description="Redis connect and command")
+    event_log_lost_s: float = Field(default=5.0, gt=0, description="a vanished stream ends followers")
+
+    @field_validator("event_log")
+    @classmethod
+    def _event_log_url(cls, value: str) -> str:
+        if value != "memory" and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError("EVENT_LOG must be 'memory' or a redis:// URL")
+        return value
+
+    @property
+    def redis_log(self) -> bool:
+        """True when the event log is Redis (``EVENT_LOG=redis://…``)."""
+        return self.event_log != "memory"
+    # (end of the distributed log settings)
+
     @property
     def lake_dir(self) -> Path:
         """Where Parquet exports go: ``EXPORT_DIR``, else ``lake/`` beside the DuckDB file."""

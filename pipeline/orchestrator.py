@@ -57,6 +57,7 @@ from pipeline.harnesses import (
 from pipeline.providers import ChatProvider
 from pipeline.tools import ToolRegistry
 from sinks.async_iter import to_async_iterator
+from sinks.event_log import RedisEventLog
 from sinks.recorder import TurnRecorder
 from sinks.store import EventStore
 
@@ -178,6 +179,8 @@ class StreamingOrchestrator:
         roundtable: The body of a turn the router sends to ``roundtable``: after the router,
             it replaces memory, tools and response.
         cost: Prices each ``token_usage`` (``cost_usd``, :func:`operators.price_usage`).
+        event_log: The distributed log (``EVENT_LOG=redis://…``): every numbered event of
+            every turn is also appended there; None (``memory``) keeps the turn in-process.
     """
 
     def __init__(
@@ -199,11 +202,13 @@ class StreamingOrchestrator:
         advisor: Reviewer | None = None,
         roundtable: Callable[[TurnContext], Observable[Event]] | None = None,
         cost: Cost | None = None,
+        event_log: RedisEventLog | None = None,
     ) -> None:
         self.taps = tuple(taps)
         self.provider = provider
         self.durable_done = durable_done
         self.deadline_s = deadline_s
+        self.event_log = event_log
         self.tools = tools
         self.store = store
         self.default_model = default_model
@@ -274,6 +279,8 @@ class StreamingOrchestrator:
         shared.subscribe(recorder)  # first, so the store sees each event before any client
         for tap in self.taps:
             shared.subscribe(tap(ctx))
+        if self.event_log is not None:  # the distributed log (issue 13), batched per tick
+            shared.subscribe(self.event_log.writer(ctx.request_id, history=lambda: shared.items))
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
                     subject=shared, taps=len(self.taps))
         self.live[ctx.request_id] = turn

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -321,6 +322,11 @@ class _Unwritable(Exception):
     """The store refused a write as a whole (disk full, I/O): keep the rows, retry later."""
 
 
+def _invalidated(exc: BaseException | None) -> bool:
+    """Whether DuckDB invalidated the database instance (it must be reopened)."""
+    return isinstance(exc, duckdb.FatalException) or "invalidated" in str(exc)
+
+
 def _store_failure(exc: BaseException) -> bool:
     """Whether an error is the store's (retry later) rather than one row's (dead letter)."""
     return isinstance(exc, duckdb.OperationalError | duckdb.FatalException | OSError | MemoryError)
@@ -428,6 +434,7 @@ class EventStore:
         self._backlog_rows = 0  # read by other threads
         self._waiting: list[_Barrier] = []
         self._writable = True
+        self._invalid = False  # DuckDB invalidated the database: reopen before writing
         self._retry_at = 0.0
         self._retry_s = self.retry_min_s
         self._dead_lock = threading.Lock()
@@ -661,13 +668,44 @@ class EventStore:
                 self._wake.wait(wait)
                 self._wake.clear()
                 stopping = self._stopping
-                self._drain(con, force=stopping)
+                if self._invalid and (stopping or time.monotonic() >= self._retry_at):
+                    try:
+                        con = self._reopen(con)
+                        self._invalid = False
+                    except duckdb.Error as exc:
+                        self.stats.last_error = scrub_paths(_safe(f"{type(exc).__name__}: {exc}"))
+                        self._retry_at = time.monotonic() + self._retry_s
+                        log.error("the event store cannot reopen its database: %s", _safe(str(exc)))
+                        if not stopping:
+                            continue
+                try:
+                    self._drain(con, force=stopping)
+                except Exception:  # never let the writer die: what it holds stays kept
+                    log.exception("the event store writer failed; going on")
+                    self._writable, self._invalid = False, True
+                    self._retry_at = time.monotonic() + self._retry_s
                 if stopping:
                     self._drain(con, force=True)
                     self._abandon()
                     return
         finally:
             con.close()
+
+    def _reopen(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+        """A new connection after DuckDB invalidated the database (a checkpoint failed on a
+        full disk is FATAL for the instance): close every connection, connect again (the
+        write-ahead log is replayed), return the writer's new cursor. Raises when it cannot."""
+        with self._read_lock:
+            for old in (con, self._read, self._con):
+                if old is not None:
+                    with contextlib.suppress(duckdb.Error):
+                        old.close()
+            self._con = self._read = None
+            self._con = duckdb.connect(self.path)
+            harden(self._con)
+            self._read = self._con.cursor()
+            log.warning("the event store reopened its database after a fatal error")
+            return self._con.cursor()
 
     def _drain(self, con: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
         """Take everything queued now and write it with the backlog, in batches by table.
@@ -715,7 +753,10 @@ class EventStore:
             parts = [part for part in reversed(phase) if part.rows()]  # a stack: first on top
             try:
                 self._write_parts(con, parts)
-            except _Unwritable as exc:
+            except Exception as exc:  # _Unwritable, or anything unforeseen: keep the rows
+                cause = exc.__cause__ if isinstance(exc, _Unwritable) else exc
+                if _invalidated(cause):
+                    self._invalid = True  # reopened before the next retry
                 kept = _Batch()
                 for part in reversed(parts):
                     kept.extend(part)
@@ -726,16 +767,18 @@ class EventStore:
                 self._writable = False
                 self._retry_at = time.monotonic() + self._retry_s
                 log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
-                          exc.__cause__, kept.rows(), self._retry_s)
+                          _safe(str(cause)), kept.rows(), self._retry_s)
                 self._retry_s = min(self._retry_s * 2, self.retry_max_s)
                 return
+            # Written: say so before any barrier is settled (its waiter may look at health).
+            if not self._writable:
+                log.warning("the event store writes again; the backlog is written")
+            self._writable = True
+            self._retry_s = self.retry_min_s
             if phase is events:
                 self._backlog = upserts
+                self._backlog_rows = upserts.rows()
                 self._settle()  # the events are written: a turn's done may go
-        if not self._writable:
-            log.warning("the event store writes again; the backlog is written")
-        self._writable = True
-        self._retry_s = self.retry_min_s
         self._backlog = _Batch()
         self._backlog_rows = 0
 
@@ -845,7 +888,8 @@ class EventStore:
             _rollback(con)
         finally:
             for name in batches:
-                con.unregister(name)
+                with contextlib.suppress(duckdb.Error):  # an invalidated database refuses it
+                    con.unregister(name)
         self.stats.flushes += 1
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         return error

@@ -312,6 +312,7 @@ async def test_process_a_poisoned_model_answer_costs_other_turns_nothing(tmp_pat
             health = await resp.json()
         assert resp.status == 200 and health["store"]["dead_letters"] == 2
     assert "kept in dead_letters" in srv.output()
+    assert "its events are not durable" in srv.output()  # the log line
 
 
 # -- a store that cannot write, in-process (an injected I/O error) ----------------------------
@@ -589,3 +590,30 @@ async def test_process_full_disk_keeps_refuses_degrades_then_writes_everything(
                 "GROUP BY 1").fetchall())
         assert {r: counts[r] for r in seen} == {r: len(f) for r, f in seen.items()}
         assert len(counts) == len(seen) + 1
+
+
+async def test_store_reopens_when_duckdb_invalidates_it_on_a_full_disk(tmp_path: Path) -> None:
+    """A checkpoint that fails on a full disk is FATAL for DuckDB's instance ("database has
+    been invalidated"): the store reopens it and writes what it kept once space returns."""
+    with small_disk(tmp_path / "disk", "4m") as disk:
+        store = EventStore(disk / "e.duckdb", flush_interval_ms=10, retry_min_ms=20,
+                           retry_max_ms=50).open()
+        try:
+            store.append_event(text("r", 1), agent=None, depth=None)
+            await store.flush()
+            # Checkpoint at once, so the next commit checkpoints on the full disk.
+            store.cursor().execute("SET checkpoint_threshold = '1KB'")
+            filler = fill(disk)
+            for seq in range(2, 40):
+                store.append_event(text("r", seq, "y" * 200), agent=None, depth=None)
+            with pytest.raises(StoreError):
+                await store.flush(timeout_s=0.5)
+            assert store.health().writable is False
+            assert store.stats.last_error is not None and str(disk) not in store.stats.last_error
+            filler.unlink()
+            await store.flush(timeout_s=10)
+            assert store.health().writable
+            assert store.query("SELECT seq FROM events ORDER BY seq") == [
+                (seq,) for seq in range(1, 40)]
+        finally:
+            store.close()

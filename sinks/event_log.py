@@ -1,0 +1,743 @@
+"""The distributed event log (issue 13): every numbered event of a turn in a Redis Stream.
+
+With ``EVENT_LOG=memory`` (the default) nothing here runs: a turn's events live in its
+in-process :class:`~operators.ReplayLog` only. With ``EVENT_LOG=redis://host:port/db`` the
+owner of a turn also appends each event to one stream per request::
+
+    <prefix>:req:<request_id>:events     entries "<seq>-0" → {"e": <the event's JSON>}
+    <prefix>:req:<request_id>:notify     pub/sub: the newest seq after each append (never a payload)
+
+and any process can follow the turn from there (:meth:`RedisEventLog.follow`).
+
+Appending (the writer side):
+    * Each event is serialized once, when the turn emits it, and queued; one flusher task
+      sends everything queued in one pipeline per loop tick (one ``EVALSHA`` per turn
+      in the batch), so a burst of N events costs one round trip, not N.
+    * The script (:data:`APPEND_SCRIPT`) appends with explicit ids ``<seq>-0`` only if the
+      stream ends exactly at the seq before the batch; it answers with the stream's last
+      seq otherwise. So the stream never has a hole: a stream that lost entries (Redis
+      restarted without persistence, the key expired) is re-filled from the owner's memory,
+      from the stream's last seq on (the whole turn when the key is gone); and a stale
+      writer behind a newer one is refused (logged, counted, never a crash).
+    * While Redis is unreachable, batches are retried with a capped exponential backoff;
+      the turn itself never waits for Redis and never fails because of it (the ReplayLog
+      and the DuckDB store have every event). After a failure, or when Redis's ``run_id``
+      changes (a restart), every live turn's stream is checked and repaired.
+    * Finished turns' streams expire after ``EVENT_LOG_TTL_S``; a live turn's stream is
+      never trimmed (its expiry, ``EVENT_LOG_LIVE_TTL_S``, is renewed by every append and
+      only reclaims streams whose owner vanished).
+
+Following (the reader side), :meth:`RedisEventLog.follow`:
+    subscribe to the turn's channel first (one shared pub/sub connection per process,
+    subscriptions confirmed before reading), then ``XRANGE key (N-0 +`` from the cursor,
+    deliver only the next seq in order (seq ≤ last sent is dropped), then on each
+    notification read again from the last seq; it ends after ``done``. When the pub/sub
+    connection comes back after an outage it re-subscribes and every follower re-reads the
+    log, so nothing published meanwhile is missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncGenerator, Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+from reactivex import Observer
+from redis.asyncio.connection import Connection
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+from redis.retry import Retry
+
+from core.errors import PipelineError
+from core.events import EVENT_ADAPTER, Done, Event
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the turn's stream; ARGV: channel, first seq of the batch, ttl (s), payloads…
+# Returns {1, last appended seq} or {0, the stream's last seq} (nothing appended).
+APPEND_SCRIPT = """
+local first = tonumber(ARGV[2])
+local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+local last = 0
+if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
+if last ~= first - 1 then return {0, last} end
+local n = #ARGV - 3
+for i = 1, n do
+  redis.call('XADD', KEYS[1], string.format('%d-0', first + i - 1), 'e', ARGV[3 + i])
+end
+if n > 0 then
+  redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  redis.call('PUBLISH', ARGV[1], first + n - 1)
+end
+return {1, first + n - 1}
+"""
+
+_FAILURES = (RedisError, OSError)
+
+
+class EventLogError(PipelineError):
+    """The distributed event log could not serve a request."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StreamHead:
+    """What a turn's stream holds: whether it exists, its last seq, and whether that is ``done``."""
+
+    exists: bool
+    last_seq: int = 0
+    done: bool = False
+
+
+@dataclasses.dataclass
+class EventLogStats:
+    """Counters for ``/healthz`` and the tests."""
+
+    appended: int = 0  # events confirmed in Redis
+    batches: int = 0  # pipelines sent (round trips)
+    failed_batches: int = 0
+    repairs: int = 0  # streams re-filled from memory
+    re_appended: int = 0  # events appended again by repairs
+    refused: int = 0  # stale writes refused
+    abandoned: int = 0  # finished turns given up while Redis stayed away
+    follower_reconnects: int = 0
+    last_error: str | None = None
+    reachable: bool = True
+
+
+@dataclasses.dataclass(eq=False)
+class _TurnLog:
+    """The writer's state for one turn."""
+
+    request_id: str
+    key: str
+    channel: str
+    history: Callable[[], Sequence[Event]]
+    appended: int = 0  # the last seq confirmed in the stream
+    pending: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
+    done_seq: int | None = None
+    done_at: float = 0.0
+    uncertain: bool = False  # a batch failed in flight: it may or may not have been applied
+    refused: bool = False
+    watchers: list[tuple[int, asyncio.Future[None]]] = dataclasses.field(default_factory=list)
+
+    def settled(self, *, gone: bool = False) -> None:
+        """Wake whoever waits for a seq now in the stream (everyone when ``gone``)."""
+        keep = []
+        for seq, future in self.watchers:
+            if gone or seq <= self.appended:
+                if not future.done():
+                    future.set_result(None)
+            else:
+                keep.append((seq, future))
+        self.watchers = keep
+
+
+def _dump(event: Event) -> bytes:
+    return type(event).__pydantic_serializer__.to_json(event)
+
+
+class _TurnWriter(Observer[Event]):
+    """Subscribed to a turn's shared stream: queues each event for the flusher."""
+
+    def __init__(self, log_: RedisEventLog, turn: _TurnLog) -> None:
+        super().__init__()
+        self._log = log_
+        self._turn = turn
+
+    def _on_next_core(self, event: Event) -> None:
+        try:
+            self._log._queue(self._turn, event)
+        except Exception:  # the log must never break the turn for the other sinks
+            log.exception("event log: queueing %s seq=%s failed", event.type, event.seq)
+
+    def _on_error_core(self, error: Exception) -> None:
+        log.warning("event log: turn %s failed upstream: %s", self._turn.request_id, error)
+        self._log._close(self._turn)
+
+    def _on_completed_core(self) -> None:
+        self._log._close(self._turn)
+
+
+class _Waiter:
+    """One follower's view of its channel's notifications."""
+
+    def __init__(self, channel: bytes) -> None:
+        self.channel = channel
+        self.notified = 0  # the highest seq announced
+        self.epoch = 0  # bumped each time the subscription is (re)confirmed
+        self.subscribed = False
+        self.wake = asyncio.Event()
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def wait(self, *, last: int, epoch: int, within: float | None) -> bool:
+        """Until something is new: a seq after ``last``, a new subscription; False on timeout.
+
+        (A timer, not ``asyncio.wait_for``, which would start a task per wait.)"""
+        loop = asyncio.get_running_loop()
+        deadline = None if within is None else loop.time() + within
+        while self.notified <= last and self.epoch == epoch:
+            self.wake.clear()
+            timer = None
+            if deadline is not None:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return False
+                timer = loop.call_later(remaining, self.wake.set)
+            try:
+                await self.wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        return True
+
+
+class _Notifier:
+    """One pub/sub connection per process, shared by every follower (ref-counted channels).
+
+    A subscription counts only once Redis confirmed it: a follower reads the log after
+    that, so an append is either in what it reads or announced to it. After the connection
+    is lost, it reconnects with backoff, subscribes again to every channel, and bumps each
+    waiter's epoch so its follower re-reads the log.
+    """
+
+    def __init__(self, connect: Callable[[], Connection], *, retry_base_s: float,
+                 retry_max_s: float, stats: EventLogStats) -> None:
+        self._connect = connect
+        self._retry_base_s = retry_base_s
+        self._retry_max_s = retry_max_s
+        self._stats = stats
+        self._waiters: dict[bytes, set[_Waiter]] = {}
+        self._conn: Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="event-log-notifier")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drop()
+
+    async def register(self, channel: bytes) -> _Waiter:
+        waiter = _Waiter(channel)
+        group = self._waiters.setdefault(channel, set())
+        group.add(waiter)
+        if len(group) > 1:
+            waiter.subscribed = any(other.subscribed for other in group if other is not waiter)
+        elif self._conn is not None:
+            await self._send("SUBSCRIBE", channel)
+        return waiter
+
+    async def unregister(self, waiter: _Waiter) -> None:
+        group = self._waiters.get(waiter.channel)
+        if group is None:
+            return
+        group.discard(waiter)
+        if not group:
+            del self._waiters[waiter.channel]
+            if self._conn is not None:
+                await self._send("UNSUBSCRIBE", waiter.channel)
+
+    async def _send(self, *args: Any) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            await conn.send_command(*args)
+        except _FAILURES as exc:  # the reader notices too, reconnects and subscribes anew
+            log.debug("event log: pub/sub %s failed: %s", args[0], exc)
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        for group in self._waiters.values():
+            for waiter in group:
+                waiter.subscribed = False
+        if conn is not None:
+            with contextlib.suppress(*_FAILURES):
+                await conn.disconnect()
+
+    async def _run(self) -> None:
+        failures = 0
+        while True:
+            conn = self._connect()
+            try:
+                await conn.connect()  # type: ignore[no-untyped-call]
+                self._conn = conn  # from here a new channel is subscribed by register()
+                if self._waiters:
+                    await conn.send_command("SUBSCRIBE", *self._waiters)
+                if failures:
+                    log.info("event log: pub/sub connection back after %d failures", failures)
+                failures = 0
+                while True:
+                    self._dispatch(await conn.read_response(timeout=math.inf))
+            except asyncio.CancelledError:
+                raise
+            except _FAILURES as exc:
+                failures += 1
+                self._stats.follower_reconnects += 1
+                if failures == 1:
+                    log.warning("event log: pub/sub connection lost: %s", exc)
+            await self._drop()
+            await asyncio.sleep(min(self._retry_max_s, self._retry_base_s * 2 ** (failures - 1)))
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, list) or len(message) < 3:
+            return
+        kind, channel = message[0], message[1]
+        group = self._waiters.get(channel, ())
+        if kind == b"message":
+            try:
+                seq = int(message[2])
+            except ValueError:
+                return
+            for waiter in group:
+                if seq > waiter.notified:
+                    waiter.notified = seq
+                    waiter.poke()
+        elif kind == b"unsubscribe":  # a re-subscription follows; its confirmation re-reads
+            for waiter in group:
+                waiter.subscribed = False
+        elif kind == b"subscribe":
+            for waiter in group:
+                if not waiter.subscribed:
+                    waiter.subscribed = True
+                    waiter.epoch += 1
+                    waiter.poke()
+
+
+class RedisEventLog:
+    """The Redis Streams event log: the owner's batched writer and followers anywhere.
+
+    Args:
+        url: ``redis://host:port/db`` (also ``rediss://``, ``unix://``).
+        prefix: Put before every key and channel (``REDIS_PREFIX``), so deployments that
+            share one Redis never see each other's turns (pub/sub ignores the db number).
+        ttl_s: A finished turn's stream expires this long after its ``done``.
+        live_ttl_s: A live turn's stream expiry, renewed by every append.
+        retry_base_s / retry_max_s: The backoff of failed appends and reconnects.
+        give_up_s: A finished turn still not fully appended this long after ``done`` is
+            given up (logged, counted); the store still has it.
+        ping_s: How often Redis's health (and ``run_id``, to notice restarts) is checked.
+        batch_max: Most events of one turn in one append.
+        timeout_s: Connect and command timeout of appends and reads.
+        read_count: Most entries one ``XRANGE`` of a follower reads.
+        lost_after_s: A follower whose stream vanished (after a reconnect) and is not
+            re-filled within this long ends with :class:`EventLogError`.
+        connection_class: The redis-py connection class (tests count round trips with it).
+    """
+
+    def __init__(
+        self, url: str, *, prefix: str, ttl_s: int = 3600, live_ttl_s: int = 86400,
+        retry_base_s: float = 0.05, retry_max_s: float = 2.0, give_up_s: float = 300.0,
+        ping_s: float = 1.0, batch_max: int = 512, timeout_s: float = 2.0, read_count: int = 512,
+        lost_after_s: float = 5.0, connection_class: type[Connection] | None = None,
+    ) -> None:
+        self.url = url
+        self.prefix = prefix
+        self.ttl_s = ttl_s
+        self.live_ttl_s = live_ttl_s
+        self.retry_base_s = retry_base_s
+        self.retry_max_s = retry_max_s
+        self.give_up_s = give_up_s
+        self.ping_s = ping_s
+        self.batch_max = batch_max
+        self.read_count = read_count
+        self.lost_after_s = lost_after_s
+        self.stats = EventLogStats()
+        extra: dict[str, Any] = {}
+        if connection_class is not None:
+            extra["connection_class"] = connection_class
+        # No retries inside redis-py: this class decides (backoff, repair, degraded state).
+        self.client: aioredis.Redis = aioredis.Redis.from_url(
+            url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s, **extra,
+        )
+        pool_kwargs = dict(self.client.connection_pool.connection_kwargs)
+        # RESP2 on the subscriber: pub/sub messages are plain replies to read, not pushes.
+        pool_kwargs.update(socket_timeout=None, retry=Retry(NoBackoff(), 0), protocol=2)
+        self._notifier = _Notifier(lambda: Connection(**pool_kwargs), retry_base_s=retry_base_s,
+                                   retry_max_s=retry_max_s, stats=self.stats)
+        self._turns: dict[str, _TurnLog] = {}
+        self._wakeup = asyncio.Event()
+        self._suspect = False  # check every live turn's stream on the next flush
+        self._sha: str | None = None
+        self._run_id: str | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.followers = 0
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password (for logs and ``/healthz``)."""
+        scheme, sep, rest = self.url.partition("://")
+        credentials, at, place = rest.rpartition("@")
+        return f"{scheme}{sep}{'***@' if at else ''}{place}" if credentials or at else self.url
+
+    # -- names ------------------------------------------------------------------------
+    def key(self, request_id: str) -> str:
+        """The stream of a request's events."""
+        return f"{self.prefix}:req:{request_id}:events"
+
+    def channel(self, request_id: str) -> str:
+        """The pub/sub channel that announces a request's new seqs."""
+        return f"{self.prefix}:req:{request_id}:notify"
+
+    # -- lifecycle --------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the flusher, the health monitor and the shared subscriber. Redis may be
+        down: everything waits for it with backoff, the server starts anyway."""
+        loop = asyncio.get_running_loop()
+        self._notifier.start()
+        self._tasks = [loop.create_task(self._flush_loop(), name="event-log-flusher"),
+                       loop.create_task(self._monitor(), name="event-log-monitor")]
+
+    async def aclose(self, *, timeout_s: float = 5.0) -> None:
+        """Append what is still queued (within ``timeout_s``), then stop and disconnect."""
+        deadline = time.monotonic() + timeout_s
+        while self._has_work() and time.monotonic() < deadline and self.stats.reachable:
+            self._wakeup.set()
+            await asyncio.sleep(0.01)
+        if self._has_work():
+            log.warning("event log: closing with %d events not appended",
+                        sum(len(t.pending) for t in self._turns.values()))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self._notifier.aclose()
+        await self.client.aclose()
+
+    # -- the writer -------------------------------------------------------------------
+    def writer(self, request_id: str, *, history: Callable[[], Sequence[Event]]) -> Observer[Event]:
+        """An observer for one turn's numbered stream; ``history`` gives every event so far
+        (the turn's ReplayLog items), from which a lost stream is re-filled."""
+        turn = _TurnLog(request_id=request_id, key=self.key(request_id),
+                        channel=self.channel(request_id), history=history)
+        self._turns[request_id] = turn
+        return _TurnWriter(self, turn)
+
+    async def appended(self, request_id: str, *, seq: int = 1, within: float) -> bool:
+        """Wait (at most ``within`` seconds) until this process's turn has ``seq`` in its
+        stream, so that any process asked next finds it (a background turn's ``202``).
+        False when it did not happen in time (Redis away: the turn goes on regardless)."""
+        turn = self._turns.get(request_id)
+        if turn is None:  # not a turn of this process, or appended to its end already
+            return True
+        if turn.appended >= seq:
+            return True
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        turn.watchers.append((seq, future))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(future), within)
+        return turn.appended >= seq
+
+    def _queue(self, turn: _TurnLog, event: Event) -> None:
+        if turn.refused or turn.done_seq is not None:
+            return
+        turn.pending.append((event.seq, _dump(event)))
+        if isinstance(event, Done):
+            turn.done_seq = event.seq
+            turn.done_at = time.monotonic()
+        self._wakeup.set()
+
+    def _close(self, turn: _TurnLog) -> None:
+        """The turn's stream ended (normally after ``done``): once what was queued is in,
+        this process forgets it."""
+        if turn.done_seq is None:
+            turn.done_seq = turn.pending[-1][0] if turn.pending else turn.appended
+            turn.done_at = time.monotonic()
+            if turn.appended >= turn.done_seq:
+                self._turns.pop(turn.request_id, None)
+                turn.settled(gone=True)
+            self._wakeup.set()
+
+    def _has_work(self) -> bool:
+        return self._suspect or any(turn.pending for turn in self._turns.values())
+
+    async def _flush_loop(self) -> None:
+        failures = 0
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            while self._has_work():
+                if await self._flush_once():
+                    failures = 0
+                    continue
+                failures += 1
+                self._abandon_overdue()
+                await asyncio.sleep(min(self.retry_max_s, self.retry_base_s * 2 ** (failures - 1)))
+
+    async def _flush_once(self) -> bool:
+        """Send one batch; False when Redis could not be reached (retry later)."""
+        check_all, self._suspect = self._suspect, False
+        batch = [turn for turn in self._turns.values() if turn.pending or check_all]
+        if not batch:
+            return True
+        try:
+            sha = self._sha or await self._load_script()
+            pipe = self.client.pipeline(transaction=False)
+            sent: list[int] = []
+            for turn in batch:
+                chunk = turn.pending[: self.batch_max]
+                last = chunk[-1][0] if chunk else turn.appended
+                ttl = self.ttl_s if turn.done_seq is not None and last == turn.done_seq else self.live_ttl_s
+                first = chunk[0][0] if chunk else turn.appended + 1
+                pipe.execute_command("EVALSHA", sha, 1, turn.key, turn.channel, first, ttl,
+                                     *(payload for _, payload in chunk))
+                sent.append(len(chunk))
+            self.stats.batches += 1
+            results = await pipe.execute(raise_on_error=False)
+        except _FAILURES as exc:
+            self._failed(exc, batch)
+            return False
+        reload = False
+        failed: list[tuple[_TurnLog, BaseException]] = []
+        for turn, count, result in zip(batch, sent, results, strict=True):
+            if isinstance(result, NoScriptError):  # Redis restarted and forgot the script
+                reload = True
+            elif isinstance(result, BaseException):
+                failed.append((turn, result))
+            else:
+                self._settle(turn, count, int(result[0]), int(result[1]))
+        if reload:
+            self._sha = None
+            self._suspect = True
+        self._reachable(True)
+        for turn in batch:
+            turn.settled()
+        for turn in [t for t in self._turns.values() if self._finished(t)]:
+            del self._turns[turn.request_id]
+            turn.settled(gone=True)
+        for turn, error in failed:  # an error answer (not a lost connection): back off too
+            log.error("event log: appending to %s failed: %s", turn.key, error)
+            self.stats.failed_batches += 1
+            self.stats.last_error = f"{type(error).__name__}: {error}"
+            turn.uncertain = True
+        return not failed
+
+    async def _load_script(self) -> str:
+        self._sha = str(await self.client.script_load(APPEND_SCRIPT))
+        return self._sha
+
+    def _settle(self, turn: _TurnLog, count: int, ok: int, last: int) -> None:
+        if ok:
+            del turn.pending[:count]
+            self.stats.appended += last - turn.appended
+            turn.appended = last
+            turn.uncertain = False
+        elif last <= turn.appended:
+            # The stream lost entries (restart without persistence, expiry): re-fill it
+            # from memory after its last seq (all of it when the key is gone).
+            self._repair(turn, last)
+        elif turn.uncertain:
+            # Our own batch was applied but its answer was lost: adopt what is there.
+            self.stats.appended += last - turn.appended
+            turn.appended = last
+            turn.pending = [(seq, payload) for seq, payload in turn.pending if seq > last]
+            turn.uncertain = False
+        else:
+            turn.refused = True
+            turn.pending.clear()
+            self.stats.refused += 1
+            self.stats.last_error = (f"stale writer refused: {turn.key} ends at seq {last}, "
+                                     f"this writer at {turn.appended}")
+            log.error("event log: %s; this process stops appending to it", self.stats.last_error)
+
+    def _repair(self, turn: _TurnLog, last: int) -> None:
+        events = [event for event in turn.history() if event.seq > last]
+        turn.pending = [(event.seq, _dump(event)) for event in events]
+        self.stats.repairs += 1
+        self.stats.re_appended += max(0, turn.appended - last)
+        log.warning("event log: %s ends at seq %d but %d were appended (Redis lost them?); "
+                    "re-appending %d events from memory", turn.key, last, turn.appended,
+                    len(turn.pending))
+        turn.appended = last
+
+    def _failed(self, exc: BaseException, turns: list[_TurnLog]) -> None:
+        self.stats.failed_batches += 1
+        for turn in turns:
+            turn.uncertain = True
+        self._suspect = True  # what else did we miss? check every live stream when back
+        if self.stats.reachable or self.stats.last_error != f"{type(exc).__name__}: {exc}":
+            log.warning("event log: append failed (%s); retrying with backoff", exc)
+        self._reachable(False, exc)
+
+    def _reachable(self, up: bool, exc: BaseException | None = None) -> None:
+        if up and not self.stats.reachable:
+            log.info("event log: Redis reachable again")
+        self.stats.reachable = up
+        if exc is not None:
+            self.stats.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _finished(self, turn: _TurnLog) -> bool:
+        return turn.refused or (turn.done_seq is not None and turn.appended >= turn.done_seq)
+
+    def _abandon_overdue(self) -> None:
+        now = time.monotonic()
+        for turn in list(self._turns.values()):
+            if turn.done_seq is not None and now - turn.done_at > self.give_up_s:
+                del self._turns[turn.request_id]
+                turn.settled(gone=True)
+                self.stats.abandoned += 1
+                log.error("event log: gave up appending %s after %.0fs without Redis (%d events "
+                          "not appended; the store has them)", turn.key, now - turn.done_at,
+                          len(turn.pending))
+
+    async def _monitor(self) -> None:
+        """Ping Redis; a new ``run_id`` means it restarted: check every live stream."""
+        while True:
+            try:
+                info = await self.client.info("server")
+                run_id = str(info.get("run_id"))
+                if self._run_id is not None and run_id != self._run_id:
+                    log.warning("event log: Redis restarted (run_id changed); checking %d live "
+                                "streams", len(self._turns))
+                    self._suspect = True
+                    self._sha = None
+                    self._wakeup.set()
+                if not self.stats.reachable:
+                    self._suspect = True
+                    self._wakeup.set()
+                self._run_id = run_id
+                self._reachable(True)
+            except _FAILURES as exc:
+                self._reachable(False, exc)
+            await asyncio.sleep(self.ping_s)
+
+    # -- the reader -------------------------------------------------------------------
+    async def head(self, request_id: str) -> StreamHead:
+        """Whether the request's stream exists, its last seq, and whether that is ``done``.
+
+        Raises:
+            EventLogError: Redis could not be asked.
+        """
+        try:
+            top = _entries(await self.client.xrevrange(self.key(request_id), "+", "-", count=1))
+        except _FAILURES as exc:
+            raise EventLogError(f"event log: reading {self.key(request_id)} failed: {exc}") from exc
+        if not top:
+            return StreamHead(exists=False)
+        seq, payload = top[0]
+        return StreamHead(exists=True, last_seq=seq,
+                          done=isinstance(EVENT_ADAPTER.validate_json(payload), Done))
+
+    async def follow(self, request_id: str, *, since: int = 0, idle_s: float | None = None
+                     ) -> AsyncGenerator[Event | None]:
+        """Every event after ``since`` in order, then the live tail, until ``done``.
+
+        Use under ``contextlib.aclosing``. With ``idle_s``, ``None`` marks each silence of
+        that length (heartbeats), also while Redis is unreachable: the follower waits for it
+        and resumes from its last seq, without loss or repetition.
+        """
+        key = self.key(request_id)
+        waiter = await self._notifier.register(self.channel(request_id).encode())
+        self.followers += 1
+        last = since
+        beat = None if idle_s is None else time.monotonic() + idle_s
+        failures = 0
+        doubt = False  # after a reconnect or a failed read: is the stream still there?
+        lost_since: float | None = None
+        epoch_seen = 0
+        try:
+            while True:
+                if waiter.epoch != epoch_seen:
+                    doubt = doubt or epoch_seen > 0  # re-subscribed after a lost connection
+                    epoch_seen = waiter.epoch
+                epoch = waiter.epoch
+                timeout: float | None = None
+                if waiter.subscribed:  # subscribed first, then read: no gap
+                    try:
+                        entries = _entries(await self.client.xrange(key, f"({last}-0", "+",
+                                                                    count=self.read_count))
+                        failures = 0
+                    except _FAILURES as exc:
+                        failures += 1
+                        doubt = True
+                        if failures == 1:
+                            log.warning("event log: follower of %s: read failed: %s", key, exc)
+                        entries = []
+                        timeout = min(self.retry_max_s, self.retry_base_s * 2 ** (failures - 1))
+                    if entries:
+                        doubt, lost_since = False, None
+                    elif doubt and not failures:
+                        lost_since = await self._check_lost(key, lost_since)
+                        if lost_since is None:
+                            doubt = False
+                        else:
+                            timeout = self.ping_s
+                    for seq, payload in entries:
+                        if seq <= last:
+                            continue
+                        if seq != last + 1:
+                            break  # a hole: the owner is re-filling the stream; read again
+                        event = EVENT_ADAPTER.validate_json(payload)
+                        last = seq
+                        yield event
+                        if isinstance(event, Done):
+                            return
+                        if idle_s is not None:
+                            beat = time.monotonic() + idle_s
+                    if len(entries) >= self.read_count:
+                        continue
+                if beat is not None:
+                    until_beat = max(0.0, beat - time.monotonic())
+                    timeout = until_beat if timeout is None else min(timeout, until_beat)
+                await waiter.wait(last=last, epoch=epoch, within=timeout)
+                if beat is not None and time.monotonic() >= beat and idle_s is not None:
+                    yield None
+                    beat = time.monotonic() + idle_s
+        finally:
+            self.followers -= 1
+            await self._notifier.unregister(waiter)
+
+    async def _check_lost(self, key: str, lost_since: float | None) -> float | None:
+        """None while the stream exists; else since when it is missing.
+
+        Raises:
+            EventLogError: missing for longer than ``lost_after_s``: Redis lost it and no
+                owner re-filled it (the turn had finished, or its owner is gone). The
+                client reconnects and is served from the store.
+        """
+        try:
+            if await self.client.exists(key):
+                return None
+        except _FAILURES:
+            return lost_since
+        now = time.monotonic()
+        if lost_since is None:
+            return now
+        if now - lost_since > self.lost_after_s:
+            raise EventLogError(f"event log: {key} is gone from Redis and nobody re-filled it "
+                                f"within {self.lost_after_s:.0f}s")
+        return lost_since
+
+    # -- health -----------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """The ``event_log`` part of ``/healthz``: ``state`` is ``degraded`` while Redis is
+        unreachable (turns go on; appends wait and are retried)."""
+        stats = self.stats
+        return {
+            "kind": "redis", "state": "ok" if stats.reachable else "degraded",
+            "url": self.safe_url, "prefix": self.prefix, "live_streams": len(self._turns),
+            "pending": sum(len(turn.pending) for turn in self._turns.values()),
+            "appended": stats.appended, "batches": stats.batches,
+            "failed_batches": stats.failed_batches, "repairs": stats.repairs,
+            "re_appended": stats.re_appended, "refused": stats.refused,
+            "abandoned": stats.abandoned, "followers": self.followers,
+            "follower_reconnects": stats.follower_reconnects, "last_error": stats.last_error,
+        }
+
+
+def _entries(raw: Any) -> list[tuple[int, bytes]]:
+    """``XRANGE``/``XREVRANGE`` entries as ``(seq, payload)``."""
+    return [(int(bytes(entry_id).partition(b"-")[0]), fields[b"e"]) for entry_id, fields in raw or ()]
