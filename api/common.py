@@ -220,7 +220,9 @@ def allowed_hosts(settings: Settings) -> list[str] | None:
     if settings.allowed_hosts is not None:
         hosts = [host.lower().strip("[]") for host in settings.allowed_hosts]
         return None if "*" in hosts else hosts
-    return list(LOOPBACK_HOSTS) if is_loopback(settings.host) else None
+    if not is_loopback(settings.host):
+        return None
+    return [*LOOPBACK_HOSTS, settings.host.strip("[]").lower()]  # e.g. 127.0.0.2
 
 
 def _host_name(host: str) -> str:
@@ -241,8 +243,12 @@ def _forbidden(message: str, code: str) -> ApiError:
     return ApiError(403, message, type="invalid_request_error", code=code)
 
 
+#: What API keys guard: the API, the speech info and the seeds' wires (they start turns).
+KEYED_PREFIXES = ("/v1/", "/speech/", "/chat/", "/api/")
+
+
 def _needs_key(path: str) -> bool:
-    return path.startswith(("/v1/", "/speech/")) or path == "/v1"
+    return path.startswith(KEYED_PREFIXES) or path == "/v1"
 
 
 @web.middleware

@@ -50,7 +50,7 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
     with ``GET /v1/requests/{id}/events``.
     """
     body = await read_body(request, OrchestrateRequest)
-    admit(request)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     model = check_model(request, body.model)
     limit = request.app[SETTINGS].max_tool_calls_per_step
     if len(body.tool_calls) > limit:
@@ -109,7 +109,7 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     :mod:`pipeline.roundtable`). The posting client paces the panel: when it reads slower
     than the panel speaks, panelists' events are released round-robin."""
     body = await read_body(request, RoundtableRequest)
-    admit(request)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:

@@ -48,7 +48,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     settings = app[SETTINGS]
     params = model_params(body, settings)
-    admit(request)
+    admit(request)  # no await between the door and the turn's start: the limits are exact
     max_tokens = body.max_tokens or body.max_completion_tokens
     choices: dict[str, int] = {}
     if body.model == ROUNDTABLE_MODEL:

@@ -198,8 +198,9 @@ BODY_LIMITS = web.AppKey("body_limits", BodyLimits)
 OFFLOAD_BYTES = 64 * 1024
 #: Keys whose string values are identifiers (ids, models, tool and panelist names): no
 #: control characters in them, anywhere in a body (``tool_calls[].name``, ``panelists[].model``…).
-ID_KEYS = frozenset({"conversation_id", "session_id", "response_id", "request_id", "model",
-                     "name", "tool", "execution_id"})
+ID_KEYS = frozenset({"conversation_id", "session_id", "sessionId", "response_id", "request_id",
+                     "previous_response_id", "model", "provider", "name", "tool",
+                     "execution_id"})
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 

@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     api_key: str | None = Field(default=None, repr=False, description="one Bearer key for /v1/*")
     api_keys: list[str] = Field(default_factory=list, repr=False, description="Bearer keys for /v1/*")
     allow_no_auth: bool = Field(default=False, description="serve a non-loopback address without keys")
-    max_live_turns: int = Field(default=256, ge=1, description="running turns; more → 503")
+    max_live_turns: int = Field(default=200, ge=1, description="running turns; more → 503")
     max_open_streams: int = Field(default=1024, ge=1, description="open SSE streams; more → 503")
     rate_limit_rpm: int = Field(default=0, ge=0, description="turns per minute per key or address; 0 = off")
     query_max_bytes: int = Field(default=16_777_216, ge=1024, description="/v1/query answer size")

@@ -7,6 +7,7 @@ endpoint, or the bundled offline model (:mod:`pipeline.offline_model`).
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
 import json
 import logging
@@ -185,7 +186,7 @@ class OpenAIProvider:
                                     f"(content-type {kind[:80] or 'missing'!r})")
                 ended = _End()
                 finished = False
-                async for chunk in _chunks(raw.iter_lines(), ended):
+                async for chunk in _chunks(sse_lines(raw.iter_bytes()), ended):
                     for choice in chunk.choices:
                         index = choice.index
                         if choice.delta is not None and choice.delta.content:
@@ -271,6 +272,29 @@ class _End:
     """Set by :func:`_chunks` when the body ended with ``data: [DONE]``."""
 
     done: bool = False
+
+
+async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The lines of an SSE body as the SSE spec splits them: at CR, LF or CRLF only.
+
+    Not httpx's ``iter_lines``, which also splits at U+2028, U+2029, U+0085 (and VT, FF, …):
+    an upstream that sends those raw inside its JSON (pydantic-based servers do) would have
+    its chunks cut, and a model could write ``data:`` lines of its own (issue 10).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    pending = ""
+    async for chunk in chunks:
+        text = pending + decoder.decode(chunk)
+        held = "\r" if text.endswith("\r") else ""  # maybe the first half of a CRLF
+        text = text.removesuffix("\r")
+        *lines, pending = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        pending += held
+        for line in lines:
+            yield line
+    pending += decoder.decode(b"", final=True)
+    for line in pending.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
+        if line:
+            yield line
 
 
 async def _chunks(lines: AsyncIterator[str], ended: _End) -> AsyncIterator[ChatCompletionChunk]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -162,6 +163,8 @@ CONTROL_IDS = [
                               "conversation_id": "c\rd"}, "conversation_id"),
     ("/v1/roundtable", {"topic": "t", "panelists": [{"name": "a", "model": "offline\x7f"}]},
      "panelists.0.model"),
+    ("/api/chat/stream", {"sessionId": "s\n1", "content": "x"}, "sessionId"),
+    ("/chat/stream", {"message": "x", "session_id": "s\x1b"}, "session_id"),
 ]
 
 
@@ -314,9 +317,11 @@ def test_check_json_walks_without_recursion() -> None:
 
 # -- WebSocket: every bad message gets an error frame ---------------------------------------
 async def test_websocket_bad_messages_get_error_frames(
-    aiohttp_client: ClientFactory, tmp_path: Path
+    aiohttp_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
 ) -> None:
-    client = await start(aiohttp_client, tmp_path)
+    base_url = await fake_upstream(aiohttp_server, FORGED)  # the model answers FORGED
+    client = await start(aiohttp_client, tmp_path, openai_base_url=base_url, openai_api_key="x",
+                         default_model="fake", models=["fake"])
     async with client.ws_connect("/v1/ws") as ws:
         bad: list[tuple[str | bytes, str, str | None]] = [
             (b"\x00\x01binary", "invalid_message", None),
@@ -347,6 +352,7 @@ async def test_websocket_bad_messages_get_error_frames(
             assert "\u2028" not in text and "\u2029" not in text and "\x85" not in text
             frames.append(json.loads(text))
     assert frames[-1]["status"] == "completed"
+    assert frames[-2]["turn"]["content"] == FORGED  # the separators arrived, escaped
     assert await stored_requests(client) == 1
 
 
@@ -368,9 +374,10 @@ def forged_lines(raw: bytes) -> list[str]:
     return [line for line in text.splitlines() if line not in text.split("\n")]
 
 
-async def fake_upstream(aiohttp_server: Any, text: str) -> str:
+async def fake_upstream(aiohttp_server: Any, text: str, *, raw: bool = False) -> str:
     """An OpenAI-compatible model server whose answer is ``text`` (its own JSON escapes
-    the separators, as ``json.dumps`` does); returns its base URL."""
+    the separators, as ``json.dumps`` does, unless ``raw``: then they go as UTF-8, as
+    pydantic-based servers send them); returns its base URL."""
 
     async def chat(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -379,7 +386,7 @@ async def fake_upstream(aiohttp_server: Any, text: str) -> str:
         for delta, finish in (({"role": "assistant", "content": ""}, None),
                               ({"content": text}, None), ({}, "stop")):
             chunk = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await response.write(f"data: {json.dumps(chunk, ensure_ascii=not raw)}\n\n".encode())
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         await response.write(f"data: {json.dumps({**base, 'choices': [], 'usage': usage})}\n\n"
                              .encode() + b"data: [DONE]\n\n")
@@ -421,6 +428,20 @@ async def test_user_and_model_text_cannot_forge_frames(
     pieces = [json.loads(f.data) for f in parse_sse(chunks) if f.data and f.data != "[DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content") or ""
                    for c in pieces if c["choices"]) == FORGED
+
+
+async def test_an_upstream_sending_raw_separators_is_read_whole(
+    aiohttp_client: ClientFactory, aiohttp_server: Any, tmp_path: Path
+) -> None:
+    """Our own reading of the model's stream splits lines as SSE does (CR/LF only), not as
+    httpx's iter_lines (which splits at U+2028 too and would cut the chunk)."""
+    base_url = await fake_upstream(aiohttp_server, FORGED, raw=True)
+    client = await start(aiohttp_client, tmp_path, openai_base_url=base_url, openai_api_key="x",
+                         default_model="fake", models=["fake"])
+    async with client.post("/v1/orchestrate", json={"messages": [user("hi")]}) as resp:
+        events = [f.json for f in parse_sse(await resp.read()) if f.data]
+    assert events[-1]["type"] == "done" and events[-1]["ok"] is True, events[-3:]
+    assert "".join(e.get("delta", "") for e in events if e["type"] == "text") == FORGED
 
 
 # -- hostile pages: Host and Origin, CORS -------------------------------------------------
@@ -506,11 +527,12 @@ async def test_api_keys_guard_every_v1_route(aiohttp_client: ClientFactory, tmp_
     client = await start(aiohttp_client, tmp_path, api_keys=["k1", "k2"], admin_key="adm")
     app = client.app
     routes = sorted({(r.method, r.resource.canonical) for r in app.router.routes()
-                     if r.resource is not None and r.resource.canonical.startswith(("/v1", "/speech"))
-                     and r.method != "HEAD"})
-    assert len(routes) >= 12
+                     if r.resource is not None and r.method != "HEAD"
+                     and r.resource.canonical.startswith(("/v1", "/speech", "/chat", "/api"))})
+    assert len(routes) >= 14 and ("POST", "/chat/stream") in routes
     for method, path in routes:
-        url = path.replace("{request_id}", "req_x").replace("{path}", "x.parquet")
+        url = re.sub(r"\{(\w+)(:[^}]*)?\}", lambda m: "x.parquet" if m[1] == "path" else "x_1",
+                     path)
         for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic k1"}):
             async with client.request(method, url, headers=headers) as resp:
                 error = await error_of(resp, 401)
@@ -580,6 +602,23 @@ async def test_live_turn_limit_sheds_with_503(aiohttp_client: ClientFactory, tmp
     for turn in turns:  # the admitted ones finish normally
         assert (await turn.result).status == "completed"
     assert await stored_requests(client) == 2
+
+
+async def test_the_live_turn_limit_is_exact_under_concurrent_requests(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    client = await start(aiohttp_client, tmp_path, max_live_turns=5, offline_token_delay_ms=50)
+
+    async def post() -> int:
+        async with client.post("/v1/orchestrate", json={"messages": [user("x")],
+                                                        "background": True}) as resp:
+            await resp.read()
+            return resp.status
+
+    statuses = await asyncio.gather(*(post() for _ in range(20)))
+    assert sorted(statuses) == [202] * 5 + [503] * 15
+    await client.app[server.ORCHESTRATOR].drain(grace_s=30)
+    assert await stored_requests(client) == 5
 
 
 async def test_open_stream_limit_sheds_with_503(aiohttp_client: ClientFactory, tmp_path: Path) -> None:

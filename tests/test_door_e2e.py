@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import openai
 import pytest
@@ -367,6 +368,11 @@ def test_rate_limit_and_overload_with_the_openai_sdk(tmp_path: Path) -> None:
         assert answer.choices[0].message.content
         assert [status for status, _ in seen] == [429, 200], seen
         assert seen[0][1] is not None and int(seen[0][1]) >= 2
+        with openai.OpenAI(base_url=srv.url("/v1"), api_key="x", max_retries=0) as client:
+            with pytest.raises(openai.RateLimitError) as limited:  # the SDK parses the shape
+                client.chat.completions.create(model="offline", messages=[user("hi")])
+        assert limited.value.status_code == 429 and limited.value.code == "rate_limit_exceeded"
+        assert limited.value.response.headers["retry-after"].isdigit()
     finally:
         assert srv.stop() == 0, srv.output()
 
@@ -394,3 +400,28 @@ def test_live_turn_limit_503_with_retry_after(tmp_path: Path) -> None:
             assert json.loads(body)["status"] == "completed"
     finally:
         assert srv.stop() == 0, srv.output()
+
+
+def test_websocket_errors_and_escaped_frames(door_server: Server) -> None:
+    async def run() -> tuple[list[dict[str, Any]], list[str]]:
+        errors: list[dict[str, Any]] = []
+        texts: list[str] = []
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as session:
+            async with session.ws_connect(door_server.url("/v1/ws")) as ws:
+                await ws.send_bytes(b"\x00binary")
+                errors.append(await ws.receive_json(timeout=10))
+                await ws.send_str('{"type": "cancel", "response_id": "req_nobody"}')
+                errors.append(await ws.receive_json(timeout=10))
+                await ws.send_str('{"type": "chat", "content": "x", "session_id": "a\\u0000"}')
+                errors.append(await ws.receive_json(timeout=10))
+                await ws.send_json({"type": "chat", "content": FORGED})
+                while not texts or json.loads(texts[-1])["type"] != "complete":
+                    texts.append(await ws.receive_str(timeout=30))
+        return errors, texts
+
+    errors, texts = asyncio.run(run())
+    assert [(e["type"], e["error"]["code"], e["error"]["param"]) for e in errors] == [
+        ("error", "invalid_message", None), ("error", "response_not_found", "response_id"),
+        ("error", "invalid_message", "session_id")]
+    assert all("\u2028" not in t and "\u2029" not in t and "\x85" not in t for t in texts)
+    assert json.loads(texts[-1])["status"] == "completed"
