@@ -295,8 +295,9 @@ class StreamingOrchestrator:
         async def flushed() -> None:
             try:
                 await store.flush(request_id=request_id, events_only=True)
-            except StoreError as exc:
-                log.error("turn %s: its events are not durable: %s", request_id, exc)
+            except Exception as exc:  # a StoreError, or the barrier's timeout under load
+                log.error("turn %s: its events are not durable: %s", request_id,
+                          exc if isinstance(exc, StoreError) else repr(exc))
                 raise
 
         return lambda: reactivex.from_future(asyncio.ensure_future(flushed()))
