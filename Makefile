@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck bench clean
+.PHONY: install run test lint typecheck bench bench-proxy clean
 
 install: $(STAMP)
 
@@ -33,6 +33,11 @@ bench: install
 	$(PY) bench/fairness_bench.py
 	$(PY) bench/fanout_bench.py
 	$(PY) bench/taps_bench.py
+
+# The hot path against a bare proxy and LiteLLM (installed by the bench into its own venv
+# under /tmp, never into .venv): several minutes.
+bench-proxy: install
+	$(PY) bench/proxy_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

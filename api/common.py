@@ -192,9 +192,9 @@ def path_id(request: web.Request, name: str) -> str:
 
 # -- the door: hosts, origins, CORS, keys, body size ---------------------------------------
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
-CORS_METHODS = "GET, POST, OPTIONS"
-CORS_EXPOSE = ("X-Request-Id, X-Conversation-Id, Retry-After, X-Row-Count, X-Truncated, "
-               "WWW-Authenticate")
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"  # DELETE: /v1/responses/{id}
+CORS_EXPOSE = ("X-Request-Id, X-Conversation-Id, X-Response-Id, Retry-After, X-Row-Count, "
+               "X-Truncated, WWW-Authenticate")
 _TOKEN = frozenset("!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 

@@ -502,7 +502,7 @@ async def test_cors_for_allowed_origins(aiohttp_client: ClientFactory, tmp_path:
                               ) as resp:
         assert resp.status == 204
         assert resp.headers["Access-Control-Allow-Origin"] == app_origin
-        assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, OPTIONS"
+        assert resp.headers["Access-Control-Allow-Methods"] == "GET, POST, DELETE, OPTIONS"
         allowed = {h.strip().lower() for h in resp.headers["Access-Control-Allow-Headers"].split(",")}
         assert {"authorization", "content-type", "last-event-id", "x-stainless-os"} <= allowed
     async with client.options("/v1/chat/completions", headers={

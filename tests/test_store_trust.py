@@ -311,8 +311,8 @@ async def test_process_a_poisoned_model_answer_costs_other_turns_nothing(tmp_pat
         async with session.get(srv.url("/healthz")) as resp:
             health = await resp.json()
         assert resp.status == 200 and health["store"]["dead_letters"] == 2
-    assert "kept in dead_letters" in srv.output()
-    assert "its events are not durable" in srv.output()  # the log line
+    assert "kept in dead_letters" in srv.log.read_text(errors="replace")
+    assert "its events are not durable" in srv.log.read_text(errors="replace")  # the log line
 
 
 # -- a store that cannot write, in-process (an injected I/O error) ----------------------------
