@@ -113,14 +113,15 @@ class Proc:
     proc: subprocess.Popen[bytes]
     base: str  # e.g. http://127.0.0.1:P/v1
     log: Path
+    key: str = "offline"  # the Bearer key its clients send
 
 
 def start(name: str, argv: list[str], env: dict[str, str], port: int, tmp: Path,
-          *, v1: bool = True) -> Proc:
+          *, v1: bool = True, key: str = "offline") -> Proc:
     log = tmp / f"{name}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    return Proc(name, proc, f"http://127.0.0.1:{port}" + ("/v1" if v1 else ""), log)
+    return Proc(name, proc, f"http://127.0.0.1:{port}" + ("/v1" if v1 else ""), log, key)
 
 
 async def wait_ready(session: aiohttp.ClientSession, proc: Proc, timeout_s: float = 120) -> None:
@@ -132,7 +133,7 @@ async def wait_ready(session: aiohttp.ClientSession, proc: Proc, timeout_s: floa
             raise RuntimeError(f"{proc.name} exited: {proc.log.read_text()[-2000:]}")
         with contextlib.suppress(aiohttp.ClientError, OSError):
             async with session.post(proc.base + "/chat/completions", json=body,
-                                    headers={"Authorization": "Bearer offline"}) as r:
+                                    headers={"Authorization": f"Bearer {proc.key}"}) as r:
                 if r.status == 200:
                     await r.read()
                     return
@@ -176,14 +177,14 @@ class Stream:
     error: str | None = None
 
 
-async def stream_once(session: aiohttp.ClientSession, base: str, tokens: int, out: Stream,
+async def stream_once(session: aiohttp.ClientSession, proc: Proc, tokens: int, out: Stream,
                       *, content: str = "Tell me a story") -> None:
     body = {"model": "offline", "stream": True, "max_tokens": tokens,
             "messages": [{"role": "user", "content": content}]}
     out.started = time.perf_counter()
     try:
-        async with session.post(base + "/chat/completions", json=body,
-                                headers={"Authorization": "Bearer offline"}) as r:
+        async with session.post(proc.base + "/chat/completions", json=body,
+                                headers={"Authorization": f"Bearer {proc.key}"}) as r:
             if r.status != 200:
                 out.error = f"HTTP {r.status}: {(await r.text())[:200]}"
                 return
@@ -227,7 +228,7 @@ async def cpu_batch(session: aiohttp.ClientSession, proc: Proc, pid: int, tokens
     """CPU seconds per request of ``pid`` over one batch; and how many failed."""
     streams = [Stream() for _ in range(batch)]
     before = proc_cpu_s(pid)
-    await asyncio.gather(*(stream_once(session, proc.base, tokens, s) for s in streams))
+    await asyncio.gather(*(stream_once(session, proc, tokens, s) for s in streams))
     await asyncio.sleep(0.3)  # the store's flush of this batch counts too
     spent = proc_cpu_s(pid) - before
     return spent / batch, sum(1 for s in streams if not s.done)
@@ -237,7 +238,7 @@ async def ttft(session: aiohttp.ClientSession, proc: Proc, n: int) -> list[float
     times = []
     for i in range(n):
         s = Stream()
-        await stream_once(session, proc.base, 3, s, content=f"first token please {i}")
+        await stream_once(session, proc, 3, s, content=f"first token please {i}")
         if s.first is not None:
             times.append((s.first - s.started) * 1000)
     return times
@@ -250,7 +251,7 @@ async def fanout(session: aiohttp.ClientSession, proc: Proc, n: int, tokens: int
 
     async def one(i: int, s: Stream) -> None:
         await asyncio.sleep(i / n)  # ramp over one second
-        await stream_once(session, proc.base, tokens, s, content=f"fan out {i}")
+        await stream_once(session, proc, tokens, s, content=f"fan out {i}")
 
     started = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(one(i, s) for i, s in enumerate(streams))),
@@ -313,7 +314,7 @@ async def drive(args: argparse.Namespace, procs: dict[str, Proc], pids: dict[str
         for proc in procs.values():
             await wait_ready(session, proc)
             for _ in range(3):  # warm-up
-                await stream_once(session, proc.base, 5, Stream())
+                await stream_once(session, proc, 5, Stream())
         for rep in range(args.reps):
             for name, proc in procs.items():  # interleaved: one rep of every variant in turn
                 points = []
@@ -428,10 +429,12 @@ def main() -> None:
             exe, skipped = install_litellm(Path(args.litellm_venv))
             if exe is not None:
                 port = free_port()
+                key = "sk-" + os.urandom(24).hex()  # LiteLLM refuses to start without one
                 procs["litellm"] = start("litellm", [
                     str(exe), "--model", "openai/offline", "--api_base", upstream,
                     "--port", str(port), "--num_workers", "1", "--host", "127.0.0.1"],
-                    {**env, "OPENAI_API_KEY": "offline"}, port, tmp)
+                    {**env, "OPENAI_API_KEY": "offline", "LITELLM_MASTER_KEY": key},
+                    port, tmp, key=key)
         pids = {name: p.proc.pid for name, p in procs.items()}
         try:
             results = asyncio.run(drive(args, procs, pids))
