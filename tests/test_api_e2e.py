@@ -33,7 +33,7 @@ from tests.sse_client import assert_wire_rules, parse_sse
 ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 20.0
 #: Bounds of the fuzz run, so it stays well under a minute on a shared 2-core machine.
-FUZZ_MAX_EXAMPLES = 15
+FUZZ_MAX_EXAMPLES = 10
 FUZZ_SEED = 15
 
 
