@@ -86,3 +86,41 @@ def test_a_file_held_by_a_server_points_to_server(store_file: Path) -> None:
         holder.close()
     assert run.returncode == 2 and run.stdout == ""
     assert "--server" in run.stderr and "holds it" in run.stderr, run.stderr
+
+
+def test_on_a_terminal_it_prompts(store_file: Path) -> None:
+    """Interactive use: a banner, ``sql> `` and ``   -> `` prompts, results, ``.quit``."""
+    import os
+    import pty
+    import select
+
+    main_fd, tty_fd = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", "sql", "--db", str(store_file)],
+                            stdin=tty_fd, stdout=tty_fd, stderr=tty_fd, cwd=ROOT,
+                            env={**os.environ, "TERM": "dumb"})
+    os.close(tty_fd)
+    screen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal screen
+        while marker not in screen:
+            ready, _, _ = select.select([main_fd], [], [], 30)
+            assert ready, f"no {marker!r} within 30 s: {screen!r}"
+            screen += os.read(main_fd, 4096)
+
+    try:
+        read_until(b"sql> ")
+        os.write(main_fd, b"SELECT 40 + 2\n")
+        read_until(b"   -> ")
+        os.write(main_fd, b"  AS answer;\n")
+        read_until(b"(1 row)")
+        os.write(main_fd, b".quit\n")
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(main_fd)
+    text = screen.decode(errors="replace").replace("\r\n", "\n")
+    assert f"{store_file} (read-only)" in text, text
+    assert "answer\n──────\n    42\n(1 row)" in text, text
