@@ -36,6 +36,7 @@ class Proc:
     proc: subprocess.Popen[bytes]
     base: str
     log: Path
+    db: Path  # its DuckDB file (DB_PATH)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -63,13 +64,13 @@ def launch(folder: Path, *, argv: list[str] | None = None, port: int | None = No
     environment; do not wait."""
     folder.mkdir(parents=True, exist_ok=True)
     port = port if port is not None else free_port()
-    env = clean_env(PORT=str(port), DB_PATH=str(folder / "events.duckdb"),
-                    OFFLINE_TOKEN_DELAY_MS="1", **settings)
+    env = clean_env(**{"PORT": str(port), "DB_PATH": str(folder / "events.duckdb"),
+                       "OFFLINE_TOKEN_DELAY_MS": "1", **settings})
     log = folder / f"server-{port}.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(argv or [sys.executable, "server.py"], cwd=ROOT, env=env,
                                 stdout=out, stderr=subprocess.STDOUT)
-    return Proc(proc=proc, base=f"http://127.0.0.1:{port}", log=log)
+    return Proc(proc=proc, base=f"http://127.0.0.1:{port}", log=log, db=folder / "events.duckdb")
 
 
 def wait_healthy(running: Proc) -> Proc:

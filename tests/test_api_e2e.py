@@ -9,14 +9,9 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,67 +21,27 @@ import pytest
 from openapi_spec_validator import validate
 
 from api.openapi import OPERATIONS, build_document
-from core.config import Settings
+from tests.ops_server import Proc, wait_healthy
+from tests.ops_server import launch as launch_process
 from tests.procs import free_port
 from tests.sse_client import assert_wire_rules, parse_sse
 
 ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 20.0
 #: Bounds of the fuzz run, so it stays well under a minute on a shared 2-core machine.
 FUZZ_MAX_EXAMPLES = 10
 FUZZ_SEED = 15
 
 
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    base: str
-    db: Path
-    log: Path
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            pytest.fail(f"server did not stop within 15 s:\n{self.output()[-4000:]}")
+#: The real-process helper the ops tests use (start, health wait, stop, whole log).
+Server = Proc
 
 
 def launch(folder: Path, **settings: str) -> Server:
-    """``python server.py`` on a free loopback port with exactly these settings."""
-    folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
-    env.update({"OFFLINE_TOKEN_DELAY_MS": "0", "EXPORT_INTERVAL_S": "0", "PYTHONUNBUFFERED": "1",
-                **{k.upper(): v for k, v in settings.items()}})
-    log = folder / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port),
-             "--db", str(folder / "events.duckdb")],
-            cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    server = Server(proc, f"http://127.0.0.1:{port}", folder / "events.duckdb", log)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited with {proc.returncode}:\n{server.output()[-4000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.base}/healthz", timeout=1) as resp:
-                if resp.status == 200:
-                    return server
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            proc.wait()
-            pytest.fail(f"server not healthy within {START_TIMEOUT_S} s:\n{server.output()[-4000:]}")
-        time.sleep(0.05)
+    """``python server.py`` on a free loopback port with these settings (lower-case names
+    are the Settings fields), no token delay and no scheduled export; waits until healthy."""
+    upper = {name.upper(): value for name, value in settings.items()}
+    return wait_healthy(launch_process(folder, OFFLINE_TOKEN_DELAY_MS="0", EXPORT_INTERVAL_S="0",
+                                       **upper))
 
 
 def assert_no_handler_errors(server: Server) -> None:
