@@ -427,6 +427,7 @@ class EventStore:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
+        self._events_by_position = True  # set at open from the file's columns
         self._read_lock = threading.Lock()
         self._read: duckdb.DuckDBPyConnection | None = None
         # The writer thread's own state: rows the store refused, and who waits for them.
@@ -456,6 +457,11 @@ class EventStore:
         create_views(self._con)
         harden(self._con)  # no file, network or extension access for any SQL on this store
         self._read = self._con.cursor()
+        columns = self._con.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'events' "
+            "AND table_schema = 'main' ORDER BY ordinal_position").fetchall()
+        # Events are inserted by position when the file's columns are ours, in our order.
+        self._events_by_position = tuple(c for (c,) in columns) == EVENT_COLUMNS
         # pyarrow's first table costs about a second (lazy set-up): pay it here, not in the
         # first turn's flush barrier.
         _events_table([])
@@ -870,14 +876,15 @@ class EventStore:
             if batch.tools:
                 batches["tool_batch"] = _rows_table(list(batch.tools.values()), ToolExecutionRow)
             for name, table in batches.items():
-                con.register(name, table)
+                if name != "event_batch":  # events go in through their relation (_apply)
+                    con.register(name, table)
             try:
-                _apply(con, batches, strict=True)
+                _apply(con, batches, strict=True, by_position=self._events_by_position)
             except duckdb.ConstraintException:
                 # A duplicate (request_id, seq) must not cost the rest of the batch.
                 log.warning("duplicate event keys in a batch; keeping the stored ones")
                 _rollback(con)
-                _apply(con, batches, strict=False)
+                _apply(con, batches, strict=False, by_position=self._events_by_position)
             self.stats.events_written += len(batch.events)
         except Exception as exc:  # keep the writer alive: the caller splits or keeps the rows
             error = exc
@@ -888,8 +895,9 @@ class EventStore:
             _rollback(con)
         finally:
             for name in batches:
-                with contextlib.suppress(duckdb.Error):  # an invalidated database refuses it
-                    con.unregister(name)
+                if name != "event_batch":
+                    with contextlib.suppress(duckdb.Error):  # an invalidated database refuses it
+                        con.unregister(name)
         self.stats.flushes += 1
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         return error
@@ -902,12 +910,29 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         pass  # no transaction was open (a failed commit ends it)
 
 
-def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, strict: bool) -> None:
-    """Write the registered batches in one transaction."""
+def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, strict: bool,
+           by_position: bool = True) -> None:
+    """Write the batches in one transaction (all but the events registered by name).
+
+    The events, the hot path's rows, go in through a relation over their Arrow table
+    (``from_arrow(…).insert_into``): registering and unregistering a view costs about
+    0.9 ms of CPU per flush with DuckDB 2.0, a third of a 100-row flush. The table's
+    columns are in the order of the events table (:data:`EVENT_COLUMNS`; a file whose
+    columns differ is written by name). The rare retry that must skip duplicates (``strict=False``) uses SQL.
+    """
     con.begin()
-    if "event_batch" in batches:
-        verb = "INSERT" if strict else "INSERT OR IGNORE"
-        con.execute(f"{verb} INTO events BY NAME SELECT * FROM event_batch")
+    events = batches.get("event_batch")
+    if events is not None:
+        if strict and by_position:
+            con.from_arrow(events).insert_into("events")
+        else:  # (``relation.query`` would report a NOT NULL failure as a TransactionException)
+            verb = "INSERT" if strict else "INSERT OR IGNORE"
+            con.register("event_batch", events)
+            try:
+                con.execute(f"{verb} INTO events BY NAME SELECT * FROM event_batch")
+            finally:
+                with contextlib.suppress(duckdb.Error):
+                    con.unregister("event_batch")
     if "request_batch" in batches:
         con.execute("INSERT OR REPLACE INTO requests BY NAME SELECT * FROM request_batch")
     if "message_batch" in batches:
@@ -915,6 +940,10 @@ def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, stri
     if "tool_batch" in batches:
         con.execute("INSERT OR REPLACE INTO tool_executions BY NAME SELECT * FROM tool_batch")
     con.commit()
+
+
+EVENT_COLUMNS: Final = ("request_id", "seq", "ts", "type", "stream_id", "agent", "depth",
+                        "visibility", "data")
 
 
 def _events_table(rows: list[_EventRow]) -> pa.Table:

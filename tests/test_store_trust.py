@@ -325,10 +325,11 @@ def broken(monkeypatch: pytest.MonkeyPatch) -> dict[str, bool]:
     state = {"on": False}
     apply = store_module._apply
 
-    def failing(con: duckdb.DuckDBPyConnection, batches: dict[str, Any], *, strict: bool) -> None:
+    def failing(con: duckdb.DuckDBPyConnection, batches: dict[str, Any], *, strict: bool,
+                by_position: bool = True) -> None:
         if state["on"]:
             raise duckdb.IOException(f'Could not write file "{SECRET}": No space left on device')
-        apply(con, batches, strict=strict)
+        apply(con, batches, strict=strict, by_position=by_position)
 
     monkeypatch.setattr(store_module, "_apply", failing)
     return state
