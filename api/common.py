@@ -28,7 +28,7 @@ from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
 from sinks.event_log import RedisEventLog
-from sinks.sse import comment_frame, event_frame, open_sse
+from sinks.sse import FrameWriter, comment_frame, event_frame, open_sse
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -367,6 +367,7 @@ async def stream_native(
     app = request.app
     settings = app[SETTINGS]
     response = await open_sse(request, headers=headers)
+    writer = FrameWriter(request, response, timeout_s=settings.client_write_timeout_s)
     app[CLIENTS].open += 1
     try:
         await response.write(comment_frame("stream open"))
@@ -377,7 +378,7 @@ async def stream_native(
                     frame = comment_frame("keep-alive")
                 else:
                     frame, retry_ms = event_frame(event, retry_ms=retry_ms), None
-                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
+                await writer.write(frame)
                 if on_written is not None and event is not None:
                     on_written(event.seq)
     except BufferOverflowError as exc:

@@ -30,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import re
@@ -747,45 +748,36 @@ class EventStore:
                 self._waiting.append(barrier)
 
     def _write_backlog(self, con: duckdb.DuckDBPyConnection) -> None:
-        """Write the backlog: the events first (in chunks), then the upserts, so a barrier
-        for events (a turn's done) does not wait for the (slower) upserts."""
+        """Write the backlog: the events in chunks, the upserts with the last chunk, so a
+        flush is usually one transaction (each costs about 1 ms of DuckDB's CPU however few
+        its rows: one commit per flush rather than two is the hot path's saving)."""
         if not self._writable:
             self.stats.retries += 1
         backlog = self._backlog
-        upserts = _Batch(requests=backlog.requests, messages=backlog.messages, tools=backlog.tools)
-        events = _Batch(events=backlog.events).chunks(self.flush_max_rows)
         self._backlog = _Batch()
-        for phase in (events, [upserts]):
-            parts = [part for part in reversed(phase) if part.rows()]  # a stack: first on top
-            try:
-                self._write_parts(con, parts)
-            except Exception as exc:  # _Unwritable, or anything unforeseen: keep the rows
-                cause = exc.__cause__ if isinstance(exc, _Unwritable) else exc
-                if _invalidated(cause):
-                    self._invalid = True  # reopened before the next retry
-                kept = _Batch()
-                for part in reversed(parts):
-                    kept.extend(part)
-                if phase is events:
-                    kept.extend(upserts)
-                self._backlog = kept
-                self._backlog_rows = kept.rows()
-                self._writable = False
-                self._retry_at = time.monotonic() + self._retry_s
-                log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
-                          _safe(str(cause)), kept.rows(), self._retry_s)
-                self._retry_s = min(self._retry_s * 2, self.retry_max_s)
-                return
-            # Written: say so before any barrier is settled (its waiter may look at health).
-            if not self._writable:
-                log.warning("the event store writes again; the backlog is written")
-            self._writable = True
-            self._retry_s = self.retry_min_s
-            if phase is events:
-                self._backlog = upserts
-                self._backlog_rows = upserts.rows()
-                self._settle()  # the events are written: a turn's done may go
-        self._backlog = _Batch()
+        parts = [part for part in reversed(backlog.chunks(self.flush_max_rows)) if part.rows()]
+        try:
+            self._write_parts(con, parts)  # a stack: the first chunk on top
+        except Exception as exc:  # _Unwritable, or anything unforeseen: keep the rows
+            cause = exc.__cause__ if isinstance(exc, _Unwritable) else exc
+            if _invalidated(cause):
+                self._invalid = True  # reopened before the next retry
+            kept = _Batch()
+            for part in reversed(parts):
+                kept.extend(part)
+            self._backlog = kept
+            self._backlog_rows = kept.rows()
+            self._writable = False
+            self._retry_at = time.monotonic() + self._retry_s
+            log.error("the event store cannot write (%s); keeping %d rows, retrying in %.1fs",
+                      _safe(str(cause)), kept.rows(), self._retry_s)
+            self._retry_s = min(self._retry_s * 2, self.retry_max_s)
+            return
+        # Written: say so before any barrier is settled (its waiter may look at health).
+        if not self._writable:
+            log.warning("the event store writes again; the backlog is written")
+        self._writable = True
+        self._retry_s = self.retry_min_s
         self._backlog_rows = 0
 
     def _write_parts(self, con: duckdb.DuckDBPyConnection, parts: list[_Batch]) -> None:
@@ -865,19 +857,17 @@ class EventStore:
         """Write one batch in one transaction; the error, or None when it is written."""
         started = time.perf_counter()
         error: BaseException | None = None
-        batches: dict[str, pa.Table] = {}
+        batches: dict[str, Any] = {}
         try:
             if batch.events:
                 batches["event_batch"] = _events_table(batch.events)
             if batch.requests:
-                batches["request_batch"] = _rows_table(list(batch.requests.values()), RequestRow)
+                batches["requests"] = _upsert_rows(list(batch.requests.values()), RequestRow)
             if batch.messages:
-                batches["message_batch"] = _rows_table(list(batch.messages.values()), MessageRow)
+                batches["messages"] = _upsert_rows(list(batch.messages.values()), MessageRow)
             if batch.tools:
-                batches["tool_batch"] = _rows_table(list(batch.tools.values()), ToolExecutionRow)
-            for name, table in batches.items():
-                if name != "event_batch":  # events go in through their relation (_apply)
-                    con.register(name, table)
+                batches["tool_executions"] = _upsert_rows(list(batch.tools.values()),
+                                                          ToolExecutionRow)
             try:
                 _apply(con, batches, strict=True, by_position=self._events_by_position)
             except duckdb.ConstraintException:
@@ -893,11 +883,6 @@ class EventStore:
             log.warning("event store write failed (%d rows): %s", batch.rows(),
                         _safe(str(exc)))
             _rollback(con)
-        finally:
-            for name in batches:
-                if name != "event_batch":
-                    with contextlib.suppress(duckdb.Error):  # an invalidated database refuses it
-                        con.unregister(name)
         self.stats.flushes += 1
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         return error
@@ -910,15 +895,18 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
         pass  # no transaction was open (a failed commit ends it)
 
 
-def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, strict: bool,
+def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, Any], *, strict: bool,
            by_position: bool = True) -> None:
-    """Write the batches in one transaction (all but the events registered by name).
+    """Write the batches in one transaction: ``event_batch`` (an Arrow table) and the
+    upserts (``requests``, ``messages``, ``tool_executions``: columns and row tuples).
 
-    The events, the hot path's rows, go in through a relation over their Arrow table
-    (``from_arrow(…).insert_into``): registering and unregistering a view costs about
-    0.9 ms of CPU per flush with DuckDB 2.0, a third of a 100-row flush. The table's
-    columns are in the order of the events table (:data:`EVENT_COLUMNS`; a file whose
-    columns differ is written by name). The rare retry that must skip duplicates (``strict=False``) uses SQL.
+    Each statement costs DuckDB 2.0 about 0.5–1 ms of CPU however few its rows, and a
+    registered view about 0.5 ms more to register and drop: the hot path avoids both.
+    The events go in through a relation over their Arrow table (``from_arrow(…)
+    .insert_into``), in the order of the events table (:data:`EVENT_COLUMNS`; a file whose
+    columns differ is written by name, as is the rare retry that skips duplicates); the
+    upserts through an appender each (``action="upsert"``: a row replaces the one with
+    its key, as ``INSERT OR REPLACE`` does).
     """
     con.begin()
     events = batches.get("event_batch")
@@ -933,13 +921,35 @@ def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, pa.Table], *, stri
             finally:
                 with contextlib.suppress(duckdb.Error):
                     con.unregister("event_batch")
-    if "request_batch" in batches:
-        con.execute("INSERT OR REPLACE INTO requests BY NAME SELECT * FROM request_batch")
-    if "message_batch" in batches:
-        con.execute("INSERT OR REPLACE INTO messages BY NAME SELECT * FROM message_batch")
-    if "tool_batch" in batches:
-        con.execute("INSERT OR REPLACE INTO tool_executions BY NAME SELECT * FROM tool_batch")
+    for table in ("requests", "messages", "tool_executions"):
+        if table in batches:
+            columns, rows = batches[table]
+            appender = con.appender(table, columns=columns, action="upsert")
+            try:
+                appender.append_rows(rows)
+                appender.flush()
+            except BaseException:
+                appender.clear()  # the batch is split and retried: never apply these later
+                raise
     con.commit()
+
+
+_EPOCH: Final = datetime.datetime(1970, 1, 1)
+
+
+def _upsert_rows(rows: list[Any], cls: type[Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The columns and value tuples of dataclass rows; epoch times as naive UTC datetimes
+    (the columns are ``TIMESTAMP``, UTC)."""
+    names = [field.name for field in dataclasses.fields(cls)]
+    times = [i for i, name in enumerate(names) if name in _TIME_FIELDS]
+    out = []
+    for row in rows:
+        values = [getattr(row, name) for name in names]
+        for i in times:
+            micros = _micros(values[i])
+            values[i] = None if micros is None else _EPOCH + datetime.timedelta(microseconds=micros)
+        out.append(tuple(values))
+    return names, out
 
 
 EVENT_COLUMNS: Final = ("request_id", "seq", "ts", "type", "stream_id", "agent", "depth",
@@ -964,15 +974,3 @@ def _events_table(rows: list[_EventRow]) -> pa.Table:
 
 
 _TIME_FIELDS: Final = frozenset({"started_at", "finished_at", "created_at", "updated_at"})
-
-
-def _rows_table(rows: list[Any], cls: type[Any]) -> pa.Table:
-    columns: dict[str, pa.Array] = {}
-    for field in dataclasses.fields(cls):
-        values = [getattr(row, field.name) for row in rows]
-        if field.name in _TIME_FIELDS:
-            columns[field.name] = pa.array([_micros(v) for v in values], _TS)
-        else:
-            columns[field.name] = pa.array(values)
-    table = pa.table(columns)
-    return table
