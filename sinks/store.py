@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
+from sinks.conversations import ConversationCache
 from sinks.query import harden
 from sinks.views import create_views
 
@@ -413,8 +414,10 @@ class EventStore:
         storage_version: str = DEFAULT_STORAGE_VERSION,
         backlog_max_rows: int = 200_000, retry_min_ms: float = 100.0,
         retry_max_ms: float = 5_000.0, barrier_timeout_s: float = 10.0,
+        history_cache_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         self.path = str(path)
+        self.conversations = ConversationCache(max_bytes=history_cache_bytes)
         self.storage_version = storage_version
         self.flush_interval_s = flush_interval_ms / 1000
         self.flush_max_rows = flush_max_rows
@@ -522,7 +525,9 @@ class EventStore:
 
     def put_message(self, row: MessageRow) -> None:
         """Queue an upsert of a message row (a copy is taken)."""
-        self._enqueue(dataclasses.replace(row))
+        copy = dataclasses.replace(row)
+        self._enqueue(copy)
+        self.conversations.put(copy)
 
     def put_tool_execution(self, row: ToolExecutionRow) -> None:
         """Queue an upsert of a tool execution row (a copy is taken)."""
@@ -605,23 +610,31 @@ class EventStore:
     ) -> list[dict[str, str]]:
         """The conversation's earlier messages, oldest first, as chat messages.
 
-        Waits for pending writes first, so the previous turn is always included. Messages of
-        ``exclude_request_id`` (the turn asking) and assistant messages that failed or never
-        produced text are left out.
+        Messages of ``exclude_request_id`` (the turn asking) and assistant messages that
+        failed or never produced text are left out. A conversation read lately is answered
+        from memory (:class:`~sinks.conversations.ConversationCache`: what this store
+        wrote for it, exactly what the query finds once flushed); otherwise the store waits
+        for pending writes first, so the previous turn is always included, and keeps the
+        conversation from then on.
         """
+        cached = self.conversations.history(conversation_id, limit=limit,
+                                            exclude_request_id=exclude_request_id)
+        if cached is not None:
+            return cached
+        if self.conversations.max_bytes:
+            self.conversations.begin(conversation_id)
         await self.flush()
-        rows = await self.aquery(
-            """
-            SELECT role, content FROM (
-                SELECT role, content, created_at, ordinal FROM messages
-                WHERE conversation_id = ? AND request_id IS DISTINCT FROM ?
-                  AND (role <> 'assistant' OR (status IN ('complete', 'cancelled') AND content <> ''))
-                ORDER BY created_at DESC, ordinal DESC
-                LIMIT ?
-            ) ORDER BY created_at, ordinal
-            """,
-            [conversation_id, exclude_request_id, limit],
-        )
+        if self.conversations.max_bytes:
+            found = await self.aquery(
+                f"SELECT epoch_us(created_at), {', '.join(_MESSAGE_FIELDS)} FROM messages "
+                "WHERE conversation_id = ?", [conversation_id])
+            self.conversations.fill(conversation_id, [
+                (key, _message_row(values)) for key, *values in found])
+            cached = self.conversations.history(conversation_id, limit=limit,
+                                                exclude_request_id=exclude_request_id)
+            if cached is not None:
+                return cached
+        rows = await self.aquery(HISTORY_SQL, [conversation_id, exclude_request_id, limit])
         return [{"role": role, "content": content} for role, content in rows]
 
     async def events_since(
@@ -815,6 +828,7 @@ class EventStore:
                 content = dataclasses.asdict(row)
             case MessageRow():
                 request_id, key, target = row.request_id, row.message_id, "messages"
+                self.conversations.forget(row.conversation_id)  # memory must match the file
                 content = dataclasses.asdict(row)
             case ToolExecutionRow():
                 request_id, key, target = row.request_id, row.execution_id, "tool_executions"
@@ -974,3 +988,23 @@ def _events_table(rows: list[_EventRow]) -> pa.Table:
 
 
 _TIME_FIELDS: Final = frozenset({"started_at", "finished_at", "created_at", "updated_at"})
+# A conversation's earlier messages for memory, oldest first (see load_history).
+HISTORY_SQL: Final = """
+SELECT role, content FROM (
+    SELECT role, content, created_at, ordinal FROM messages
+    WHERE conversation_id = ? AND request_id IS DISTINCT FROM ?
+      AND (role <> 'assistant' OR (status IN ('complete', 'cancelled') AND content <> ''))
+    ORDER BY created_at DESC, ordinal DESC
+    LIMIT ?
+) ORDER BY created_at, ordinal
+"""
+_MESSAGE_FIELDS: Final = tuple(field.name for field in dataclasses.fields(MessageRow))
+
+
+def _message_row(values: Sequence[Any]) -> MessageRow:
+    """A messages row as read back (times as epoch seconds again)."""
+    fields = dict(zip(_MESSAGE_FIELDS, values, strict=True))
+    for name in ("created_at", "updated_at"):
+        value = fields[name]
+        fields[name] = (value - _EPOCH).total_seconds() if value is not None else 0.0
+    return MessageRow(**fields)
