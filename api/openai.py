@@ -102,11 +102,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app[CLIENTS].open += 1
     try:
         async with contextlib.aclosing(
-            turn.view(to_chunks, max_buffer=settings.client_buffer_events)
+            turn.batches(to_chunks, max_buffer=settings.client_buffer_events)
         ) as stream:
-            async for chunk in stream:
-                frame = data_frame(json.dumps(chunk, separators=(",", ":")))
-                await writer.write(frame)
+            async for chunks in stream:  # what is ready goes in one write
+                await writer.write(b"".join(
+                    data_frame(json.dumps(chunk, separators=(",", ":"))) for chunk in chunks))
         await writer.write(DONE_FRAME)
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1
