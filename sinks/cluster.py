@@ -183,14 +183,22 @@ class Cluster:
         self._on_lease_lost = on_lease_lost
         self._is_local = is_local
         self.stats = ClusterStats()
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        # A bounded pool that waits for a free connection rather than failing: registrations
+        # and releases are batched, but status, cancel and reaper reads come in bursts.
+        self.client: aioredis.Redis = aioredis.Redis.from_pool(  # it owns (closes) the pool
+            aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=32, timeout=timeout_s, socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s))
         # Pub/sub waits for messages without a deadline: its own client, no socket timeout.
         self._sub_client: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=None, socket_connect_timeout=timeout_s)
         self._info = json.dumps({"id": worker_id, "pid": self.pid,
                                  "host": socket.gethostname(), "started_at": time.time()})
         self._registering: dict[str, asyncio.Future[bool]] = {}
+        # Registrations and releases wait here for the writer: one pipeline per loop tick.
+        self._to_register: list[tuple[TurnContext, asyncio.Future[bool]]] = []
+        self._to_release: list[tuple[str, str]] = []
+        self._wake = asyncio.Event()
         self._held: set[str] = set()  # request ids whose lease this worker holds
         self._replies: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._subscribed = asyncio.Event()
@@ -229,7 +237,8 @@ class Cluster:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._beat_loop(), name="cluster-heartbeat"),
                        loop.create_task(self._reap_loop(), name="cluster-reaper"),
-                       loop.create_task(self._listen(), name="cluster-cancel-bus")]
+                       loop.create_task(self._listen(), name="cluster-cancel-bus"),
+                       loop.create_task(self._write_loop(), name="cluster-writer")]
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 2.0)
 
@@ -237,11 +246,12 @@ class Cluster:
         """Release what is pending, leave the worker list, stop."""
         if self._side:
             await asyncio.wait(list(self._side), timeout=5.0)
+        deadline = time.monotonic() + 5.0
+        while (self._to_register or self._to_release) and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.01)
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _stop(task)
         with contextlib.suppress(*_FAILURES):
             pipe = self.client.pipeline(transaction=True)
             pipe.zrem(self.workers_key, self.worker_id)
@@ -317,28 +327,78 @@ class Cluster:
     def tap(self, ctx: TurnContext) -> Observer[Event]:
         """The orchestrator tap: registers a turn when it starts, releases it after its
         ``done`` is in the log."""
-        self._registering[ctx.request_id] = self._spawn(self._register(ctx))
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._registering[ctx.request_id] = future
+        self._to_register.append((ctx, future))
+        self._wake.set()
         return _TurnTap(self, ctx.request_id)
 
-    async def _register(self, ctx: TurnContext) -> bool:
-        rid = ctx.request_id
+    async def _write_loop(self) -> None:
+        """Sends what waits, in one pipeline per batch: whatever the turns started or
+        released in one loop tick (and while the previous batch was in flight)."""
+        failures = 0
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            ok = await self._register_batch() and await self._release_batch()
+            failures = 0 if ok else failures + 1
+            if failures:  # Redis away: retry with backoff (registrations give up, see below)
+                await asyncio.sleep(min(2.0, 0.05 * 2 ** failures))
+                if self._to_release:
+                    self._wake.set()
+
+    async def _register_batch(self) -> bool:
+        batch, self._to_register = self._to_register, []
+        if not batch:
+            return True
+        started = repr(time.time())
         try:
             pipe = self.client.pipeline(transaction=True)
-            pipe.set(self.lease_key(rid), self.worker_id, nx=True, px=int(self.lease_s * 1000))
-            pipe.hset(self.live_key, rid, self.worker_id)
-            pipe.hset(self.meta_key(rid), mapping={
-                "worker": self.worker_id, "status": "running",
-                "conversation_id": ctx.conversation_id, "kind": ctx.kind, "model": ctx.model,
-                "started_at": repr(time.time())})
-            pipe.expire(self.meta_key(rid), self.live_ttl_s)
+            for ctx, _ in batch:
+                rid = ctx.request_id
+                pipe.set(self.lease_key(rid), self.worker_id, nx=True,
+                         px=int(self.lease_s * 1000))
+                pipe.hset(self.live_key, rid, self.worker_id)
+                pipe.hset(self.meta_key(rid), mapping={
+                    "worker": self.worker_id, "status": "running",
+                    "conversation_id": ctx.conversation_id, "kind": ctx.kind,
+                    "model": ctx.model, "started_at": started})
+                pipe.expire(self.meta_key(rid), self.live_ttl_s)
             await pipe.execute()
         except _FAILURES as exc:
+            # Not retried: a turn whose owner is unknown still runs and streams here; its
+            # lease is restored by the next renewal if Redis answers by then.
             self.stats.last_error = f"{type(exc).__name__}: {exc}"
-            log.error("cluster: registering turn %s failed: %s (other workers will not see "
-                      "its owner)", rid, exc)
+            log.error("cluster: registering %d turns failed: %s (the renewal retries)",
+                      len(batch), exc)
+            for ctx, future in batch:
+                self._held.add(ctx.request_id)  # so that the renewal restores its lease
+                if not future.done():
+                    future.set_result(False)
             return False
-        self._held.add(rid)
-        self.stats.turns_registered += 1
+        for ctx, future in batch:
+            self._held.add(ctx.request_id)
+            self.stats.turns_registered += 1
+            if not future.done():
+                future.set_result(True)
+        return True
+
+    async def _release_batch(self) -> bool:
+        batch, self._to_release = self._to_release, []
+        if not batch:
+            return True
+        now = repr(time.time())
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for rid, status in batch:
+                await self._release(
+                    keys=[self.lease_key(rid), self.live_key, self.meta_key(rid)],
+                    args=[self.worker_id, rid, status, now, self.meta_ttl_s], client=pipe)
+            await pipe.execute()
+        except _FAILURES as exc:
+            log.warning("cluster: releasing %d turns failed: %s; retrying", len(batch), exc)
+            self._to_release[:0] = batch
+            return False
         return True
 
     async def registered(self, request_id: str, *, within: float) -> bool:
@@ -363,13 +423,8 @@ class Cluster:
                                           within=max(5.0, self.lease_s * 3))
         self._held.discard(request_id)
         status = _DONE_STATUS.get(done.reason, "error") if done is not None else "error"
-        try:
-            await self._release(
-                keys=[self.lease_key(request_id), self.live_key, self.meta_key(request_id)],
-                args=[self.worker_id, request_id, status, repr(time.time()), self.meta_ttl_s])
-        except _FAILURES as exc:
-            log.warning("cluster: releasing turn %s failed: %s (another worker will close it "
-                        "when its lease lapses)", request_id, exc)
+        self._to_release.append((request_id, status))
+        self._wake.set()
 
     async def owner(self, request_id: str) -> str | None:
         """The worker running the turn now, or None (not running anywhere)."""
@@ -437,7 +492,9 @@ class Cluster:
         for event in events:
             state.apply(event)
             streams.apply(event)
-        closing = closing_events(state, streams, first_seq=state.last_seq + 1)
+        closing = closing_events(state, streams, first_seq=state.last_seq + 1,
+                                 error=f"interrupted: worker {owner} stopped before the turn "
+                                       "finished")
         ok, last = await self.event_log.append_as_closer(request_id, [e for e, _, _ in closing])
         if not ok:
             self.stats.reap_refused += 1
@@ -608,6 +665,20 @@ class _TurnTap(Observer[Event]):
         if not self._ended:
             self._ended = True
             self._cluster._ended(self._request_id, None)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    """Cancel a task and wait for it, cancelling again while it goes on: redis-py can
+    swallow a cancellation that lands inside a command (measured here: the writer went
+    back to waiting, ``cancelling`` forever, and the worker never stopped)."""
+    for _ in range(10):
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=0.5)
+        if done:
+            with contextlib.suppress(asyncio.CancelledError, *_FAILURES):
+                task.result()
+            return
+    log.error("cluster: task %s does not stop; leaving it", task.get_name())
 
 
 def _text(value: bytes | str) -> str:

@@ -351,3 +351,33 @@ async def test_cancel_through_a_worker_that_does_not_own_the_turn_reaches_its_ow
             again = await resp.json()
             assert resp.status == 200 and again["cancelled"] is False, again
             assert again["status"] == "cancelled"
+
+
+async def test_with_three_workers_exactly_one_survivor_closes_a_dead_owners_turn(
+        tmp_path: Path) -> None:
+    async with running(tmp_path, workers=3, OFFLINE_TOKEN_DELAY_MS=30) as srv:
+        pids = await ids_of(srv)
+        request_id, owner = await start_turn(srv, max_tokens=2000)
+        session, follower = await on_worker(srv, "GET", f"/v1/requests/{request_id}/events",
+                                            avoid=owner, params={"trace": "true"})
+        async with session:
+            frames: list[Frame] = []
+            async with contextlib.aclosing(iter_frames(follower)) as stream:
+                async for frame in stream:
+                    if frame.data is None:
+                        continue
+                    frames.append(frame)
+                    if len(frames) == 8:
+                        os.kill(pids[owner], signal.SIGKILL)
+        seqs = seqs_of(frames)
+        assert seqs == list(range(1, len(seqs) + 1)), f"gap or duplicate: {seqs}"
+        assert frames[-1].json["reason"] == "interrupted"
+        assert sum(f.event == "done" for f in frames) == 1
+        # The two survivors (and the dead one's replacement) raced: one closed it.
+        survivors = [worker for worker in await ids_of(srv) if worker != owner]
+        reaped = 0
+        for worker in survivors:
+            session = await pinned(srv, want=worker)
+            async with session, session.get(srv.url("/healthz")) as resp:
+                reaped += (await resp.json())["cluster"]["reaped"]
+        assert reaped == 1
