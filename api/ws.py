@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from aiohttp import WSMessage, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from api.cluster import cancel_elsewhere
+from api.cluster import cancel_elsewhere, wait_registered
 from api.common import (
     COORDINATOR,
     ORCHESTRATOR,
@@ -80,7 +80,7 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
             except ApiError as exc:
                 await ws.send_json({"type": "error", **exc.body()}, dumps=frame_json)
                 continue
-            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
+            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed, app=app))
             chats.add(task)
             task.add_done_callback(_ws_chat_ended(chats))
     finally:
@@ -130,8 +130,11 @@ def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[Non
     return ended
 
 
-async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
+async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat,
+                   *, app: web.Application | None = None) -> None:
     handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
+    if app is not None:  # the response id works on every worker once it is sent (issue 13)
+        await wait_registered(app, handle.response_id)
     await ws.send_json({"type": "response_id", "response_id": handle.response_id,
                         "session_id": handle.session_id}, dumps=frame_json)
     note: str | None = None

@@ -381,3 +381,33 @@ async def test_with_three_workers_exactly_one_survivor_closes_a_dead_owners_turn
             async with session, session.get(srv.url("/healthz")) as resp:
                 reaped += (await resp.json())["cluster"]["reaped"]
         assert reaped == 1
+
+
+async def test_a_websocket_cancel_on_another_worker_stops_the_turn_on_its_owner(
+        tmp_path: Path) -> None:
+    # Slow tokens: the chat (no max_tokens on this wire) must outlast the cancel.
+    async with running(tmp_path, OFFLINE_TOKEN_DELAY_MS=500) as srv:
+        ids = list(await ids_of(srv))
+        owner_session = await pinned(srv, want=ids[0])
+        other_session = await pinned(srv, want=ids[1])
+        async with owner_session, other_session, \
+                owner_session.ws_connect(srv.url("/v1/ws")) as chat, \
+                other_session.ws_connect(srv.url("/v1/ws")) as remote:
+            await chat.send_json({"type": "chat", "content": "Talk for a long while."})
+            first = await chat.receive_json(timeout=10)
+            assert first["type"] == "response_id", first
+            update = await chat.receive_json(timeout=10)
+            assert update["type"] == "update", update
+            await remote.send_json({"type": "cancel", "response_id": first["response_id"]})
+            while True:
+                message = await chat.receive_json(timeout=20)
+                if message["type"] == "complete":
+                    break
+            with contextlib.suppress(TimeoutError):  # success sends nothing; an error, a frame
+                said = await remote.receive_json(timeout=0.5)
+                pytest.fail(f"the cancel was refused: {said}")
+            assert message["status"] == "cancelled", message
+            # A cancel of a turn running nowhere is an error frame on that socket.
+            await remote.send_json({"type": "cancel", "response_id": "req_nowhere"})
+            error = await remote.receive_json(timeout=10)
+            assert error["type"] == "error" and error["error"]["code"] == "response_not_found"
