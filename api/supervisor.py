@@ -207,7 +207,7 @@ class Supervisor:
                 proc.wait()
                 clean = False
                 continue
-            if code not in (0, -signal.SIGTERM):  # -SIGTERM: stopped while still starting
+            if code not in (0, -signal.SIGTERM, 130):  # stopped while still starting (130: SIGINT)
                 log.error("%s (pid %d) exited with %s on stop", child.spec.name, proc.pid, code)
                 clean = False
         log.info("every child has exited%s", "" if clean else " (not all cleanly)")
