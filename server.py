@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from reactivex import Observer
 
 from api.analytics import ANALYTICS, Analytics, add_analytics_routes
+from api.cluster import WORKER_ID, add_worker_identity, worker_cluster
 from api.common import (
     CLIENTS,
     COORDINATOR,
@@ -67,6 +68,7 @@ from api.ops import (
 )
 from api.responses import add_responses_routes
 from api.seeds import api_chat_stream, chat_stream
+from api.supervisor import supervise
 from api.wire import BODY_LIMITS, ApiError, BodyLimits
 from api.ws import websocket
 from core.config import Settings
@@ -173,6 +175,15 @@ async def telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
         await asyncio.to_thread(tracing.shutdown)
 
 
+async def cluster_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Workers on Redis (issue 13): registration, turn leases, the reaper, the cancel bus;
+    its tap registers every turn's owner. Nothing with ``EVENT_LOG=memory``."""
+    async with worker_cluster(app) as cluster:
+        if cluster is not None:
+            app[TAPS].append(cluster.tap)
+        yield
+
+
 async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     taps: list[Tap] = app[TAPS]
@@ -221,7 +232,9 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app.on_response_prepare.append(cors_headers)
     app[CLIENTS] = ClientStats()
     add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
-    app.cleanup_ctx.extend([store_ctx, event_log_ctx, model_ctx, telemetry_ctx, orchestrator_ctx])
+    add_worker_identity(app)  # X-Worker on every answer (issue 13)
+    app.cleanup_ctx.extend([store_ctx, event_log_ctx, model_ctx, telemetry_ctx, cluster_ctx,
+                            orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
     app.router.add_post("/v1/orchestrate", orchestrate)
@@ -251,11 +264,13 @@ class _DoorHandler(RequestHandler):
     before a handler runs (a request line over 8190 bytes, bad framing) are answered in
     the project's JSON error shape."""
 
-    __slots__ = ("_door_deadline", "_door_timer")
+    __slots__ = ("_door_deadline", "_door_timer", "_door_worker")
 
-    def __init__(self, manager: web.Server, *, header_timeout_s: float, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, header_timeout_s: float, worker_id: str = "",
+                 **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._door_deadline = header_timeout_s
+        self._door_worker = worker_id  # X-Worker on the answers made here too (issue 13)
         self._door_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -301,6 +316,8 @@ class _DoorHandler(RequestHandler):
         log.info("refused a malformed request from %s: %s", request.remote, message)
         error = ApiError(status, message or "bad request", code="bad_request")
         json_response = web.json_response(error.body(), status=status)
+        if self._door_worker:
+            json_response.headers["X-Worker"] = self._door_worker
         json_response.force_close()
         return json_response
 
@@ -309,9 +326,11 @@ class _DoorSite(web.TCPSite):
     """A TCP site whose connections are :class:`_DoorHandler` s."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 header_timeout_s: float) -> None:
+                 header_timeout_s: float, reuse_port: bool = False, worker_id: str = "") -> None:
         super().__init__(runner, host, port)
         self._header_timeout_s = header_timeout_s
+        self._door_reuse_port = reuse_port  # workers share one port (SO_REUSEPORT, issue 13)
+        self._door_worker = worker_id
 
     async def start(self) -> None:
         await web.BaseSite.start(self)
@@ -321,10 +340,11 @@ class _DoorSite(web.TCPSite):
 
         def connection() -> _DoorHandler:
             return _DoorHandler(server, loop=loop, header_timeout_s=self._header_timeout_s,
-                                access_log=None)
+                                worker_id=self._door_worker, access_log=None)
 
         self._server = await loop.create_server(connection, self._host, self._port,
-                                                reuse_address=True)
+                                                reuse_address=True,
+                                                reuse_port=self._door_reuse_port or None)
 
 
 def refuse_exposure(settings: Settings) -> str | None:
@@ -363,7 +383,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         site = _DoorSite(runner, settings.host, settings.port,
-                         header_timeout_s=settings.header_timeout_s)
+                         header_timeout_s=settings.header_timeout_s,
+                         reuse_port=settings.reuse_port, worker_id=app[WORKER_ID])
         try:
             await site.start()
         except OSError as exc:
@@ -429,6 +450,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--allow-no-auth", action="store_true", default=None,
                         help="serve a non-loopback address without API keys (ALLOW_NO_AUTH)")
     parser.add_argument("--event-log", help="memory or redis://host:port/db (EVENT_LOG)")
+    parser.add_argument("--workers", type=int,
+                        help="worker processes on one port under a supervisor (WORKERS)")
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -441,6 +464,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         overrides["allow_no_auth"] = True
     if args.event_log is not None:
         overrides["event_log"] = args.event_log
+    if args.workers is not None:
+        overrides["workers"] = args.workers
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -453,6 +478,8 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if (why := refuse_exposure(settings)) is not None:
         log.error("%s", why)
         return 2
+    if settings.workers > 1:
+        return run_supervisor(settings)
     try:
         asyncio.run(serve(settings))
     except StartupError as exc:
@@ -469,6 +496,12 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         log.exception("the server failed")
         return 1
     return 0
+
+
+def run_supervisor(settings: Settings) -> int:
+    """``--workers N`` (N > 1): this process only supervises N ``server.py`` workers on one
+    port (:mod:`api.supervisor`); its exit code."""
+    return supervise(settings, server=os.path.abspath(__file__))
 
 
 #: The commands of ``python -m pipeline`` that ``agentflow`` passes on.

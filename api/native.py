@@ -10,6 +10,13 @@ from collections.abc import AsyncGenerator, Callable
 from aiohttp import web
 from reactivex import compose
 
+from api.cluster import (
+    WORKER_ID,
+    cancel_elsewhere,
+    owner_of,
+    remote_round,
+    wait_registered,
+)
 from api.common import (
     COORDINATOR,
     EVENT_LOG,
@@ -37,6 +44,7 @@ from operators import agent_filter, agent_view, resume_after, visible
 from pipeline.harnesses import MemoryHarness
 from pipeline.orchestrator import Turn
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest
+from sinks.cluster import RemoteCancelError
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -193,6 +201,7 @@ async def _visible_everywhere(app: web.Application, turn: Turn) -> None:
     event_log = app.get(EVENT_LOG)
     if event_log is not None:
         await event_log.appended(turn.request_id, seq=1, within=app[SETTINGS].event_log_timeout_s)
+        await wait_registered(app, turn.request_id)  # its owner too (issue 13)
 
 
 async def _from_event_log(
@@ -252,10 +261,17 @@ def parse_agent_view(request: web.Request) -> tuple[int | None, list[str] | None
 async def request_status(request: web.Request) -> web.Response:
     """``GET /v1/requests/{id}``: status and the round (request, messages, usage, timings)."""
     request_id = path_id(request, "request_id")
-    round_ = await request.app[COORDINATOR].get_round(request_id)
+    app = request.app
+    round_ = await app[COORDINATOR].get_round(request_id)
     if round_ is None:
-        raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
-    return web.json_response(round_.model_dump(mode="json"))
+        # Not in this worker's store: a turn of another worker, from Redis (issue 13).
+        remote = await remote_round(app, request_id)
+        if remote is None:
+            raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
+        return web.json_response(remote)
+    answer = round_.model_dump(mode="json")
+    answer["worker"] = await owner_of(app, request_id)
+    return web.json_response(answer)
 
 
 
@@ -268,14 +284,25 @@ async def request_cancel(request: web.Request) -> web.Response:
         turn.cancel()
         result = await turn.result
         return web.json_response({"request_id": request_id, "cancelled": True,
-                                  "status": result.status, "last_seq": result.last_seq})
+                                  "status": result.status, "last_seq": result.last_seq,
+                                  "worker": app[WORKER_ID]})
+    try:  # another worker's turn: the cancel goes to its owner (issue 13)
+        forwarded = await cancel_elsewhere(app, request_id)
+    except RemoteCancelError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
+                       headers={"Retry-After": "1"}) from exc
+    if forwarded is not None:
+        return web.json_response(forwarded)
     await app[STORE].flush()
     row = await app[STORE].request_row(request_id)
-    if row is None:
+    status = row["status"] if row is not None else None
+    if row is None and (remote := await remote_round(app, request_id)) is not None:
+        status = remote["status"]
+    if status is None:
         raise ApiError(404, f"no request {request_id!r}", code="request_not_found")
     return web.json_response({
-        "request_id": request_id, "cancelled": False, "status": row["status"],
-        "message": f"the request already ended ({row['status']}); nothing to cancel",
+        "request_id": request_id, "cancelled": False, "status": status,
+        "message": f"the request already ended ({status}); nothing to cancel",
     })
 
 

@@ -165,7 +165,9 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
               "native", params=(REQUEST_ID,), responses={200: _json("the round", Round)}),
     Operation("POST", "/v1/requests/{request_id}/cancel",
               "Stop a running turn, keeping its partial answer", "native", params=(REQUEST_ID,),
-              responses={200: _json("cancelled, or why not")}),
+              responses={200: _json("cancelled, or why not (`worker`: who ran it; `via: "
+                                    "owner` when another worker's turn was cancelled there)"),
+                         503: _json("the owner worker could not be reached (issue 13)")}),
     Operation("POST", "/v1/chat/completions", "OpenAI-compatible chat completions", "openai",
               body=ChatCompletionRequest, starts_turn=True,
               responses={200: Reply("a `chat.completion`, or with `stream: true` `data:`-only "
@@ -234,7 +236,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     Operation("GET", "/speech/providers", "Where the speech tools send audio", "tools",
               responses={200: _json("the providers")}),
     Operation("GET", "/healthz", "Liveness and the figures an operator looks at first", "ops",
-              responses={200: _json("status, live turns, clients, store, tools")}),
+              responses={200: _json("status, worker, pid, workers, live turns, clients, "
+                                    "store, tools")}),
     Operation("GET", "/metrics", "Prometheus metrics (text format 0.0.4)", "ops",
               responses={200: Reply("the metrics", media="text/plain", schema={"type": "string"})}),
     Operation("GET", "/", "The roundtable viewer page", "ops",

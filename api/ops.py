@@ -11,6 +11,7 @@ from typing import Any
 
 from aiohttp import web
 
+from api.cluster import identity
 from api.common import (
     CLIENTS,
     EVENT_LOG,
@@ -52,6 +53,7 @@ async def healthz(request: web.Request) -> web.Response:
     status = "ok" if store.writable and event_log["state"] == "ok" else "degraded"
     return web.json_response(status=200 if store.writable else 503, data={
         "status": status,
+        **await identity(app),  # worker, pid, workers (issue 13)
         "event_log": event_log,
         "model": {"offline": settings.offline, "base_url": app[PROVIDER].name,
                   "default": app[ORCHESTRATOR].default_model,

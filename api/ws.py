@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from aiohttp import WSMessage, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from api.cluster import cancel_elsewhere, wait_registered
 from api.common import (
     COORDINATOR,
     ORCHESTRATOR,
@@ -21,6 +22,7 @@ from api.common import (
 from api.wire import BODY_LIMITS, ApiError, BodyLimits, parse_json
 from core.errors import BufferOverflowError
 from pipeline.sessions import SessionCoordinator, TurnFailedError
+from sinks.cluster import RemoteCancelError
 from sinks.sse import frame_json
 
 log = logging.getLogger(__name__)
@@ -73,12 +75,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
                     check_model(request, parsed.model)
                     admit(request)
                 else:
-                    _cancel(app, parsed)
+                    await _cancel(app, parsed)
                     continue
             except ApiError as exc:
                 await ws.send_json({"type": "error", **exc.body()}, dumps=frame_json)
                 continue
-            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed))
+            task = asyncio.create_task(_ws_chat(ws, app[COORDINATOR], parsed, app=app))
             chats.add(task)
             task.add_done_callback(_ws_chat_ended(chats))
     finally:
@@ -88,12 +90,20 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def _cancel(app: web.Application, cancel: WsCancel) -> None:
+async def _cancel(app: web.Application, cancel: WsCancel) -> None:
+    """Cancel a running turn: here, or through its owner when another worker runs it
+    (issue 13); a turn running nowhere is a 404, an owner out of reach a 503."""
     turn = app[ORCHESTRATOR].live.get(cancel.response_id)
-    if turn is None:
+    if turn is not None:
+        turn.cancel()
+        return
+    try:
+        forwarded = await cancel_elsewhere(app, cancel.response_id)
+    except RemoteCancelError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable") from exc
+    if forwarded is None or not forwarded.get("cancelled"):
         raise ApiError(404, f"no running response {cancel.response_id!r} to cancel",
                        code="response_not_found", param="response_id")
-    turn.cancel()
 
 
 def _ws_message(request: web.Request, message: WSMessage) -> WsChat | WsCancel:
@@ -120,8 +130,11 @@ def _ws_chat_ended(chats: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[Non
     return ended
 
 
-async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat) -> None:
+async def _ws_chat(ws: web.WebSocketResponse, coordinator: SessionCoordinator, chat: WsChat,
+                   *, app: web.Application | None = None) -> None:
     handle = await coordinator.stream_request(chat.session_id, chat.content, model=chat.model)
+    if app is not None:  # the response id works on every worker once it is sent (issue 13)
+        await wait_registered(app, handle.response_id)
     await ws.send_json({"type": "response_id", "response_id": handle.response_id,
                         "session_id": handle.session_id}, dumps=frame_json)
     note: str | None = None

@@ -43,9 +43,20 @@ sheds the excess at the door: refused turns (``503``/``429`` with ``Retry-After`
 counted apart ("refused", with how fast the refusal came), and every other figure is of the
 admitted turns only (issue 10).
 
+With ``--workers 1,2`` (issue 13) the same phases also run against ``server.py
+--workers W --event-log <--redis-url>`` for each W (variants ``w1``, ``w2``: one process, or
+a supervisor with W workers on one port, each with its own DuckDB file until the recorder),
+beside the embedded single process (``ours``, ``EVENT_LOG=memory``) and the bare handler.
+The kernel spreads the clients' connections over the workers (``SO_REUSEPORT``); a turn is
+run by the worker its POST reached. Server CPU is then the sum over the supervisor and its
+workers, "CPU µs/event" divides it by the events delivered, and "Redis CPU" is the
+``used_cpu_user + used_cpu_sys`` that Redis's ``INFO cpu`` gained over the phase (that Redis
+may serve other programs too: the figure is an upper bound). The replay sample goes through
+the shared port, so a turn run by one worker may be replayed by the other, from Redis.
+
 Run: ``python bench/fanout_bench.py [--streams 100,500,1000] [--max-tokens 100]
 [--token-delay-ms 50] [--ramp-s 1] [--timeout-s 45] [--external-model]
-[--server-env NAME=VALUE …]``.
+[--server-env NAME=VALUE …] [--workers 1,2 [--redis-url URL] [--redis-prefix P]]``.
 """
 
 from __future__ import annotations
@@ -202,6 +213,55 @@ def cpu_pressure_s() -> float | None:
     return None
 
 
+def tree_pids(pid: int) -> list[int]:
+    """A process and all its descendants (a supervisor and its workers)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        with contextlib.suppress(OSError):
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo.extend(int(child) for child in fh.read().split())
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    """utime + stime summed over a process tree (children that exited are not counted)."""
+    total = 0.0
+    for one in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            total += proc_cpu_s(one)
+    return total
+
+
+def tree_mem_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) summed over a process tree, in MB."""
+    rss = hwm = 0.0
+    for one in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            r, h = proc_mem_mb(one)
+            rss, hwm = rss + r, hwm + h
+    return rss, hwm
+
+
+def redis_cpu_s(url: str | None) -> float | None:
+    """Redis's own CPU seconds so far (``INFO cpu``: user + sys), or None."""
+    if not url:
+        return None
+    import redis
+
+    try:
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            info = client.info("cpu")
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return None
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
 def proc_mem_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) in MB."""
     values = {}
@@ -220,6 +280,9 @@ class Server:
     port: int
     log_path: Path
     db_path: Path | None = None
+    db_paths: list[Path] = field(default_factory=list)  # every DuckDB file (one per worker)
+    redis_url: str | None = None  # its event log (the w1, w2 variants)
+    workers: int = 0  # 0: not a supervisor (bare, ours, w1)
 
     @property
     def base(self) -> str:
@@ -359,6 +422,11 @@ class Phase:
     lost: int = 0
     store_problems: list[str] = field(default_factory=list)
     timed_out: int = 0
+    redis_cpu_s: float | None = None
+
+    @property
+    def cpu_us_per_event(self) -> float:
+        return self.server_cpu_s / self.events * 1e6 if self.events else float("nan")
 
     @property
     def events(self) -> int:
@@ -432,10 +500,11 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
     clients = [Client() for _ in range(n)]
     loop = asyncio.get_running_loop()
     pid = server.proc.pid
-    rss_before, _ = proc_mem_mb(pid)
-    cpu0, model_cpu0 = proc_cpu_s(pid), (proc_cpu_s(model.proc.pid) if model else 0.0)
+    rss_before, _ = tree_mem_mb(pid)
+    cpu0, model_cpu0 = tree_cpu_s(pid), (proc_cpu_s(model.proc.pid) if model else 0.0)
+    redis0 = redis_cpu_s(server.redis_url)
     own0 = sum(os.times()[:2])
-    ours0 = sum(proc_cpu_s(s.proc.pid) for s in everyone)
+    ours0 = sum(tree_cpu_s(s.proc.pid) for s in everyone)
     machine0, pressure0 = machine_busy_s(), cpu_pressure_s()
     lag: list[float] = []
     stop_lag = asyncio.Event()
@@ -461,7 +530,7 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
             got = sum(len(c.ids) for c in clients)
             print(f"  {variant:<4} N={n:<5} {now - wall0:5.1f} s  {n - len(pending):>5}/{n} "
                   f"finished  {got:>7} events  server CPU "
-                  f"{(proc_cpu_s(pid) - cpu0) / (now - wall0) * 100:4.0f} %",
+                  f"{(tree_cpu_s(pid) - cpu0) / (now - wall0) * 100:4.0f} %",
                   file=sys.stderr, flush=True)
             next_report = now + 2.0
         if pending and now >= deadline:
@@ -473,19 +542,22 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
             break
     timed_out = len(pending)
     wall = time.monotonic() - wall0
-    server_cpu = proc_cpu_s(pid) - cpu0
+    server_cpu = tree_cpu_s(pid) - cpu0
     model_cpu = proc_cpu_s(model.proc.pid) - model_cpu0 if model else None
+    redis1 = redis_cpu_s(server.redis_url)
     client_cpu = sum(os.times()[:2]) - own0
-    others = (machine_busy_s() - machine0) - (sum(proc_cpu_s(s.proc.pid) for s in everyone)
+    others = (machine_busy_s() - machine0) - (sum(tree_cpu_s(s.proc.pid) for s in everyone)
                                               - ours0) - client_cpu
     pressure1 = cpu_pressure_s()
     pressure = pressure1 - pressure0 if pressure0 is not None and pressure1 is not None else None
     stop_lag.set()
     await lag_task
-    rss_after, hwm = proc_mem_mb(pid)
+    rss_after, hwm = tree_mem_mb(pid)
     return Phase(variant, n, clients, wall, server_cpu, client_cpu, rss_before, rss_after, hwm,
                  lag, model_cpu_s=model_cpu, others_cpu_s=max(0.0, others),
-                 pressure_s=pressure, timed_out=timed_out)
+                 pressure_s=pressure, timed_out=timed_out,
+                 redis_cpu_s=redis1 - redis0 if redis0 is not None and redis1 is not None
+                 else None)
 
 
 async def settle_health(session: aiohttp.ClientSession, server: Server,
@@ -493,13 +565,21 @@ async def settle_health(session: aiohttp.ClientSession, server: Server,
     """Our /healthz once no turn, client or subscription is left (or after ``timeout_s``)."""
     deadline = time.monotonic() + timeout_s
     health: dict[str, Any] = {}
+    idle: set[str] = set()  # with workers: every worker must be seen idle
     while time.monotonic() < deadline:
-        async with session.get(server.base + "/healthz") as resp:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) \
+                as fresh, fresh.get(server.base + "/healthz") as resp:
             health = await resp.json()
-        if not health["live_turns"] and not health["clients"]["open"] \
-                and not health["turn_subscribers"]:
+        quiet = not health["live_turns"] and not health["clients"]["open"] \
+            and not health["turn_subscribers"]
+        worker = str(health.get("worker"))
+        if quiet:
+            idle.add(worker)
+        else:
+            idle.discard(worker)
+        if quiet and {str(w["id"]) for w in health.get("workers", [])} <= idle:
             break
-        await asyncio.sleep(0.25)
+        await asyncio.sleep(0.1 if quiet else 0.25)
     return health
 
 
@@ -528,18 +608,23 @@ async def _get_stream(session: aiohttp.ClientSession, url: str, client: Client) 
             parse_frame(frame, now, client)
 
 
-def check_store(db_path: Path, phases: list[Phase]) -> None:
-    """After our server stopped: every turn fully stored, every client got its public events."""
+def check_store(db_paths: list[Path], phases: list[Phase]) -> None:
+    """After our server stopped: every turn fully stored, every client got its public events
+    (with workers: in the file of the worker that ran it)."""
     import duckdb
 
-    con = duckdb.connect(str(db_path), read_only=True)
-    try:
-        rows = con.execute(
-            "SELECT request_id, count(*), max(seq), "
-            "list(seq ORDER BY seq) FILTER (WHERE visibility = 'public') "
-            "FROM events GROUP BY request_id").fetchall()
-    finally:
-        con.close()
+    rows = []
+    for db_path in db_paths:
+        if not db_path.exists():
+            continue
+        con = duckdb.connect(str(db_path), read_only=True)
+        try:
+            rows += con.execute(
+                "SELECT request_id, count(*), max(seq), "
+                "list(seq ORDER BY seq) FILTER (WHERE visibility = 'public') "
+                "FROM events GROUP BY request_id").fetchall()
+        finally:
+            con.close()
     stored = {r[0]: (r[1], r[2], r[3] or []) for r in rows}
     for phase in phases:
         for client in phase.clients:
@@ -592,7 +677,7 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
               "so the server CPU includes serving and parsing the model stream.")
     head = (f"{'variant':<5} {'N':>5} {'events/s':>9} {'lost':>5} {'no done':>7} "
             f"{'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'turn s p50/max':>14} "
-            f"{'srv CPU':>8} {'RSS MB before→after (peak)':>27} {'client CPU':>10} "
+            f"{'srv CPU':>8} {'µs/ev':>6} {'Redis':>6} {'RSS MB before→after (peak)':>27} {'client CPU':>10} "
             f"{'client lag p99':>14} {'others CPU':>10} {'CPU pressure':>12}")
     print(head)
     print("-" * len(head))
@@ -605,16 +690,21 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
         if phase.model_cpu_s is not None:
             srv += f"+{phase.model_cpu_s / phase.wall_s * 100:.0f}"
         rss = f"{phase.rss_before:.0f}→{phase.rss_after:.0f} ({phase.hwm:.0f})"
+        redis_pct = (f"{phase.redis_cpu_s / phase.wall_s * 100:.0f} %"
+                     if phase.redis_cpu_s is not None else "—")
         print(f"{phase.variant:<5} {phase.n:>5} {phase.events_per_s:>9,.0f} {phase.lost:>5} "
               f"{phase.incomplete:>7} {fmt(p50):>7} {fmt(p99):>7} {fmt(mx):>7} "
-              f"{fmt(t50, '.2f') + '/' + fmt(tmax, '.2f'):>14} {srv:>8} {rss:>27} "
+              f"{fmt(t50, '.2f') + '/' + fmt(tmax, '.2f'):>14} {srv:>8} "
+              f"{fmt(phase.cpu_us_per_event):>6} {redis_pct:>6} {rss:>27} "
               f"{phase.client_cpu_s / phase.wall_s * 100:>8.0f} % {lag99:>11.1f} ms "
               f"{phase.others_cpu_s / phase.wall_s * 100:>8.0f} % "
               f"{fmt((phase.pressure_s or float('nan')) / phase.wall_s * 100):>10} %")
     print("(events/s = events received / (last receipt − first POST); ideal ≈ "
           f"N × {per_turn} / ({nominal:.1f} + {args.ramp_s:g}) s. CPU: 100 % = one core. "
           "Latency: data.ts → client receipt, all events. others CPU: every other process on "
-          "the machine; CPU pressure: share of the time some task waited for a core, PSI.)")
+          "the machine; CPU pressure: share of the time some task waited for a core, PSI. "
+          "µs/ev: server CPU (summed over a supervisor and its workers) per event delivered; "
+          "Redis: the Redis server's CPU (INFO cpu) over the phase.)")
     for phase in shed:
         admitted = phase.n - phase.refused
         print(f"  {phase.variant} N={phase.n}: {admitted} admitted, {phase.refused} refused at "
@@ -632,8 +722,25 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
         print(f"{n:>5} {fmt(p99o / p99b, '.2f') + '×':>14} "
               f"{ours.events_per_s / bare.events_per_s if bare.events_per_s else float('nan'):>18.2f}× "
               f"{cpu_o / cpu_b if cpu_b else float('nan'):>17.1f}×")
+    workers = [v for v in dict.fromkeys(p.variant for p in phases) if v.startswith("w")]
+    if workers:
+        print()
+        print(f"{'N':>5} " + " ".join(
+            f"{v + ' events/s /w1':>17} {v + ' µs/ev /ours':>16}" for v in workers))
+        for n in args.streams:
+            base, ours = by.get(("w1", n)), by.get(("ours", n))
+            cells = []
+            for v in workers:
+                ph = by.get((v, n))
+                if ph is None:
+                    continue
+                speed = ph.events_per_s / base.events_per_s if base and base.events_per_s \
+                    else float("nan")
+                cost = ph.cpu_us_per_event / ours.cpu_us_per_event if ours else float("nan")
+                cells.append(f"{fmt(speed, '.2f') + '×':>17} {fmt(cost, '.2f') + '×':>16}")
+            print(f"{n:>5} " + " ".join(cells))
     print()
-    for variant in ("ours", "bare"):
+    for variant in dict.fromkeys(p.variant for p in phases):
         bent = [(p.n, p.bends(tokens)) for p in phases if p.variant == variant]
         first = next(((n, why) for n, why in bent if why), None)
         if first is None:
@@ -647,6 +754,16 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
         met = not p.bends(tokens)
         print(f"target (1,000 streams at 20 tokens/s, p99 < {P99_TARGET_MS:.0f} ms, 0 lost): "
               f"{'MET' if met else 'NOT MET'}")
+    if "w1" in workers and "w2" in workers:
+        for n in args.streams:
+            one, two = by.get(("w1", n)), by.get(("w2", n))
+            if one is None or two is None or not one.events_per_s:
+                continue
+            speed = two.events_per_s / one.events_per_s
+            met = speed >= 1.6 and two.latency_ms()[1] < P99_TARGET_MS and not two.bends(tokens)
+            print(f"workers target at N={n} (w2 ≥ 1.6× w1's events/s at p99 < "
+                  f"{P99_TARGET_MS:.0f} ms, nothing lost): {speed:.2f}×, p99 "
+                  f"{fmt(two.latency_ms()[1])} ms: {'MET' if met else 'NOT MET'}")
     print()
     print("checks:")
     for phase in phases:
@@ -664,7 +781,7 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
         cut = [c for c in phase.clients if any("reconnect" in m for m in c.comments)]
         if cut:
             notes.append(f"{len(cut)} clients cut off as slow")
-        if phase.variant == "ours":
+        if phase.variant != "bare":
             notes.append(f"replay sample {phase.replay_checked - len(phase.replay_mismatch)}/"
                          f"{phase.replay_checked} identical")
             notes.extend(phase.replay_mismatch[:3])
@@ -724,11 +841,13 @@ async def drive(args: argparse.Namespace, servers: dict[str, Server], model: Ser
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         if model is not None:
             await wait_ready(session, model, "/v1/models")
-        await wait_ready(session, servers["bare"], "/healthz")
-        await wait_ready(session, servers["ours"], "/healthz")
+        for server in servers.values():
+            await wait_ready(session, server, "/healthz")
+            if server.workers > 1:  # every worker listening
+                await wait_workers(session, server)
         # Warm-up: a few turns each (imports, caches, the first DuckDB writes).
-        for name in ("bare", "ours"):
-            warm = [Client() for _ in range(5)]
+        for name in servers:
+            warm = [Client() for _ in range(5 * max(1, servers[name].workers))]
             now = asyncio.get_running_loop().time()
             await asyncio.gather(*(follow(session, servers[name].base + "/v1/orchestrate",
                                           {"messages": [{"role": "user", "content": "warm"}],
@@ -739,10 +858,10 @@ async def drive(args: argparse.Namespace, servers: dict[str, Server], model: Ser
         print("  warm-up done", file=sys.stderr, flush=True)
         everyone = [*servers.values(), *([model] if model is not None else [])]
         for n in args.streams:
-            for name in ("bare", "ours"):
+            for name in servers:
                 phase = await run_phase(session, servers[name], name, n, args, everyone,
-                                        model if name == "ours" else None)
-                if name == "ours":
+                                        model if name != "bare" else None)
+                if name != "bare":
                     phase.health = await settle_health(session, servers[name])
                     await check_replay(session, servers[name], phase, args.sample)
                 else:
@@ -754,7 +873,20 @@ async def drive(args: argparse.Namespace, servers: dict[str, Server], model: Ser
                       f"{phase.wall_s:.1f} s", file=sys.stderr, flush=True)
                 await asyncio.sleep(1.0)  # let the store flush and the loop settle
         await asyncio.sleep(2.0)
-        return {name: proc_mem_mb(server.proc.pid) for name, server in servers.items()}
+        return {name: tree_mem_mb(server.proc.pid) for name, server in servers.items()}
+
+
+async def wait_workers(session: aiohttp.ClientSession, server: Server,
+                       timeout_s: float = 60.0) -> None:
+    """Until ``/healthz`` lists every worker of a supervisor."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(aiohttp.ClientError, OSError):
+            async with session.get(server.base + "/healthz") as resp:
+                if len((await resp.json()).get("workers", [])) >= server.workers:
+                    return
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"{server.name}: {server.workers} workers not listed after {timeout_s:.0f} s")
 
 
 def main(args: argparse.Namespace) -> None:
@@ -787,6 +919,22 @@ def main(args: argparse.Namespace) -> None:
         servers["ours"] = start_process(
             "ours", [sys.executable, "server.py", "--port", str(port), "--db", str(db)],
             ours_env, tmp / "ours.log", port, db)
+        servers["ours"].db_paths = [db]
+        for count in args.workers:  # issue 13: the same server on Redis, W workers
+            port = free_port()
+            name = f"w{count}"
+            wdb = tmp / f"{name}.duckdb"
+            started = start_process(
+                name, [sys.executable, "server.py", "--port", str(port), "--db", str(wdb),
+                       "--event-log", args.redis_url, "--workers", str(count)],
+                {**ours_env, "REDIS_PREFIX": f"{args.redis_prefix}-{name}"},
+                tmp / f"{name}.log", port, wdb)
+            started.redis_url, started.workers = args.redis_url, count
+            # one file per worker until the recorder (api/supervisor.worker_db_path)
+            started.db_paths = [wdb] if count == 1 else [
+                wdb.with_name(f"{wdb.stem}.worker{slot}{wdb.suffix}")
+                for slot in range(1, count + 1)]
+            servers[name] = started
         print(f"fanout_bench: N in {args.streams}, {args.max_tokens} tokens every "
               f"{args.token_delay_ms:g} ms, ramp {args.ramp_s:g} s; servers ours pid "
               f"{servers['ours'].proc.pid}, bare pid {servers['bare'].proc.pid}; logs in {tmp}",
@@ -799,7 +947,11 @@ def main(args: argparse.Namespace) -> None:
     for name, code in codes.items():
         if code not in (0, -signal.SIGTERM):
             print(f"  {name} server exited with {code}", file=sys.stderr)
-    check_store(db, [p for p in phases if p.variant == "ours"])
+    for name, server in servers.items():
+        if name != "bare":
+            check_store(server.db_paths, [p for p in phases if p.variant == name])
+    if args.workers:
+        forget_prefixes(args.redis_url, [f"{args.redis_prefix}-w{c}" for c in args.workers])
     logs = {name: log_problems(server.log_path) for name, server in servers.items()}
     if model is not None:
         logs["model"] = log_problems(model.log_path)
@@ -808,6 +960,20 @@ def main(args: argparse.Namespace) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         print(f"kept {tmp}", file=sys.stderr)
+
+
+def forget_prefixes(url: str, prefixes: list[str]) -> None:
+    """Delete the bench's Redis keys."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        for prefix in prefixes:
+            keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+            for start in range(0, len(keys), 1000):
+                client.delete(*keys[start:start + 1000])
+    finally:
+        client.close()
 
 
 def parse_args() -> argparse.Namespace:
@@ -830,6 +996,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (logs, DB)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
                         help="a setting for our server only, e.g. MAX_LIVE_TURNS=150 (repeatable)")
+    parser.add_argument("--workers", default="",
+                        help="also run server.py --workers W on Redis for each W, e.g. 1,2")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0",
+                        help="the event log of the --workers variants")
+    parser.add_argument("--redis-prefix", default=f"bench-{os.getpid()}",
+                        help="REDIS_PREFIX of the --workers variants (+ -w1, -w2; deleted after)")
     parser.add_argument("--bare-server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -839,6 +1011,10 @@ def parse_args() -> argparse.Namespace:
         args.streams = [int(s) for s in args.streams.split(",") if s.strip()]
     except ValueError:
         parser.error("--streams takes comma-separated integers, e.g. 100,500,1000")
+    try:
+        args.workers = [int(s) for s in args.workers.split(",") if s.strip()]
+    except ValueError:
+        parser.error("--workers takes comma-separated integers, e.g. 1,2")
     if not args.streams or min(args.streams) < 1 or args.max_tokens < 1:
         parser.error("need streams >= 1 and max-tokens >= 1")
     return args

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.agent_settings import (
@@ -250,6 +250,23 @@ class Settings(BaseSettings):
         """True when the event log is Redis (``EVENT_LOG=redis://…``)."""
         return self.event_log != "memory"
     # (end of the distributed log settings)
+
+    # -- workers, leases, the supervisor (issue 13, branch workers): add settings below ------
+    workers: int = Field(default=1, ge=1, le=64, description="worker processes on one port; > 1 needs Redis")
+    reuse_port: bool = Field(default=False, description="listen with SO_REUSEPORT (set for workers)")
+    turn_lease_s: float = Field(default=3.0, ge=0.2, le=300, description="a turn owner's lease, renewed")
+    remote_cancel_timeout_s: float = Field(
+        default=5.0, gt=0, description="a cancel sent to another worker waits this long for it")
+    worker_restart_max_s: float = Field(default=5.0, gt=0, description="longest wait before a restart")
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_need_redis(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1 and info.data.get("event_log", "memory") == "memory":
+            raise ValueError(f"{value} workers need EVENT_LOG=redis://… (they share the turns "
+                             "through it); set it, or run one worker")
+        return value
+    # (end of the workers settings)
 
     @property
     def lake_dir(self) -> Path:

@@ -75,6 +75,9 @@ class Round(BaseModel):
     error: str | None
     request: list[dict[str, Any]]
     response: dict[str, Any] | None
+    #: The worker that runs (or ran) the turn (issue 13): set by the HTTP layer, which
+    #: knows the workers; None when nobody knows (e.g. its Redis meta expired).
+    worker: str | None = None
 
 
 class SessionCoordinator:

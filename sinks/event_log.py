@@ -614,6 +614,51 @@ class RedisEventLog:
                 self._reachable(False, exc)
             await asyncio.sleep(self.ping_s)
 
+    async def append_as_closer(self, request_id: str, events: Sequence[Event]) -> tuple[bool, int]:
+        """Append a numbered run of events (a dead owner's closing events, :mod:`sinks.cluster`)
+        through :data:`APPEND_SCRIPT`, as the turn's last ones (the finished expiry): only
+        if the stream ends right before the first, so a second closer, or an owner still
+        alive, is refused. Returns (appended, the stream's last seq).
+
+        Raises:
+            EventLogError: Redis could not be asked.
+        """
+        first = events[0].seq
+        try:
+            sha = self._sha or await self._load_script()
+            try:
+                answer = await self.client.evalsha(
+                    sha, 1, self.key(request_id), self.channel(request_id), first, self.ttl_s,
+                    *(_dump(event) for event in events))
+            except NoScriptError:
+                sha = await self._load_script()
+                answer = await self.client.evalsha(
+                    sha, 1, self.key(request_id), self.channel(request_id), first, self.ttl_s,
+                    *(_dump(event) for event in events))
+        except _FAILURES as exc:
+            raise EventLogError(f"event log: appending to {self.key(request_id)} failed: {exc}"
+                                ) from exc
+        return bool(int(answer[0])), int(answer[1])
+
+    async def read_all(self, request_id: str) -> list[Event]:
+        """Every event of the request's stream, in order (empty when it does not exist).
+
+        Raises:
+            EventLogError: Redis could not be asked.
+        """
+        out: list[Event] = []
+        last = 0
+        try:
+            while True:
+                entries = _entries(await self.client.xrange(
+                    self.key(request_id), f"({last}-0", "+", count=self.read_count))
+                out.extend(EVENT_ADAPTER.validate_json(payload) for _, payload in entries)
+                if len(entries) < self.read_count:
+                    return out
+                last = entries[-1][0]
+        except _FAILURES as exc:
+            raise EventLogError(f"event log: reading {self.key(request_id)} failed: {exc}") from exc
+
     # -- the reader -------------------------------------------------------------------
     async def head(self, request_id: str) -> StreamHead:
         """Whether the request's stream exists, its last seq, and whether that is ``done``.

@@ -48,36 +48,70 @@ async def recover_interrupted(store: EventStore) -> list[str]:
     return recovered
 
 
+Closing = list[tuple[Event, str | None, int | None]]
+
+
+class OpenStreams:
+    """Folds a turn's events: which streams are still open (with their agent and depth)."""
+
+    def __init__(self) -> None:
+        self.streams: dict[int, tuple[str | None, int | None]] = {}
+        self.open: list[int] = []
+
+    def apply(self, event: Event) -> None:
+        if event.type == "stream_start":
+            self.streams[event.stream_id] = (event.agent, event.depth)
+            self.open.append(event.stream_id)
+        elif event.type == "stream_end" and event.stream_id in self.open:
+            self.open.remove(event.stream_id)
+
+    def of(self, stream_id: int) -> tuple[str | None, int | None]:
+        """The agent and depth of a stream (``(None, None)`` when unknown)."""
+        return self.streams.get(stream_id, (None, None))
+
+
+def closing_events(state: TurnState, streams: OpenStreams, *, first_seq: int,
+                   error: str = INTERRUPTED_ERROR) -> Closing:
+    """The events that close an interrupted turn, numbered from ``first_seq``: its
+    ``request_received`` when nothing was recorded, every open stream ending ``error``
+    (innermost first), one ``turn_error`` and ``done`` (``reason: "interrupted"``); each
+    with its agent and depth. Nothing when the turn already ended. ``state`` is folded on.
+
+    Start-up recovery numbers them after :data:`SEQ_GAP`; the cluster's reaper
+    (:mod:`sinks.cluster`) right after the log's last seq (its followers read only the log).
+    """
+    closing: Closing = []
+    if state.status != "running":
+        return closing
+    if state.last_seq == 0:  # the row was written, the first event was not
+        closing.append((RequestReceived(agent="assistant",
+                                        conversation_id=state.conversation_id), None, None))
+    for stream_id in reversed(streams.open):
+        closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams.of(stream_id)))
+    closing.append((ErrorEvent(error=error, retryable=True), None, None))
+    closing.append((Done(ok=False, duration_ms=0, reason="interrupted"), None, None))
+    seq = first_seq - 1
+    for event, _, _ in closing:
+        seq += 1
+        event.request_id = state.request_id
+        event.seq = seq
+        state.apply(event)
+    return closing
+
+
 async def _close(store: EventStore, request_id: str) -> None:
     request = await store.request_row(request_id)
     assert request is not None
     state = TurnState(request_id, request["conversation_id"], request["model"] or "")
-    streams: dict[int, tuple[str | None, int | None]] = {}
-    open_streams: list[int] = []
+    streams = OpenStreams()
     async for event in store.events_since(request_id, 0):
         state.apply(event)
-        if event.type == "stream_start":
-            streams[event.stream_id] = (event.agent, event.depth)
-            open_streams.append(event.stream_id)
-        elif event.type == "stream_end" and event.stream_id in open_streams:
-            open_streams.remove(event.stream_id)
+        streams.apply(event)
     started = _epoch(request["started_at"]) if request["started_at"] else time.time()
-    closing: list[tuple[Event, str | None, int | None]] = []
     finished = state.status != "running"  # its done was stored, its row was not
-    if not finished and state.last_seq == 0:  # the row was written, the first event was not
-        closing.append((RequestReceived(agent="assistant",
-                                        conversation_id=request["conversation_id"]), None, None))
-    if not finished:
-        for stream_id in reversed(open_streams):
-            closing.append((StreamEnd(stream_id=stream_id, status="error"), *streams[stream_id]))
-        closing.append((ErrorEvent(error=INTERRUPTED_ERROR, retryable=True), None, None))
-        closing.append((Done(ok=False, duration_ms=0, reason="interrupted"), None, None))
-    seq = state.last_seq + SEQ_GAP if state.last_seq and closing else state.last_seq
+    gap = SEQ_GAP if state.last_seq else 0
+    closing = closing_events(state, streams, first_seq=state.last_seq + gap + 1)
     for event, agent, depth in closing:
-        seq += 1
-        event.request_id = request_id
-        event.seq = seq
-        state.apply(event)
         store.append_event(event, agent=agent, depth=depth)
     now = time.time()
     store.put_request(RequestRow(
@@ -86,7 +120,7 @@ async def _close(store: EventStore, request_id: str) -> None:
         duration_ms=state.duration_ms if finished else None,
         first_token_ms=request["first_token_ms"], model=request["model"],
         prompt_tokens=state.usage.prompt_tokens, completion_tokens=state.usage.completion_tokens,
-        total_tokens=state.usage.total_tokens, last_seq=seq,
+        total_tokens=state.usage.total_tokens, last_seq=state.last_seq,
         error=state.error if finished else INTERRUPTED_ERROR,
     ))
     await _interrupt_tools(store, request_id, now)

@@ -24,6 +24,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 import api.native
 import server
+from api.cluster import WORKER_ID
 from core.config import Settings
 from core.errors import BufferOverflowError
 from core.events import (
@@ -681,6 +682,7 @@ async def test_status_and_cancel_of_a_running_turn(
     frames = await follower.result()
     events = assert_wire_rules(frames, trace=False)
     done = events[-1]
+    assert cancelled.pop("worker") == client.app[WORKER_ID]  # issue 13: who cancelled it
     assert cancelled == {"request_id": request_id, "cancelled": True, "status": "cancelled",
                          "last_seq": done["seq"]}
     assert done["ok"] is False and done["reason"] == "cancelled"

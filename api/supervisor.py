@@ -1,0 +1,260 @@
+"""The supervisor of ``python server.py --workers N`` (issue 13): N worker processes on one
+port, restarted when they die, stopped together.
+
+The parent is neither a worker nor the recorder: it opens no store and serves nothing.
+Each child is ``server.py`` again with ``WORKERS=1`` and ``REUSE_PORT=true``; every child
+listens on the same port with ``SO_REUSEPORT`` and the kernel spreads the connections
+over them. The parent holds the port (bound, not listening) so that no other program
+takes it between restarts, and so that ``PORT=0`` means one free port for every worker.
+
+* A child that dies is started again (a new process, so a new worker id), after a
+  backoff that grows while it keeps dying young (up to ``WORKER_RESTART_MAX_S``); a child
+  that exits 2 (invalid settings) stops everything with exit code 2, and one that keeps
+  dying at once (10 times within its first second) stops everything with exit code 1.
+* SIGTERM (or SIGINT) to the parent goes on to every child, which drains its turns in
+  ``SHUTDOWN_GRACE_S``; the parent waits that long plus :data:`STOP_MARGIN_S`, kills what
+  is left, and exits 0 when every child exited cleanly (1 otherwise).
+* Children get SIGTERM when the parent dies, even by ``kill -9`` (``PR_SET_PDEATHSIG``).
+
+The plan of children is :func:`children`; the recorder of branch ``recorder`` (the only
+DuckDB writer) joins it through :data:`RECORDER_ROLE`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from core.config import Settings
+
+log = logging.getLogger("supervisor")
+
+#: HOOK for the recorder (branch ``recorder``, not merged yet): when ``server.py --role
+#: recorder --recorder-port P`` and ``--role worker --recorder-url URL`` exist, set this
+#: True: the plan then starts one recorder (the only process that opens ``DB_PATH``) and
+#: points every worker at it. Until then each worker gets a DuckDB file of its own.
+RECORDER_ROLE = False
+#: Seconds the parent waits beyond ``SHUTDOWN_GRACE_S`` for its children to exit.
+STOP_MARGIN_S = 10.0
+#: A child that exits within this long of starting "died young" (crash loop detection).
+YOUNG_S = 1.0
+MAX_YOUNG_DEATHS = 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ChildSpec:
+    """One child of the plan: its name (``worker-1``, ``recorder``), role, command, env."""
+
+    name: str
+    role: str
+    argv: list[str]
+    env: dict[str, str]
+
+
+def worker_db_path(db_path: Path, slot: int) -> Path:
+    """TEMPORARY (until the recorder): worker ``slot``'s own DuckDB file beside DB_PATH,
+    e.g. ``events.worker1.duckdb``; DuckDB lets one process open a file. A worker that
+    restarts in the same slot reopens it (its start-up recovery closes what it left)."""
+    return db_path.with_name(f"{db_path.stem}.worker{slot}{db_path.suffix}")
+
+
+def children(settings: Settings, *, server: str, port: int, recorder: bool = RECORDER_ROLE,
+             recorder_port: int | None = None) -> list[ChildSpec]:
+    """The processes the supervisor keeps running: the recorder (with ``recorder``) and
+    ``WORKERS`` workers, each ``server.py`` with its settings in the environment."""
+    base = {**os.environ, "PYTHONUNBUFFERED": "1", "HOST": settings.host, "PORT": str(port),
+            "EVENT_LOG": settings.event_log, "WORKERS": "1"}
+    if settings.allow_no_auth:
+        base["ALLOW_NO_AUTH"] = "true"
+    plan: list[ChildSpec] = []
+    worker_args: list[str] = []
+    if recorder:
+        # HOOK (branch recorder): one recorder owns DB_PATH; the workers use its API.
+        assert recorder_port is not None, "the recorder needs a port"
+        plan.append(ChildSpec(
+            name="recorder", role="recorder",
+            argv=[sys.executable, server, "--role", "recorder", "--recorder-port",
+                  str(recorder_port)],
+            env={**base, "DB_PATH": str(settings.db_path)}))
+        worker_args = ["--role", "worker", "--recorder-url", f"http://127.0.0.1:{recorder_port}"]
+    for slot in range(1, settings.workers + 1):
+        env = {**base, "REUSE_PORT": "true"}
+        if not recorder:
+            env["DB_PATH"] = str(worker_db_path(settings.db_path, slot))
+        plan.append(ChildSpec(name=f"worker-{slot}", role="worker",
+                              argv=[sys.executable, server, *worker_args], env=env))
+    return plan
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux ``prctl``)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+@dataclasses.dataclass
+class _Child:
+    spec: ChildSpec
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    restart_at: float = 0.0
+    young_deaths: int = 0
+    restarts: int = 0
+
+
+class Supervisor:
+    """Keeps the plan's children running until asked to stop (see the module docstring)."""
+
+    def __init__(self, settings: Settings, plan: list[ChildSpec]) -> None:
+        self.settings = settings
+        self.children = [_Child(spec) for spec in plan]
+        self._stop: int | None = None
+
+    def _signalled(self, signum: int, _frame: FrameType | None) -> None:
+        self._stop = signum
+
+    def _start(self, child: _Child) -> None:
+        child.proc = subprocess.Popen(child.spec.argv, env=child.spec.env,
+                                      preexec_fn=_die_with_parent)
+        child.started = time.monotonic()
+        log.info("%s started (pid %d)", child.spec.name, child.proc.pid)
+
+    def run(self) -> int:
+        """Supervise until SIGTERM/SIGINT; the exit code."""
+        previous = {sig: signal.signal(sig, self._signalled)
+                    for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            for child in self.children:
+                self._start(child)
+            code = self._watch()
+            if code is not None:
+                self._stop_all()
+                return code
+            log.info("stopping: SIGTERM to %d children", len(self.children))
+            return self._stop_all()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _watch(self) -> int | None:
+        """Restart dead children until a stop signal (None) or a fatal exit (its code)."""
+        while self._stop is None:
+            now = time.monotonic()
+            for child in self.children:
+                proc = child.proc
+                if proc is None:
+                    if now >= child.restart_at:
+                        child.restarts += 1
+                        self._start(child)
+                    continue
+                code = proc.poll()
+                if code is None:
+                    if child.young_deaths and now - child.started > 10 * YOUNG_S:
+                        child.young_deaths = 0  # it lives: forget its past
+                    continue
+                if self._stop is not None:
+                    break
+                lived = now - child.started
+                if code == 2:
+                    log.error("%s (pid %d) exited 2 (invalid settings); stopping",
+                              child.spec.name, proc.pid)
+                    return 2
+                child.young_deaths = child.young_deaths + 1 if lived < YOUNG_S else 0
+                if child.young_deaths >= MAX_YOUNG_DEATHS:
+                    log.error("%s died %d times within %.0fs of starting; stopping (its log "
+                              "says why)", child.spec.name, child.young_deaths, YOUNG_S)
+                    return 1
+                delay = min(self.settings.worker_restart_max_s,
+                            0.1 * 2 ** max(0, child.young_deaths - 1))
+                log.warning("%s (pid %d) died with exit code %s after %.1fs; restarting in %.1fs",
+                            child.spec.name, proc.pid, code, lived, delay)
+                child.proc = None
+                child.restart_at = now + delay
+            time.sleep(0.05)
+        return None
+
+    def _stop_all(self) -> int:
+        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
+        for proc in live:
+            try:
+                proc.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
+        clean = True
+        for child in self.children:
+            if child.proc is None:
+                continue
+            proc = child.proc
+            try:
+                code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.error("%s (pid %d) did not stop within %.0fs; killing it", child.spec.name,
+                          proc.pid, self.settings.shutdown_grace_s + STOP_MARGIN_S)
+                proc.kill()
+                proc.wait()
+                clean = False
+                continue
+            if code not in (0, -signal.SIGTERM, 130):  # stopped while still starting (130: SIGINT)
+                log.error("%s (pid %d) exited with %s on stop", child.spec.name, proc.pid, code)
+                clean = False
+        log.info("every child has exited%s", "" if clean else " (not all cleanly)")
+        return 0 if clean else 1
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen) ``host:port`` with SO_REUSEPORT: the workers join it, nobody else
+    can take it; with port 0 the OS picks one for all of them.
+
+    Raises:
+        OSError: the port is taken or the address is not this machine's.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def supervise(settings: Settings, *, server: str, recorder: bool = RECORDER_ROLE) -> int:
+    """Run the supervisor of ``settings.workers`` workers; its exit code (0 after a clean
+    stop, 1 when the port cannot be had or the children keep dying, 2 for settings)."""
+    try:
+        held = reserve_port(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot start: cannot listen on %s:%s (%s): stop what holds it, or choose "
+                  "another port with PORT=… or --port", settings.host, settings.port,
+                  exc.strerror or exc)
+        return 1
+    recorder_port: int | None = None
+    if recorder:
+        with socket.socket() as probe:  # HOOK (branch recorder): its internal API's port
+            probe.bind(("127.0.0.1", 0))
+            recorder_port = int(probe.getsockname()[1])
+    try:
+        port = int(held.getsockname()[1])
+        plan = children(settings, server=server, port=port, recorder=recorder,
+                        recorder_port=recorder_port)
+        log.info("supervising %d workers on http://%s:%d (pid %d)%s", settings.workers,
+                 settings.host, port, os.getpid(),
+                 "" if recorder else "; each worker has its own DuckDB file until the recorder")
+        return Supervisor(settings, plan).run()
+    finally:
+        held.close()

@@ -1,0 +1,62 @@
+"""The supervisor's plan of children (with and without the recorder hook) and its refusals."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from api.supervisor import children, worker_db_path
+from core.config import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_without_the_recorder_each_worker_gets_its_own_file_and_the_shared_port() -> None:
+    settings = Settings(workers=3, event_log="redis://127.0.0.1:6379/12",
+                        db_path=Path("/data/events.duckdb"), host="127.0.0.1")
+    plan = children(settings, server="/srv/server.py", port=8123, recorder=False)
+    assert [child.name for child in plan] == ["worker-1", "worker-2", "worker-3"]
+    assert {child.role for child in plan} == {"worker"}
+    assert [child.env["DB_PATH"] for child in plan] == [
+        "/data/events.worker1.duckdb", "/data/events.worker2.duckdb", "/data/events.worker3.duckdb"]
+    for child in plan:
+        assert child.argv == [sys.executable, "/srv/server.py"]
+        assert child.env["PORT"] == "8123" and child.env["REUSE_PORT"] == "true"
+        assert child.env["WORKERS"] == "1"  # a child never supervises
+        assert child.env["EVENT_LOG"] == "redis://127.0.0.1:6379/12"
+    assert worker_db_path(Path("x/e.duckdb"), 2) == Path("x/e.worker2.duckdb")
+
+
+def test_the_recorder_hook_plans_one_recorder_owning_the_file_and_workers_pointing_at_it() -> None:
+    settings = Settings(workers=2, event_log="redis://127.0.0.1:6379/12",
+                        db_path=Path("/data/events.duckdb"))
+    plan = children(settings, server="server.py", port=8123, recorder=True, recorder_port=9100)
+    recorder, *workers = plan
+    assert recorder.role == "recorder" and recorder.name == "recorder"
+    assert recorder.argv[1:] == ["server.py", "--role", "recorder", "--recorder-port", "9100"]
+    assert recorder.env["DB_PATH"] == "/data/events.duckdb"
+    assert "REUSE_PORT" not in recorder.env
+    assert [w.name for w in workers] == ["worker-1", "worker-2"]
+    for worker in workers:
+        assert worker.argv[1:] == ["server.py", "--role", "worker", "--recorder-url",
+                                   "http://127.0.0.1:9100"]
+        assert worker.env.get("DB_PATH") == os.environ.get("DB_PATH")  # the plan sets none
+
+
+def test_a_port_held_by_another_program_is_refused_with_one_line_and_exit_1(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    with socket.socket() as holder:  # no SO_REUSEPORT: nobody may join it
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "server.py", "--workers", "2", "--event-log",
+             "redis://127.0.0.1:6379/12", "--port", str(port), "--db",
+             str(tmp_path / "e.duckdb")], cwd=ROOT, env=env, capture_output=True, timeout=60)
+    lines = (done.stdout + done.stderr).decode().strip().splitlines()
+    assert done.returncode == 1, lines
+    assert len(lines) == 1 and f"cannot listen on 127.0.0.1:{port}" in lines[0], lines
