@@ -41,13 +41,13 @@ from api.common import (
     path_id,
 )
 from api.wire import ApiError, read_body
-from core.errors import BufferOverflowError
+from core.errors import BufferOverflowError, StoreError
 from core.events import Event
 from core.turn import ChatMessage, TurnInput
 from operators import TERMINAL_TYPES, ResponseEvent, fold_response, to_response_events
 from pipeline.orchestrator import Turn
 from sinks.sse import open_sse
-from sinks.store import EventStore
+from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ class ResponseMeta(BaseModel):
 LIVE: web.AppKey[dict[str, ResponseMeta]] = web.AppKey("responses_live")
 
 
-async def _save_meta(store: EventStore, meta: ResponseMeta) -> None:
+async def _save_meta(store: StoreApi, meta: ResponseMeta) -> None:
     def write() -> None:
         cursor = store.cursor()
         try:
@@ -262,7 +262,7 @@ async def _save_meta(store: EventStore, meta: ResponseMeta) -> None:
     await asyncio.to_thread(write)
 
 
-async def _load_meta(store: EventStore, response_id: str) -> ResponseMeta | None:
+async def _load_meta(store: StoreApi, response_id: str) -> ResponseMeta | None:
     def read() -> ResponseMeta | None:
         cursor = store.cursor()
         try:
@@ -281,7 +281,7 @@ async def _load_meta(store: EventStore, response_id: str) -> ResponseMeta | None
     return await asyncio.to_thread(read)
 
 
-async def _delete_meta(store: EventStore, response_id: str) -> None:
+async def _delete_meta(store: StoreApi, response_id: str) -> None:
     def delete() -> None:
         cursor = store.cursor()
         try:
@@ -327,7 +327,7 @@ def _snapshot_of_live(turn: Turn, meta: ResponseMeta) -> dict[str, Any]:
     return response
 
 
-async def _stored_events(store: EventStore, request_id: str) -> list[Event]:
+async def _stored_events(store: StoreApi, request_id: str) -> list[Event]:
     await store.flush()  # a turn that just finished may still be queued
     return [event async for event in store.events_since(request_id, 0)]
 
@@ -622,7 +622,11 @@ async def _create_table(app: web.Application) -> None:
         finally:
             cursor.close()
 
-    await asyncio.to_thread(create)
+    try:
+        await asyncio.to_thread(create)
+    except StoreError as exc:  # the worker role: no DuckDB connection here
+        log.warning("the Responses wire cannot keep responses in this process (%s); its "
+                    "requests answer 503", exc)
 
 
 def add_responses_routes(app: web.Application) -> None:

@@ -464,6 +464,19 @@ class RedisEventLog:
             await asyncio.wait_for(asyncio.shield(future), within)
         return turn.appended >= seq
 
+    async def drained(self, *, within: float = 2.0) -> bool:
+        """Wait (at most ``within`` seconds) until every event this process queued so far
+        is in Redis, so a read answered from the log (the recorder) includes them; False
+        when that did not happen in time."""
+        goals = [(turn.request_id, turn.pending[-1][0])
+                 for turn in self._turns.values() if turn.pending]
+        deadline = time.monotonic() + within
+        ok = True
+        for request_id, seq in goals:
+            ok = await self.appended(request_id, seq=seq,
+                                     within=max(0.0, deadline - time.monotonic())) and ok
+        return ok
+
     def _queue(self, turn: _TurnLog, event: Event) -> None:
         if turn.refused or turn.done_seq is not None:
             return

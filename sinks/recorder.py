@@ -127,6 +127,11 @@ class TurnRecorder(Observer[Event]):
             status="pending", created_at=now, updated_at=now,
         )
 
+    @property
+    def started_at(self) -> float:
+        """The request's start (epoch seconds)."""
+        return self._request.started_at
+
     def start(self) -> None:
         """Persist the request row, this turn's messages and the pending assistant message."""
         if self.store is None:

@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -388,6 +388,37 @@ class _Batch:
         for row in rows[middle:]:
             second.add(row)
         return [first, second]
+
+
+class StoreApi(Protocol):
+    """What the API layer uses of a store: reads, the write barrier and health.
+
+    :class:`EventStore` (the process opens the DuckDB file) and
+    :class:`sinks.remote_store.RemoteStore` (the worker role: the recorder process opens it)
+    both provide it. ``cursor`` is the one part a remote store cannot give (a raw DuckDB
+    connection): it raises :class:`~core.errors.StoreError` there.
+    """
+
+    stats: StoreStats
+
+    def health(self) -> StoreHealth: ...
+
+    async def flush(self, *, request_id: str | None = None, timeout_s: float | None = None,
+                    events_only: bool = False) -> None: ...
+
+    async def load_history(self, conversation_id: str, *, limit: int,
+                           exclude_request_id: str | None = None) -> list[dict[str, str]]: ...
+
+    def events_since(self, request_id: str, since_seq: int, *, page: int = 1000
+                     ) -> AsyncIterator[Event]: ...
+
+    async def request_row(self, request_id: str) -> dict[str, Any] | None: ...
+
+    async def messages_of(self, request_id: str) -> list[dict[str, Any]]: ...
+
+    async def aquery(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def cursor(self) -> duckdb.DuckDBPyConnection: ...
 
 
 class EventStore:
