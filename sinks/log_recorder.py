@@ -126,10 +126,20 @@ class LogRecorder:
         """Start draining (Redis may be down: it waits for it with backoff)."""
         self._task = asyncio.get_running_loop().create_task(self._run(), name="log-recorder")
 
-    async def aclose(self) -> None:
-        """Stop: turns being recorded stop where they are (their entries stay pending and
-        are taken up by the next start); what was handed to the store stays queued there."""
-        tasks = [t for t in [self._task, *(f.task for f in self._followed.values())] if t]
+    async def aclose(self, *, drain_s: float = 5.0) -> None:
+        """Stop: first record what the log holds now of the turns being recorded (at most
+        ``drain_s``), then stop where they are: a live turn's entry stays pending and is
+        taken up by the next start; what was handed to the store stays queued there."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._followed and drain_s > 0 and self._ready.is_set():
+            try:
+                await self.sync(timeout_s=drain_s)
+            except StoreError as exc:
+                log.warning("recorder: stopping before the log was caught up with: %s", exc)
+        tasks = [t for t in (f.task for f in self._followed.values()) if t]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -255,6 +265,8 @@ class LogRecorder:
             stored = await self._stored(request_id)
             if stored:
                 self.stats.resumed += 1
+                log.info("recorder: taking %s up after seq %d (stored by an earlier run)",
+                         request_id, stored[-1].seq)
                 recorder.resume(stored)
                 followed.recorded = stored[-1].seq
                 followed.done = isinstance(stored[-1], Done)
