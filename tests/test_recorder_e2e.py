@@ -66,8 +66,9 @@ class Proc:
             pytest.fail(f"{self.name} did not stop:\n{self.output()}")
 
 
-async def launch(folder: Path, name: str, args: list[str], health: str,
-                 env: dict[str, str | float]) -> Proc:
+def spawn(folder: Path, name: str, args: list[str], health: str,
+          env: dict[str, str | float]) -> Proc:
+    """``python server.py ARGS`` with only ``env``'s settings, its output in ``name.log``."""
     folder.mkdir(parents=True, exist_ok=True)
     variables = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
     variables.update({k: str(v) for k, v in env.items()}, PYTHONUNBUFFERED="1",
@@ -76,7 +77,14 @@ async def launch(folder: Path, name: str, args: list[str], health: str,
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "server.py", *args], cwd=ROOT, env=variables,
                                 stdout=out, stderr=subprocess.STDOUT)
-    running = Proc(name, proc, health.rsplit("/", 1)[0], log)
+    return Proc(name, proc, health.rsplit("/", 1)[0], log)
+
+
+async def launch(folder: Path, name: str, args: list[str], health: str,
+                 env: dict[str, str | float]) -> Proc:
+    """:func:`spawn`, then wait until ``health`` answers 200."""
+    running = spawn(folder, name, args, health, env)
+    proc = running.proc
     deadline = time.monotonic() + START_S
     async with aiohttp.ClientSession() as session:
         while True:
