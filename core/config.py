@@ -267,6 +267,8 @@ class Settings(BaseSettings):
                                       "recorder (catching up, then answering)")
     recorder_poll_s: float = Field(default=1.0, gt=0, description="how often a worker polls "
                                    "the recorder's health")
+    recorder_redis_connections: int = Field(default=32, ge=2, description="the recorder's Redis "
+                                            "connections; its reads of every live turn share them")
 
     @model_validator(mode="after")
     def _role_needs_redis(self) -> Settings:

@@ -347,6 +347,9 @@ class RedisEventLog:
         lost_after_s: A follower whose stream vanished (after a reconnect) and is not
             re-filled within this long ends with :class:`EventLogError`.
         connection_class: The redis-py connection class (tests count round trips with it).
+        max_connections: With it, commands wait (at most ``timeout_s``) for one of this many
+            connections rather than failing when all are in use (redis-py's default pool
+            fails past 100: the recorder follows every live turn at once).
     """
 
     def __init__(
@@ -354,6 +357,7 @@ class RedisEventLog:
         retry_base_s: float = 0.05, retry_max_s: float = 2.0, give_up_s: float = 300.0,
         ping_s: float = 1.0, batch_max: int = 512, timeout_s: float = 2.0, read_count: int = 512,
         lost_after_s: float = 5.0, connection_class: type[Connection] | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -371,10 +375,17 @@ class RedisEventLog:
         if connection_class is not None:
             extra["connection_class"] = connection_class
         # No retries inside redis-py: this class decides (backoff, repair, degraded state).
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, **extra,
-        )
+        if max_connections is not None:
+            self.client: aioredis.Redis = aioredis.Redis.from_pool(  # closes the pool too
+                aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=max_connections, timeout=timeout_s,
+                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                    retry=Retry(NoBackoff(), 0), **extra))
+        else:
+            self.client = aioredis.Redis.from_url(
+                url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, **extra,
+            )
         pool_kwargs = dict(self.client.connection_pool.connection_kwargs)
         # RESP2 on the subscriber: pub/sub messages are plain replies to read, not pushes.
         pool_kwargs.update(socket_timeout=None, retry=Retry(NoBackoff(), 0), protocol=2)

@@ -290,10 +290,17 @@ class LogRecorder:
             followed.advanced()
 
     async def _stored(self, request_id: str) -> list[Event]:
-        """The turn's events the store has (another run of this recorder wrote them)."""
+        """The turn's events the store has (an earlier run of this recorder wrote them).
+
+        No flush first: rows of an earlier recording of the turn in this run were
+        committed before it ended (a turn is recorded by one task at a time). A turn
+        without a ``requests`` row (a point lookup on its key, where reading its events is
+        a scan) counts as new: its row is written with its first events, and should a crash
+        have kept events without it, they are written again and ignored as duplicates."""
         while True:
             try:
-                await self.store.flush(request_id=request_id)
+                if await self.store.request_row(request_id) is None:
+                    return []
                 return [event async for event in self.store.events_since(request_id, 0)]
             except StoreError as exc:
                 log.warning("recorder: reading %s from the store failed (%s); retrying",

@@ -182,7 +182,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
         settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
         live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
         retry_max_s=settings.event_log_retry_max_s, ping_s=settings.event_log_ping_s,
-        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s)
+        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
+        max_connections=settings.recorder_redis_connections)
     await event_log.start()
     recorder = LogRecorder(event_log, store, consumer=settings.recorder_consumer,
                            claim_idle_s=settings.recorder_claim_idle_s,
