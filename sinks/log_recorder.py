@@ -120,6 +120,8 @@ class LogRecorder:
         self._followed: dict[str, _Followed] = {}
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()  # own pending entries re-read
+        self._touched = time.monotonic()
+        self._stopping = False
 
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
@@ -131,9 +133,14 @@ class LogRecorder:
         ``drain_s``), then stop where they are: a live turn's entry stays pending and is
         taken up by the next start; what was handed to the store stays queued there."""
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Not cancelled inside a blocked XREADGROUP (redis-py can hang cancelling a
+            # shared client's blocking read): it ends after its read, within block_ms.
+            self._stopping = True
+            done, _ = await asyncio.wait([self._task], timeout=self.block_ms / 1000 + 5)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
         if self._followed and drain_s > 0 and self._ready.is_set():
             try:
                 await self.sync(timeout_s=drain_s)
@@ -168,7 +175,7 @@ class LogRecorder:
     async def _run(self) -> None:
         failures = 0
         phase = "pending"
-        while True:
+        while not self._stopping:
             try:
                 if phase == "pending":
                     await self._create_group()
@@ -177,13 +184,18 @@ class LogRecorder:
                     phase = "new"
                     self._ready.set()
                 await self._read_new()
+                await self._touch()
                 failures = 0
                 self._reachable(True)
             except asyncio.CancelledError:
                 raise
             except _FAILURES as exc:
                 failures += 1
-                if failures == 1:
+                if "NOGROUP" in str(exc):  # Redis restarted empty: the group is gone too
+                    log.warning("recorder: the group %r on %s is gone (Redis restarted?); "
+                                "creating it again", self.group, self.key)
+                    phase = "pending"
+                elif failures == 1:
                     log.warning("recorder: reading %s failed (%s); retrying", self.key, exc)
                 self._reachable(False, exc)
                 await asyncio.sleep(min(self.retry_max_s, 0.05 * 2 ** (failures - 1)))
@@ -228,6 +240,18 @@ class LogRecorder:
             if start == "0-0":
                 return
 
+    async def _touch(self) -> None:
+        """Reset the idle time of the entries of the turns being recorded (``XCLAIM …
+        JUSTID`` to this consumer), so that a long live turn's entry never looks abandoned
+        to another recorder's ``XAUTOCLAIM``."""
+        now = time.monotonic()
+        if not self._followed or now - self._touched < self.claim_idle_s / 3:
+            return
+        self._touched = now
+        entries: list[Any] = [entry for f in self._followed.values() for entry in f.entries]
+        await self.log.client.xclaim(self.key, self.group, self.consumer, min_idle_time=0,
+                                     message_ids=entries, justid=True)
+
     async def _read_new(self) -> None:
         reply = await self.log.client.xreadgroup(
             self.group, self.consumer, {self.key: ">"}, count=self.read_count,
@@ -236,6 +260,8 @@ class LogRecorder:
             await self._discovered(entry_id, fields)
 
     async def _discovered(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        if self._stopping:  # read while stopping: pending, re-read on the next start
+            return
         self.stats.discovered += 1
         if not fields or b"r" not in fields:  # deleted meanwhile, or not ours: nothing to do
             await self._ack([entry_id])

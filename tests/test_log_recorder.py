@@ -10,6 +10,7 @@ twice (a repair from seq 1) is recorded once.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 import uuid
@@ -261,3 +262,41 @@ async def test_a_turn_announced_twice_and_recorded_twice_has_its_rows_once(
         finally:
             store.close()
     assert_recorded_once(path, "req_four", events)
+
+
+async def test_a_live_turns_entry_is_kept_fresh_so_no_other_recorder_claims_it(
+        tmp_path: Path, pfx: str) -> None:
+    events = events_of("req_five")
+    async with redis_log(pfx) as log:
+        owner = Owner(log, events, ctx_of("req_five"))
+        store = open_store(tmp_path / "a.duckdb")
+        other_store = open_store(tmp_path / "b.duckdb")
+        try:
+            async with recorder(log, store, consumer="a", claim_idle_s=1.5) as first:
+                await owner.emit(3)
+                await wait_for(lambda: first.stats.events_recorded >= 3, "following")
+                await asyncio.sleep(2.5)  # longer than claim_idle_s: kept fresh meanwhile
+                async with recorder(log, other_store, consumer="b", claim_idle_s=1.5) as second:
+                    assert second.stats.redelivered == 0 and second.live_turns == 0
+                await owner.emit(len(events))
+                await wait_for(lambda: first.stats.turns_recorded == 1, "recorded by a")
+        finally:
+            store.close()
+            other_store.close()
+    assert_recorded_once(tmp_path / "a.duckdb", "req_five", events)
+
+
+async def test_the_group_is_created_again_when_redis_lost_it(tmp_path: Path, pfx: str) -> None:
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    events = events_of("req_six")
+    try:
+        async with redis_log(pfx) as log, recorder(log, store) as rec:
+            await log.client.delete(log.turns_key)  # what an empty restart leaves
+            await asyncio.sleep(0.2)
+            owner = Owner(log, events, ctx_of("req_six"))
+            await owner.emit(len(events))
+            await wait_for(lambda: rec.stats.turns_recorded == 1, "recorded after NOGROUP")
+    finally:
+        store.close()
+    assert_recorded_once(path, "req_six", events)

@@ -227,7 +227,8 @@ async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path
 
 async def test_kill_9_of_the_recorder_mid_turn_loses_nothing_and_doubles_nothing(
         tmp_path: Path) -> None:
-    async with stack(tmp_path, OFFLINE_TOKEN_DELAY_MS=25, RECORDER_TIMEOUT_S=30) as s:
+    async with stack(tmp_path, OFFLINE_TOKEN_DELAY_MS=25, RECORDER_TIMEOUT_S=30,
+                     RECORDER_POLL_S=0.1) as s:
         recorder = await s.start_recorder()
         worker = await s.start_worker()
         async with aiohttp.ClientSession() as session:
@@ -244,11 +245,14 @@ async def test_kill_9_of_the_recorder_mid_turn_loses_nothing_and_doubles_nothing
                         await _recorded_some(session, recorder)
                         recorder.kill9()
                         killed = True
-                        await asyncio.sleep(0.3)  # the turn goes on without a recorder
+                        # the turn goes on without a recorder; the worker says degraded
+                        health = await _degraded(session, worker)
                         recorder = await s.start_recorder()
             async with session.get(f"{recorder.base}/internal/health") as resp:
                 stats = (await resp.json())["recorder"]
         assert killed
+        assert health["status"] == "degraded" and health["store"]["writable"] is False
+        assert "recorder unreachable" in health["store"]["last_error"]
         # the restarted recorder read its pending entry again and took the turn up
         assert stats["redelivered"] == 1 and stats["resumed"] == 1, stats
         assert_wire_rules(frames, trace=True)
@@ -274,6 +278,18 @@ async def _recorded_some(session: aiohttp.ClientSession, recorder: Proc) -> None
             return
         assert time.monotonic() < deadline, body
         await asyncio.sleep(0.02)
+
+
+async def _degraded(session: aiohttp.ClientSession, worker: Proc) -> Any:
+    """The worker's /healthz once it says degraded (503)."""
+    deadline = time.monotonic() + START_S
+    while True:
+        async with session.get(f"{worker.base}/healthz") as resp:
+            body = await resp.json()
+            if resp.status == 503:
+                return body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.05)
 
 
 async def _frames(resp: aiohttp.ClientResponse) -> AsyncIterator[Frame]:
