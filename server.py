@@ -146,6 +146,9 @@ async def remote_store_ctx(app: web.Application) -> AsyncIterator[None]:
                          settle=lambda: event_log.drained(within=settings.recorder_timeout_s))
     await remote.start()
     app[STORE] = remote
+    # /v1/query is answered by the recorder; /v1/export needs the file here (503)
+    app[ANALYTICS] = Analytics(connect=remote.cursor, flush=remote.flush, settings=settings,
+                               remote=remote.answer_query)
     log.info("worker: the store is the recorder's at %s", settings.recorder_url)
     yield
     await remote.aclose()

@@ -14,6 +14,8 @@ the :class:`~sinks.log_recorder.LogRecorder` and answers the workers' store call
 ``GET /internal/requests/{id}/messages``        the request's messages
 ``GET /internal/requests/{id}/events``          ``?since=N&page=P``: stored events' JSON
 ``POST /internal/query``                        ``{sql, params}``: one read-only statement
+``POST /internal/v1/query``                     a worker's ``/v1/query``: ``{sql, format,
+                                                max_rows, timeout_s, max_bytes}`` → its body
 ==============================================  ===============================================
 
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status. There is
@@ -35,7 +37,7 @@ from core.config import Settings
 from core.errors import StoreError
 from sinks.event_log import RedisEventLog
 from sinks.log_recorder import LogRecorder
-from sinks.query import QueryError, check_query
+from sinks.query import QueryError, QueryRefusedError, answer_query, check_query
 from sinks.remote_store import encode
 from sinks.store import EventStore
 
@@ -63,8 +65,8 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return _error(exc.status, exc.reason, "http_error")
     except StoreError as exc:
         return _error(503, str(exc), "store_unavailable")
-    except QueryError as exc:
-        return _error(400, str(exc), getattr(exc, "code", "query_error"))
+    except QueryError as exc:  # /v1/query's statuses: 403 refused, 400 otherwise
+        return _error(403 if isinstance(exc, QueryRefusedError) else 400, str(exc), exc.code)
     except (ValueError, KeyError, TypeError) as exc:
         return _error(400, f"bad request: {exc!r}", "bad_request")
     except Exception as exc:  # a bug: still a JSON answer, and the traceback in the log
@@ -165,6 +167,31 @@ async def query(request: web.Request) -> web.Response:
     return _json([list(row) for row in rows])
 
 
+async def analysts_query(request: web.Request) -> web.Response:
+    """``/v1/query`` answered for a worker: ``{sql, format, max_rows, timeout_s, max_bytes}``
+    → the body as ``/v1/query`` sends it, ``X-Row-Count`` and ``X-Truncated``."""
+    body = await _body(request)
+    fmt = str(body.get("format") or "json")
+    if fmt not in ("json", "csv", "parquet"):
+        raise ValueError(f"unknown format {fmt!r}")
+    store = request.app[RECORDER_STORE]
+    max_bytes = body.get("max_bytes")
+    await request.app[LOG_RECORDER].sync(timeout_s=_timeout(body, request.app))
+    con = store.cursor()
+
+    def run() -> Any:
+        try:
+            return answer_query(con, str(body["sql"]), fmt, max_rows=int(body["max_rows"]),
+                                timeout_s=float(body["timeout_s"]),
+                                max_bytes=None if max_bytes is None else int(max_bytes))
+        finally:
+            con.close()
+
+    answer = await asyncio.to_thread(run)
+    return web.Response(body=answer.body, content_type=answer.content_type, headers={
+        "X-Row-Count": str(answer.rows), "X-Truncated": "true" if answer.truncated else "false"})
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """The store (the only writer of the file), the log, the recorder; stopped in reverse:
     the recorder first (its turns' entries stay pending), then the store writes what is
@@ -216,4 +243,5 @@ def create_recorder_app(settings: Settings) -> web.Application:
     app.router.add_get("/internal/requests/{request_id}/messages", messages_of)
     app.router.add_get("/internal/requests/{request_id}/events", events)
     app.router.add_post("/internal/query", query)
+    app.router.add_post("/internal/v1/query", analysts_query)
     return app

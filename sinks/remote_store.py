@@ -29,6 +29,7 @@ import duckdb
 from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event
 from sinks.event_log import RedisEventLog
+from sinks.query import QueryAnswer, QueryError
 from sinks.store import StoreHealth, StoreStats
 
 log = logging.getLogger(__name__)
@@ -233,6 +234,43 @@ class RemoteStore:
         rows: list[list[Any]] = await self._call("POST", "/internal/query",
                                                  {"sql": sql, "params": list(params)})
         return [tuple(row) for row in rows]
+
+    async def answer_query(self, sql: str, fmt: str, limits: dict[str, Any]) -> QueryAnswer:
+        """``/v1/query`` answered by the recorder (after it caught up with the log).
+
+        Raises:
+            QueryError: the recorder refused the statement or DuckDB failed it (its
+                ``code`` as the recorder gave it: ``query_refused``, ``query_timeout``, …).
+            RecorderUnavailableError: the recorder cannot be reached.
+        """
+        session = self._session
+        if session is None:
+            raise RecorderUnavailableError("the recorder client is not started")
+        await self._settled()
+        timeout = aiohttp.ClientTimeout(total=float(limits.get("timeout_s", 10)) + self.timeout_s)
+        try:
+            async with session.post(self.url + "/internal/v1/query", timeout=timeout,
+                                    json={"sql": sql, "format": fmt, **limits}) as resp:
+                payload = await resp.read()
+                if resp.status in (400, 403):
+                    self._up()
+                    error = json.loads(payload)["error"]
+                    failure = QueryError(error["message"])
+                    failure.code = str(error.get("code") or "query_error")
+                    raise failure
+                if resp.status >= 400:
+                    self._up()
+                    raise RecorderUnavailableError(f"the recorder: {payload[:200]!r}")
+                answer = QueryAnswer(body=payload, content_type=resp.content_type,
+                                     rows=int(resp.headers.get("X-Row-Count", "0")),
+                                     truncated=resp.headers.get("X-Truncated") == "true")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            self._down(exc)
+            raise RecorderUnavailableError(
+                f"the recorder at {self.url} cannot be reached ({type(exc).__name__}: {exc})"
+            ) from exc
+        self._up()
+        return answer
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """Not available: a worker has no DuckDB connection (the recorder holds the file)."""

@@ -185,6 +185,18 @@ async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path
                 "conversation_id": "conv_e2e", "trace": True})
             async with session.get(f"{worker.base}/healthz") as resp:
                 health = await resp.json()
+            # /v1/query through the worker is answered by the recorder, caught up first
+            async with session.post(f"{worker.base}/v1/query", json={
+                    "sql": "SELECT count(*) AS n, count(DISTINCT request_id) AS turns "
+                           "FROM events"}) as resp:
+                assert resp.status == 200, await resp.text()
+                counted = await resp.json()
+            async with session.post(f"{worker.base}/v1/query",
+                                    json={"sql": "DELETE FROM events"}) as resp:
+                refused = (resp.status, (await resp.json())["error"]["code"])
+            async with session.post(f"{worker.base}/v1/query", json={
+                    "sql": "SELECT 1 AS one", "format": "csv"}) as resp:
+                csv_answer = (resp.status, resp.content_type, await resp.text())
         client = openai.AsyncOpenAI(base_url=f"{worker.base}/v1", api_key="x", max_retries=0)
         try:
             stream = await client.chat.completions.create(
@@ -195,6 +207,9 @@ async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path
         finally:
             await client.close()
         assert sdk_text
+        assert counted["rows"] == [[len(first) + len(second), 2]]
+        assert refused == (403, "query_refused")
+        assert csv_answer == (200, "text/csv", "one\r\n1\r\n")
         assert health["status"] == "ok" and health["store"]["writable"] is True
         for frames in (first, second):
             assert_wire_rules(frames, trace=True)
