@@ -461,6 +461,13 @@ class LogRecorder:
                     await asyncio.wait_for(progress.wait(), remaining)
 
     async def _stored_seq(self, request_id: str) -> int:
+        """The last seq stored of a turn not being recorded: a finished turn's ``requests``
+        row says it (a point lookup); otherwise its events are counted (a scan)."""
+        row = await self.store.request_row(request_id)
+        if row is None:
+            return 0
+        if row["status"] != "running" and row["last_seq"] is not None:
+            return int(row["last_seq"])
         rows = await self.store.aquery(
             "SELECT coalesce(max(seq), 0) FROM events WHERE request_id = ?", [request_id])
         return int(rows[0][0])
