@@ -16,6 +16,7 @@ the :class:`~sinks.log_recorder.LogRecorder` and answers the workers' store call
 ``POST /internal/query``                        ``{sql, params}``: one read-only statement
 ``POST /internal/v1/query``                     a worker's ``/v1/query``: ``{sql, format,
                                                 max_rows, timeout_s, max_bytes}`` → its body
+``GET|PUT|DELETE /internal/responses/{id}``     a row of ``responses`` (the Responses wire)
 ==============================================  ===============================================
 
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status. There is
@@ -26,6 +27,7 @@ that died is closed through the log, by the worker that takes the turn over).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -39,6 +41,7 @@ from sinks.event_log import RedisEventLog
 from sinks.log_recorder import LogRecorder
 from sinks.query import QueryError, QueryRefusedError, answer_query, check_query
 from sinks.remote_store import encode
+from sinks.responses_table import ResponseRecord
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -167,6 +170,23 @@ async def query(request: web.Request) -> web.Response:
     return _json([list(row) for row in rows])
 
 
+async def response_get(request: web.Request) -> web.Response:
+    found = await request.app[RECORDER_STORE].responses().load(request.match_info["response_id"])
+    return _json(None if found is None else dataclasses.asdict(found))
+
+
+async def response_put(request: web.Request) -> web.Response:
+    body = await _body(request)
+    record = ResponseRecord(**{**body, "response_id": request.match_info["response_id"]})
+    await request.app[RECORDER_STORE].responses().save(record)
+    return _json({"ok": True})
+
+
+async def response_delete(request: web.Request) -> web.Response:
+    await request.app[RECORDER_STORE].responses().delete(request.match_info["response_id"])
+    return _json({"ok": True})
+
+
 async def analysts_query(request: web.Request) -> web.Response:
     """``/v1/query`` answered for a worker: ``{sql, format, max_rows, timeout_s, max_bytes}``
     → the body as ``/v1/query`` sends it, ``X-Row-Count`` and ``X-Truncated``."""
@@ -205,6 +225,7 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                        retry_max_ms=settings.store_retry_max_ms,
                        barrier_timeout_s=settings.store_barrier_timeout_s)
     await asyncio.to_thread(store.open)
+    await store.responses().create()
     event_log = RedisEventLog(
         settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
         live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
@@ -244,4 +265,7 @@ def create_recorder_app(settings: Settings) -> web.Application:
     app.router.add_get("/internal/requests/{request_id}/events", events)
     app.router.add_post("/internal/query", query)
     app.router.add_post("/internal/v1/query", analysts_query)
+    app.router.add_get("/internal/responses/{response_id}", response_get)
+    app.router.add_put("/internal/responses/{response_id}", response_put)
+    app.router.add_delete("/internal/responses/{response_id}", response_delete)
     return app

@@ -30,6 +30,7 @@ from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event
 from sinks.event_log import RedisEventLog
 from sinks.query import QueryAnswer, QueryError
+from sinks.responses_table import ResponseRecord, ResponsesTable
 from sinks.store import StoreHealth, StoreStats
 
 log = logging.getLogger(__name__)
@@ -272,10 +273,35 @@ class RemoteStore:
         self._up()
         return answer
 
+    def responses(self) -> ResponsesTable:
+        """The ``responses`` table, in the recorder's store (it creates it when it starts)."""
+        return _RemoteResponses(self)
+
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """Not available: a worker has no DuckDB connection (the recorder holds the file)."""
         raise StoreError("the worker role has no DuckDB connection: this endpoint needs the "
                          "store in this process (ROLE=single)")
+
+
+class _RemoteResponses:
+    """:class:`~sinks.responses_table.ResponsesTable` through the recorder's internal API."""
+
+    def __init__(self, store: RemoteStore) -> None:
+        self._store = store
+
+    async def create(self) -> None:
+        pass  # the recorder creates it when it opens the store
+
+    async def save(self, record: ResponseRecord) -> None:
+        await self._store._call("PUT", f"/internal/responses/{record.response_id}",
+                                dataclasses.asdict(record))
+
+    async def load(self, response_id: str) -> ResponseRecord | None:
+        found = await self._store._call("GET", f"/internal/responses/{response_id}")
+        return None if found is None else ResponseRecord(**found)
+
+    async def delete(self, response_id: str) -> None:
+        await self._store._call("DELETE", f"/internal/responses/{response_id}")
 
 
 def log_barrier(event_log: RedisEventLog, store: RemoteStore, *, timeout_s: float

@@ -45,6 +45,7 @@ import pyarrow as pa
 from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
 from sinks.query import harden
+from sinks.responses_table import LocalResponses, ResponsesTable
 from sinks.views import create_views
 
 log = logging.getLogger(__name__)
@@ -420,6 +421,8 @@ class StoreApi(Protocol):
 
     def cursor(self) -> duckdb.DuckDBPyConnection: ...
 
+    def responses(self) -> ResponsesTable: ...
+
 
 class EventStore:
     """The event store. Open with :meth:`open` (or ``with``), stop with :meth:`close`.
@@ -605,6 +608,10 @@ class EventStore:
             dead_letters=self.stats.dead_letters, last_error=self.stats.last_error,
             retry_in_s=0.0 if self._writable else round(max(0.0, self._retry_at - time.monotonic()), 3),
         )
+
+    def responses(self) -> ResponsesTable:
+        """The ``responses`` table of the Responses wire, on this store's connection."""
+        return LocalResponses(self.cursor)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor on the store's database, for analysts' reads and exports."""

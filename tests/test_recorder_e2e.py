@@ -314,3 +314,33 @@ async def _frames(resp: aiohttp.ClientResponse) -> AsyncIterator[Frame]:
         async for frame in stream:
             if frame.data is not None:
                 yield frame
+
+
+async def test_the_responses_wire_through_a_worker_keeps_its_rows_in_the_recorder(
+        tmp_path: Path) -> None:
+    """A stored response, a follow-up on ``previous_response_id`` (memory through the
+    recorder, the previous response's row read back from it), retrieve, delete."""
+    async with stack(tmp_path, OFFLINE_TOKEN_DELAY_MS=1) as s:
+        await s.start_recorder()
+        worker = await s.start_worker()
+        client = openai.AsyncOpenAI(base_url=f"{worker.base}/v1", api_key="x", max_retries=0)
+        try:
+            first = await client.responses.create(model="offline", input="Remember: blue.")
+            second = await client.responses.create(model="offline", input="Which colour?",
+                                                   previous_response_id=first.id)
+            retrieved = await client.responses.retrieve(first.id)
+            deleted = await client.responses.delete(second.id)
+            with pytest.raises(openai.NotFoundError):
+                await client.responses.retrieve(second.id)
+        finally:
+            await client.close()
+        assert first.status == second.status == retrieved.status == "completed"
+        assert retrieved.output_text == first.output_text
+        assert deleted is None or getattr(deleted, "deleted", True)
+        assert s.worker is not None and s.recorder is not None
+        assert s.worker.stop() == 0 and s.recorder.stop() == 0
+    rows = stored(s.db, "SELECT response_id FROM responses")
+    assert rows == [(first.id,)]
+    memory = stored(s.db, "SELECT data->>'messages_loaded' FROM events WHERE type = 'memory' "
+                          "AND request_id = ?", ["req_" + second.id.removeprefix("resp_")])
+    assert memory == [("2",)]
