@@ -425,18 +425,29 @@ class LogRecorder:
                        if f.conversation_id == conversation_id]
         else:
             targets = list(self._followed)
-        for target in targets:
-            goal = seq if seq is not None and target == request_id else await self._head(target)
+        targets = list(targets)
+        if seq is not None and request_id is not None:
+            goals = [seq]
+        else:
+            goals = await self._heads(targets)
+        for target, goal in zip(targets, goals, strict=True):
             await self._caught_up(target, goal, deadline)
         remaining = max(0.001, deadline - time.monotonic())
         await self.store.flush(request_id=request_id, events_only=events_only,
                                timeout_s=remaining)
 
-    async def _head(self, request_id: str) -> int:
+    async def _heads(self, request_ids: list[str]) -> list[int]:
+        """The last seq of each turn's stream now (0 when it has none), in one round trip."""
+        if not request_ids:
+            return []
         try:
-            return (await self.log.head(request_id)).last_seq
-        except EventLogError as exc:
+            pipe = self.log.client.pipeline(transaction=False)
+            for request_id in request_ids:
+                pipe.xrevrange(self.log.key(request_id), "+", "-", count=1)
+            replies = await pipe.execute()
+        except _FAILURES as exc:
             raise StoreError(f"the recorder cannot read the log: {exc}") from exc
+        return [int(bytes(top[0][0]).partition(b"-")[0]) if top else 0 for top in replies]
 
     async def _caught_up(self, request_id: str, goal: int, deadline: float) -> None:
         """Until ``request_id`` is recorded up to ``goal`` (or finished)."""

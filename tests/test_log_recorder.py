@@ -300,3 +300,31 @@ async def test_the_group_is_created_again_when_redis_lost_it(tmp_path: Path, pfx
     finally:
         store.close()
     assert_recorded_once(path, "req_six", events)
+
+
+async def test_sync_waits_for_the_log_and_fails_when_the_recorder_cannot_get_there(
+        tmp_path: Path, pfx: str) -> None:
+    """The read-your-writes barrier: it returns once what the log holds is committed (even
+    for a turn not announced yet when it was asked), and raises rather than pretending."""
+    from core.errors import StoreError
+
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    events = events_of("req_seven")
+    try:
+        async with redis_log(pfx) as log, recorder(log, store) as rec:
+            with pytest.raises(StoreError):
+                await rec.sync(request_id="req_never", seq=3, timeout_s=0.3)
+            owner = Owner(log, events, ctx_of("req_seven"))
+            waiting = asyncio.ensure_future(rec.sync(request_id="req_seven", seq=8, timeout_s=10))
+            await owner.emit(8)
+            await waiting  # seq 8 committed: the store has it now
+            assert store.query("SELECT max(seq) FROM events WHERE request_id = 'req_seven'") \
+                == [(8,)]
+            await owner.emit(len(events))
+            await rec.sync(timeout_s=10)  # everything the log holds
+            assert store.query("SELECT status FROM requests WHERE request_id = 'req_seven'") \
+                == [("completed",)]
+    finally:
+        store.close()
+    assert_recorded_once(path, "req_seven", events)
