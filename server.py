@@ -97,7 +97,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
                        backlog_max_rows=settings.store_backlog_max_rows,
                        retry_min_ms=settings.store_retry_min_ms,
                        retry_max_ms=settings.store_retry_max_ms,
-                       barrier_timeout_s=settings.store_barrier_timeout_s)
+                       barrier_timeout_s=settings.store_barrier_timeout_s,
+                       history_cache_bytes=settings.history_cache_max_bytes)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)

@@ -28,7 +28,7 @@ from pipeline.providers import OpenAIProvider
 from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
 from sinks.event_log import RedisEventLog
-from sinks.sse import comment_frame, event_frame, open_sse
+from sinks.sse import FrameWriter, comment_frame, event_frame, open_sse
 from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
@@ -356,14 +356,17 @@ def model_of(model: str | None, provider: str | None) -> str | None:
 
 
 async def stream_native(
-    request: web.Request, events: AsyncGenerator[Event | None], *, headers: dict[str, str],
+    request: web.Request, events: AsyncGenerator[Event | None] | AsyncGenerator[list[Event]],
+    *, headers: dict[str, str],
     on_written: Callable[[int], None] | None = None,
     on_disconnect: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     """Write native SSE frames: a ``: stream open`` comment at once, then the events (the
     first carries the ``retry:`` advice in its own block), and a comment heartbeat for each
     ``None`` in ``events`` (a live turn's iterator yields
-    one per ``HEARTBEAT_S`` of silence: ``turn.events(idle_s=...)``).
+    one per ``HEARTBEAT_S`` of silence: ``turn.events(idle_s=...)``). ``events`` may
+    yield batches instead (``turn.batches``: the events ready, ``[]`` for a silence):
+    each batch is one socket write.
 
     A client that falls more than ``CLIENT_BUFFER_EVENTS`` behind, or whose writes block
     for ``CLIENT_WRITE_TIMEOUT_S``, gets a final comment and is disconnected; it resumes
@@ -374,19 +377,25 @@ async def stream_native(
     app = request.app
     settings = app[SETTINGS]
     response = await open_sse(request, headers=headers)
+    writer = FrameWriter(request, response, timeout_s=settings.client_write_timeout_s)
     app[CLIENTS].open += 1
     try:
         await response.write(comment_frame("stream open"))
         retry_ms: int | None = settings.sse_retry_ms  # sent once, inside the first event's block
         async with contextlib.aclosing(events) as source:
-            async for event in source:
-                if event is None:
-                    frame = comment_frame("keep-alive")
-                else:
-                    frame, retry_ms = event_frame(event, retry_ms=retry_ms), None
-                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
-                if on_written is not None and event is not None:
-                    on_written(event.seq)
+            async for item in source:  # an event, or a batch of the events ready
+                batch = item if isinstance(item, list) else [] if item is None else [item]
+                if not batch:  # a silence: None, or an empty batch
+                    await writer.write(comment_frame("keep-alive"))
+                    continue
+                frames = []
+                for event in batch:
+                    frames.append(event_frame(event, retry_ms=retry_ms))
+                    retry_ms = None
+                await writer.write(b"".join(frames))  # what is ready goes in one write
+                if on_written is not None:
+                    for event in batch:
+                        on_written(event.seq)
     except BufferOverflowError as exc:
         app[CLIENTS].cut_off += 1
         await _last_words(response, comment_frame(f"{exc}; reconnect with Last-Event-ID to resume"))

@@ -64,9 +64,9 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         await _visible_everywhere(request.app, turn)
         return _accepted(turn)
     settings = request.app[SETTINGS]
-    events = turn.view(compose(visible(trace=body.trace),
-                               agent_view(max_depth=body.max_depth, agents=body.agents)),
-                       max_buffer=settings.client_buffer_events, idle_s=settings.heartbeat_s)
+    events = turn.batches(compose(visible(trace=body.trace),
+                                  agent_view(max_depth=body.max_depth, agents=body.agents)),
+                          max_buffer=settings.client_buffer_events, idle_s=settings.heartbeat_s)
     return await stream_native(
         request, events, headers=_turn_headers(turn),
         on_disconnect=turn.cancel if body.on_disconnect == "cancel" else None,

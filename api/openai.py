@@ -32,7 +32,7 @@ from core.errors import BufferOverflowError
 from core.turn import TurnInput
 from operators import ChatChunk, to_chat_chunks
 from pipeline.roundtable import RoundtableRequest, panel_names, panel_of
-from sinks.sse import DONE_FRAME, data_frame, open_sse
+from sinks.sse import DONE_FRAME, FrameWriter, data_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -98,15 +98,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return web.json_response(completion_of(chunks), headers=_turn_headers(turn))
     response = await open_sse(request, headers=_turn_headers(turn))
     settings = request.app[SETTINGS]
+    writer = FrameWriter(request, response, timeout_s=settings.client_write_timeout_s)
     app[CLIENTS].open += 1
     try:
         async with contextlib.aclosing(
-            turn.view(to_chunks, max_buffer=settings.client_buffer_events)
+            turn.batches(to_chunks, max_buffer=settings.client_buffer_events)
         ) as stream:
-            async for chunk in stream:
-                frame = data_frame(json.dumps(chunk, separators=(",", ":")))
-                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
-        await asyncio.wait_for(response.write(DONE_FRAME), settings.client_write_timeout_s)
+            async for chunks in stream:  # what is ready goes in one write
+                await writer.write(b"".join(
+                    data_frame(json.dumps(chunk, separators=(",", ":"))) for chunk in chunks))
+        await writer.write(DONE_FRAME)
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1
         error = ApiError(500, str(exc) or "client too slow", type="server_error",

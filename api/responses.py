@@ -47,7 +47,7 @@ from core.turn import ChatMessage, TurnInput
 from operators import TERMINAL_TYPES, ResponseEvent, fold_response, to_response_events
 from pipeline.orchestrator import Turn
 from sinks.responses_table import ResponseRecord
-from sinks.sse import open_sse
+from sinks.sse import FrameWriter, open_sse
 from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
@@ -325,13 +325,13 @@ async def _stream(
     app = request.app
     settings = app[SETTINGS]
     response = await open_sse(request, headers=headers)
+    writer = FrameWriter(request, response, timeout_s=settings.client_write_timeout_s)
     app[CLIENTS].open += 1
     last = -1
     try:
         async with contextlib.aclosing(events) as source:
             async for event in source:
-                await asyncio.wait_for(response.write(_frame(event)),
-                                       settings.client_write_timeout_s)
+                await writer.write(_frame(event))
                 last = event["sequence_number"]
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1

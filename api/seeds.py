@@ -14,7 +14,6 @@ Both are ordinary turns: recorded, and replayable natively with
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -39,7 +38,7 @@ from api.wire import ApiError, read_body
 from core.errors import BufferOverflowError
 from core.turn import ChatMessage, ToolCallSpec, TurnInput
 from operators import to_seed_frames
-from sinks.sse import data_frame, open_sse
+from sinks.sse import FrameWriter, data_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -120,12 +119,13 @@ async def _stream_data(
     app = request.app
     settings = app[SETTINGS]
     response = await open_sse(request, headers=headers)
+    writer = FrameWriter(request, response, timeout_s=settings.client_write_timeout_s)
     app[CLIENTS].open += 1
     try:
         async with contextlib.aclosing(items) as source:
             async for item in source:
                 frame = data_frame(json.dumps(item, separators=(",", ":"), ensure_ascii=False))
-                await asyncio.wait_for(response.write(frame), settings.client_write_timeout_s)
+                await writer.write(frame)
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1
         await _last_words(response, data_frame(json.dumps(

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     flush_interval_ms: float = Field(default=250.0, gt=0, description="max age of an unflushed event")
     flush_max_rows: int = Field(default=2048, ge=1, description="flush when this many rows wait")
     history_max_messages: int = Field(default=200, ge=0, description="earlier messages memory loads")
+    # -- hot path (issue 12) --
+    history_cache_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0,
+        description="recent conversations' messages kept in memory for memory; 0 = off")
 
     # Roundtable
     roundtable_max_rounds: int = Field(default=10, ge=1, description="more rounds → 400")

@@ -56,7 +56,7 @@ from pipeline.harnesses import (
 )
 from pipeline.providers import ChatProvider
 from pipeline.tools import ToolRegistry
-from sinks.async_iter import to_async_iterator
+from sinks.async_iter import to_async_batches, to_async_iterator
 from sinks.event_log import RedisEventLog
 from sinks.recorder import TurnRecorder, turn_meta
 from sinks.store import EventStore
@@ -155,6 +155,18 @@ class Turn:
         if idle_s is None:
             return to_async_iterator(source, max_buffer=max_buffer, replayed=history)
         return to_async_iterator(source, max_buffer=max_buffer, replayed=history, idle_s=idle_s)
+
+    def batches(
+        self, transform: Callable[[Observable[Event]], Observable[_T]], *, max_buffer: int = 4096,
+        idle_s: float | None = None,
+    ) -> AsyncGenerator[list[_T]]:
+        """:meth:`view`, each step yielding every item ready (``[]`` for each silence of
+        ``idle_s``), so a writer sends what is ready in one socket write."""
+        def history() -> int:
+            return self.last_seq
+
+        return to_async_batches(self.stream.pipe(transform), max_buffer=max_buffer,
+                                replayed=history, idle_s=idle_s)
 
 
 class StreamingOrchestrator:

@@ -12,13 +12,17 @@ import asyncio
 import collections
 import threading
 from collections.abc import AsyncGenerator, Callable
-from typing import TypeVar, overload
+from typing import Any, TypeVar, cast, overload
 
 from reactivex import Observable, abc
 
 from core.errors import BufferOverflowError
 
 _T = TypeVar("_T")
+
+#: The most items one step of :func:`to_async_batches` yields (a replayed history comes in
+#: several writes, not one of megabytes).
+BATCH_MAX = 256
 
 
 @overload
@@ -38,7 +42,8 @@ def to_async_iterator(
 async def to_async_iterator(
     source: Observable[_T], *, max_buffer: int, on_consumed: Callable[[], None] | None = None,
     idle_s: float | None = None, replayed: Callable[[], int] | None = None,
-) -> AsyncGenerator[_T | None]:
+    _batched: bool = False,
+) -> AsyncGenerator[Any]:
     """Iterate an Observable with at most ``max_buffer`` items waiting.
 
     Subscribes on the first ``__anext__`` and disposes the subscription when the iterator
@@ -112,6 +117,8 @@ async def to_async_iterator(
         subscription.dispose()
     try:
         while True:
+            while _batched and buffer:  # at most BATCH_MAX at a time: a bounded write
+                yield [buffer.popleft() for _ in range(min(len(buffer), BATCH_MAX))]
             while buffer:
                 yield buffer.popleft()
                 if on_consumed is not None and failure is None and not finished:
@@ -130,6 +137,20 @@ async def to_async_iterator(
             finally:
                 timer.cancel()
             if not buffer and failure is None and not finished:
-                yield None
+                yield [] if _batched else None
     finally:
         subscription.dispose()
+
+
+def to_async_batches(
+    source: Observable[_T], *, max_buffer: int, idle_s: float | None = None,
+    replayed: Callable[[], int] | None = None,
+) -> AsyncGenerator[list[_T]]:
+    """:func:`to_async_iterator`, but each step yields every item waiting, in order (an
+    empty list for each silence of ``idle_s``): a writer then sends the frames that are
+    ready in one socket write instead of one each (a turn's first and last events come
+    in bursts), at most :data:`BATCH_MAX` at a time. The same bound, overflow and disposal
+    rules apply, per item."""
+    bridge: Any = to_async_iterator  # the batched mode is this module's own
+    return cast("AsyncGenerator[list[_T]]", bridge(
+        source, max_buffer=max_buffer, idle_s=idle_s, replayed=replayed, _batched=True))

@@ -892,6 +892,12 @@ def test_end_to_end_with_a_running_server(
             body = json.loads(post(base, "/v1/query", {"sql": sql}, key))
             assert body["columns"], sql
 
+        # The first turns are in the lake once they are older than the export's settle
+        # time (the schedule runs every 0.5 s): wait for that rather than for the clock.
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "lake").glob("events/*/*.parquet")):
+            assert time.monotonic() < deadline, "the scheduled export wrote no events"
+            time.sleep(0.05)
         # The server keeps writing while the CLI exports and another process reads the lake.
         stop = threading.Event()
 

@@ -21,7 +21,7 @@ from reactivex.subject import Subject
 
 from core.errors import BufferOverflowError
 from operators import ReplayLog, from_async_iterable
-from sinks.async_iter import to_async_iterator
+from sinks.async_iter import BATCH_MAX, to_async_batches, to_async_iterator
 
 WAIT = 2.0  # upper bound for a hand-off; only reached when something hangs
 
@@ -501,3 +501,55 @@ async def test_replayed_history_does_not_count_against_the_buffer() -> None:
     with pytest.raises(BufferOverflowError):
         async with contextlib.aclosing(strict) as it:
             [item async for item in it]
+
+
+# -- to_async_batches: what is ready, in one step (issue 12) ------------------------------------
+async def test_to_async_batches_yields_what_is_ready_together_in_order() -> None:
+    subject: Subject[int] = Subject()
+    async with contextlib.aclosing(to_async_batches(subject, max_buffer=100)) as batches:
+        first = asyncio.ensure_future(anext(batches))
+        await settle()
+        subject.on_next(1)  # the consumer waits: one item, then the burst below
+        assert await asyncio.wait_for(first, WAIT) == [1]
+        for i in range(2, 6):
+            subject.on_next(i)
+        assert await anext(batches) == [2, 3, 4, 5]
+        subject.on_next(6)
+        subject.on_completed()
+        assert [b async for b in batches] == [[6]]
+
+
+async def test_to_async_batches_bounds_a_step_and_marks_silences() -> None:
+    subject: Subject[int] = Subject()
+    count = BATCH_MAX + 10
+    async with contextlib.aclosing(
+        to_async_batches(subject, max_buffer=10 * count, idle_s=0.01)
+    ) as batches:
+        first = asyncio.ensure_future(anext(batches))
+        await asyncio.sleep(0)
+        assert await asyncio.wait_for(first, WAIT) == []  # a silence
+        for i in range(count):
+            subject.on_next(i)
+        subject.on_completed()
+        steps = [b async for b in batches]
+    assert [len(b) for b in steps] == [BATCH_MAX, 10]
+    assert [i for b in steps for i in b] == list(range(count))
+
+
+async def test_to_async_batches_overflow_gives_what_was_buffered_then_the_error() -> None:
+    subject: Subject[int] = Subject()
+    got: list[int] = []
+
+    async def consume() -> None:
+        async with contextlib.aclosing(to_async_batches(subject, max_buffer=5)) as batches:
+            async for batch in batches:
+                got.extend(batch)
+
+    task = asyncio.create_task(consume())
+    await settle()
+    for i in range(10):
+        subject.on_next(i)
+    assert not subject.observers  # cut off at the overflow
+    with pytest.raises(BufferOverflowError):
+        await asyncio.wait_for(task, WAIT)
+    assert got == [0, 1, 2, 3, 4]

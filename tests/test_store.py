@@ -351,3 +351,31 @@ async def test_close_writes_what_was_queued_after_the_writer_stopped(tmp_path: P
     store.close()
     with duckdb.connect(str(path), read_only=True) as con:
         assert con.execute("SELECT request_id, seq FROM events").fetchall() == [("req_late", 1)]
+
+
+async def test_a_file_whose_event_columns_are_in_another_order_is_written_by_name(path: Path) -> None:
+    # Events go in by position on the fast path; a file made with the columns in another
+    # order (another tool, an older layout) must still get each value in its own column.
+    con = duckdb.connect(str(path))
+    con.execute("""CREATE TABLE events (data JSON NOT NULL, seq BIGINT NOT NULL,
+        request_id VARCHAR NOT NULL, ts TIMESTAMP NOT NULL, type VARCHAR NOT NULL,
+        stream_id INTEGER, agent VARCHAR, depth INTEGER, visibility VARCHAR NOT NULL,
+        PRIMARY KEY (request_id, seq))""")
+    con.close()
+    store = EventStore(path).open()
+    try:
+        assert not store._events_by_position  # the path under test
+        store.append_event(text(1, "hello"), agent="a", depth=0)
+        await store.flush()
+        rows = store.query("SELECT request_id, seq, type, agent, data->>'delta' FROM events")
+        assert rows == [("r1", 1, "text", "a", "hello")]
+    finally:
+        store.close()
+
+
+async def test_events_inserted_by_position_land_in_their_columns(store: EventStore) -> None:
+    store.append_event(text(7, "hi", request_id="r9"), agent="planner", depth=2)
+    await store.flush()
+    assert store.query("SELECT request_id, seq, type, stream_id, agent, depth, visibility, "
+                       "data->>'delta' FROM events") == [
+        ("r9", 7, "text", 1, "planner", 2, "public", "hi")]
