@@ -83,7 +83,9 @@ from pipeline.sessions import SessionCoordinator
 from pipeline.tools import build_registry
 from pipeline.wiring import agent_options
 from sinks.event_log import RedisEventLog
+from sinks.recorder_api import create_recorder_app
 from sinks.recovery import recover_interrupted
+from sinks.remote_store import RemoteStore, log_barrier
 from sinks.store import EventStore
 
 log = logging.getLogger("server")
@@ -126,6 +128,85 @@ async def event_log_ctx(app: web.Application) -> AsyncIterator[None]:
     log.info("event log: Redis at %s, prefix %r", event_log.safe_url, settings.redis_prefix)
     yield
     await event_log.aclose()
+
+
+# -- roles (issue 13): the recorder process, and workers whose store is the recorder's -----
+def store_contexts(settings: Settings) -> list[Callable[[web.Application], AsyncIterator[None]]]:
+    """The store and log contexts of a role: ``single`` opens the DuckDB file itself;
+    ``worker`` never does (its store is the recorder's, :class:`RemoteStore`)."""
+    if settings.role == "worker":
+        return [event_log_ctx, remote_store_ctx]
+    return [store_ctx, event_log_ctx]
+
+
+async def remote_store_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The worker role's store: the recorder's, over its internal API (``RECORDER_URL``).
+    The recorder may still be starting: the worker waits for it (``RECORDER_TIMEOUT_S`` at
+    most), then starts anyway, ``/healthz`` degraded until it answers."""
+    settings = app[SETTINGS]
+    event_log = app[EVENT_LOG]
+    remote = RemoteStore(settings.recorder_url, timeout_s=settings.recorder_timeout_s,
+                         poll_s=settings.recorder_poll_s,
+                         settle=lambda: event_log.drained(within=settings.recorder_timeout_s))
+    await remote.start()
+    if not await remote.wait_reachable(within=settings.recorder_timeout_s):
+        log.warning("worker: the recorder at %s does not answer yet; serving degraded",
+                    settings.recorder_url)
+    app[STORE] = remote
+    # /v1/query is answered by the recorder; /v1/export needs the file here (503)
+    app[ANALYTICS] = Analytics(connect=remote.cursor, flush=remote.flush, settings=settings,
+                               remote=remote.answer_query)
+    log.info("worker: the store is the recorder's at %s", settings.recorder_url)
+    yield
+    await remote.aclose()
+
+
+def store_options(app: web.Application) -> dict[str, Any]:
+    """The orchestrator's store arguments: the local store records each turn; a worker
+    records nothing itself (it announces each turn on the log, the recorder records it)
+    and its ``done`` waits until the recorder has committed the turn."""
+    store = app[STORE]
+    if isinstance(store, RemoteStore):
+        settings = app[SETTINGS]
+        return {"store": None, "archivist": store, "announce": True,
+                "durable": log_barrier(app[EVENT_LOG], store,
+                                       timeout_s=settings.recorder_timeout_s)}
+    assert isinstance(store, EventStore)
+    return {"store": store}
+
+
+async def serve_recorder(settings: Settings) -> None:
+    """``--role recorder``: the log recorder and its internal API on loopback
+    (``RECORDER_PORT``), no public routes; until SIGTERM/SIGINT, then it stops, the store
+    writes what is queued, and the turns it was recording stay pending in the group.
+
+    Raises:
+        StartupError: it could not start (store locked, port taken, …).
+    """
+    app = create_recorder_app(settings)
+    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    try:
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", settings.recorder_port, reuse_address=True)
+        await site.start()
+    except Exception as exc:
+        with contextlib.suppress(Exception):
+            await runner.cleanup()
+        raise _startup_failure(exc, settings.model_copy(update={
+            "host": "127.0.0.1", "port": settings.recorder_port})) from exc
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        host, port = runner.addresses[0][:2]
+        log.info("recorder serving its internal API on http://%s:%s (db %s)", host, port,
+                 settings.db_path)
+        await stop.wait()
+        log.info("stopping the recorder")
+    finally:
+        await runner.cleanup()
+    log.info("stopped cleanly")
 
 
 async def model_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -190,7 +271,7 @@ async def orchestrator_ctx(app: web.Application) -> AsyncIterator[None]:
     # The speech tools use the model endpoint's audio API through the same client.
     app[TOOLS] = await asyncio.to_thread(build_registry, settings, audio=app[PROVIDER].client)
     app[ORCHESTRATOR] = StreamingOrchestrator(
-        provider=app[REGISTRY], store=app[STORE],
+        provider=app[REGISTRY], **store_options(app),
         default_model=default_model(app[REGISTRY], settings),
         history_limit=settings.history_max_messages, tools=app[TOOLS],
         taps=taps,
@@ -233,7 +314,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
     app[CLIENTS] = ClientStats()
     add_metrics(app)  # GET /metrics; the orchestrator taps every turn for it
     add_worker_identity(app)  # X-Worker on every answer (issue 13)
-    app.cleanup_ctx.extend([store_ctx, event_log_ctx, model_ctx, telemetry_ctx, cluster_ctx,
+    app.cleanup_ctx.extend([*store_contexts(settings), model_ctx, telemetry_ctx, cluster_ctx,
                             orchestrator_ctx])
     app.on_shutdown.append(drain_turns)
     add_analytics_routes(app)  # /v1/query, /v1/export; the export schedule after store_ctx
@@ -390,7 +471,9 @@ async def serve(settings: Settings) -> None:
         except OSError as exc:
             raise _startup_failure(exc, settings) from exc
         host, port = runner.addresses[0][:2]
-        log.info("serving on http://%s:%s (db %s, model %s)", host, port, settings.db_path,
+        store = (f"the recorder's at {settings.recorder_url}" if settings.role == "worker"
+                 else f"db {settings.db_path}")
+        log.info("serving on http://%s:%s (%s, model %s)", host, port, store,
                  "offline" if settings.offline else app[PROVIDER].name)
         await stop.wait()
         log.info("stopping: no new requests; draining running turns")
@@ -439,6 +522,21 @@ def _describe_invalid(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def add_role_flags(parser: argparse.ArgumentParser) -> None:
+    """``--role``, ``--recorder-port``, ``--recorder-url`` (ROLE, RECORDER_PORT, RECORDER_URL)."""
+    parser.add_argument("--role", choices=["single", "worker", "recorder"],
+                        help="single (default), worker or recorder (ROLE)")
+    parser.add_argument("--recorder-port", type=int,
+                        help="the recorder's internal API port (RECORDER_PORT)")
+    parser.add_argument("--recorder-url", help="where a worker finds the recorder (RECORDER_URL)")
+
+
+def role_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = {"role": args.role, "recorder_port": args.recorder_port,
+             "recorder_url": args.recorder_url}
+    return {name: value for name, value in pairs.items() if value is not None}
+
+
 def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """``python server.py [--host H] [--port P] [--db FILE]``; exit 0 after a clean stop,
     1 when the server cannot start, 2 for invalid settings."""
@@ -452,6 +550,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     parser.add_argument("--event-log", help="memory or redis://host:port/db (EVENT_LOG)")
     parser.add_argument("--workers", type=int,
                         help="worker processes on one port under a supervisor (WORKERS)")
+    add_role_flags(parser)
     args = parser.parse_args(argv)
     overrides: dict[str, Any] = {}
     if args.host is not None:
@@ -466,6 +565,7 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         overrides["event_log"] = args.event_log
     if args.workers is not None:
         overrides["workers"] = args.workers
+    overrides.update(role_overrides(args))
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
@@ -478,10 +578,10 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     if (why := refuse_exposure(settings)) is not None:
         log.error("%s", why)
         return 2
-    if settings.workers > 1:
+    if supervised(settings):
         return run_supervisor(settings)
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve_recorder(settings) if settings.role == "recorder" else serve(settings))
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         log.debug("the cause", exc_info=exc.__cause__)
@@ -498,9 +598,19 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     return 0
 
 
+def supervised(settings: Settings) -> bool:
+    """Whether this process is the supervisor: ``WORKERS`` above 1, or set at all (``1``
+    included) with ``EVENT_LOG=redis://…`` in the default role. ``make run`` (memory log,
+    no ``WORKERS``) stays one process; the children run with ``WORKERS=1`` and a role."""
+    if settings.role != "single":
+        return False
+    return settings.workers > 1 or ("workers" in settings.model_fields_set
+                                    and settings.redis_log)
+
+
 def run_supervisor(settings: Settings) -> int:
-    """``--workers N`` (N > 1): this process only supervises N ``server.py`` workers on one
-    port (:mod:`api.supervisor`); its exit code."""
+    """``--workers N``: this process only supervises the recorder and N ``server.py``
+    workers on one port (:mod:`api.supervisor`); its exit code."""
     return supervise(settings, server=os.path.abspath(__file__))
 
 

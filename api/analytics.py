@@ -34,6 +34,7 @@ from api.wire import ApiError, read_body
 from core.config import Settings
 from sinks.lake import ExportReport, export_lake, list_lake, read_state
 from sinks.query import (
+    QueryAnswer,
     QueryError,
     QueryRefusedError,
     QueryResult,
@@ -59,11 +60,15 @@ class Analytics:
             each query and export takes its own cursor from it.
         flush: The store's write barrier, so a query sees every event recorded before it.
         settings: Row limit, timeout, lake folder, schedule, admin key.
+        remote: Answers ``/v1/query`` in another process (see below).
     """
 
     connect: Callable[[], duckdb.DuckDBPyConnection]
     flush: Callable[[], Awaitable[None]]
     settings: Settings
+    #: Answers a query elsewhere (the worker role: in the recorder process, which holds the
+    #: file): ``(sql, format, limits) → QueryAnswer``; None runs it on ``connect()``.
+    remote: Callable[[str, str, dict[str, Any]], Awaitable[QueryAnswer]] | None = None
     export_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     queries: asyncio.Semaphore = dataclasses.field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_QUERIES))
@@ -152,6 +157,17 @@ async def query(request: web.Request) -> web.StreamResponse:
     await analytics.flush()  # every event recorded before the query is in it
     limits = {"max_rows": max_rows, "timeout_s": settings.query_timeout_s,
               "max_bytes": settings.query_max_bytes}
+    if analytics.remote is not None:
+        try:
+            answer = await analytics.remote(body.sql, fmt, limits)
+        except QueryError as exc:
+            raise _api_error(exc) from exc
+        headers = _result_headers(answer.rows, answer.truncated)
+        if answer.content_type.startswith("text/"):
+            return web.Response(text=answer.body.decode(), content_type=answer.content_type,
+                                charset="utf-8", headers=headers)
+        return web.Response(body=answer.body, content_type=answer.content_type,
+                            headers=headers)
     async with analytics.queries:
         con = analytics.connect()
         try:
@@ -185,7 +201,7 @@ def _result_headers(rows: int, truncated: bool) -> dict[str, str]:
 
 def _api_error(exc: QueryError) -> ApiError:
     # 403: understood and refused; a timeout is the query's doing like a syntax error (400).
-    status = 403 if isinstance(exc, QueryRefusedError) else 400
+    status = 403 if isinstance(exc, QueryRefusedError) or exc.code == QueryRefusedError.code else 400
     return ApiError(status, str(exc), code=exc.code, param="sql")
 
 

@@ -21,6 +21,7 @@ from api.common import EVENT_LOG, ORCHESTRATOR, SETTINGS, STORE
 from core.errors import PipelineError
 from pipeline.sessions import Round
 from sinks.cluster import Cluster, RemoteCancelError, new_worker_id
+from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,9 @@ async def worker_cluster(app: web.Application) -> AsyncIterator[Cluster | None]:
 
     cluster = Cluster(
         settings.event_log, prefix=settings.redis_prefix, event_log=event_log,
-        store=app[STORE], worker_id=app[WORKER_ID], lease_s=settings.turn_lease_s,
+        # A worker's store is the recorder's: the closing events reach it through the log.
+        store=own_store if isinstance(own_store := app[STORE], EventStore) else None,
+        worker_id=app[WORKER_ID], lease_s=settings.turn_lease_s,
         meta_ttl_s=settings.event_log_ttl_s, live_ttl_s=settings.event_log_live_ttl_s,
         cancel_timeout_s=settings.remote_cancel_timeout_s, cancel_local=cancel_local,
         on_lease_lost=lease_lost, timeout_s=settings.event_log_timeout_s, is_local=is_local,

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from api.wire import ApiError, check_text
 from core.config import Settings
-from core.errors import BufferOverflowError
+from core.errors import BufferOverflowError, StoreError
 from core.events import Event
 from pipeline.offline_model import OfflineModelServer
 from pipeline.orchestrator import StreamingOrchestrator, Turn
@@ -29,7 +29,7 @@ from pipeline.sessions import SessionCoordinator
 from pipeline.tools import ToolRegistry
 from sinks.event_log import RedisEventLog
 from sinks.sse import FrameWriter, comment_frame, event_frame, open_sse
-from sinks.store import EventStore
+from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class ClientStats:
     cut_off: int = 0
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", EventStore)
+#: The store: an EventStore (this process opens the file) or, in the worker role, the
+#: recorder's over its internal API (sinks.remote_store.RemoteStore).
+STORE: web.AppKey[StoreApi] = web.AppKey("store")
 PROVIDER = web.AppKey("provider", OpenAIProvider)
 MODELS: web.AppKey[list[str]] = web.AppKey("models")
 ORCHESTRATOR = web.AppKey("orchestrator", StreamingOrchestrator)
@@ -78,6 +80,11 @@ async def json_errors(
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
         error = ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", code=code)
         return web.json_response(error.body(), status=exc.status, headers=_allow(exc))
+    except StoreError as exc:  # the store (or, for a worker, the recorder) cannot serve now
+        log.warning("%s %s: the store cannot serve: %s", request.method, request.path, exc)
+        error = ApiError(503, f"the event store cannot serve this now: {exc}",
+                         type="server_error", code="store_unavailable")
+        return web.json_response(error.body(), status=503)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         error = ApiError(500, "internal server error", type="server_error", code="internal")

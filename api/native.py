@@ -45,7 +45,7 @@ from pipeline.harnesses import MemoryHarness
 from pipeline.orchestrator import Turn
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest
 from sinks.cluster import RemoteCancelError
-from sinks.store import EventStore
+from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ async def _visible_only(
 
 
 async def _stored(
-    store: EventStore, request_id: str, since: int, *, trace: bool,
+    store: StoreApi, request_id: str, since: int, *, trace: bool,
     keep: Callable[[Event], bool] = lambda _: True,
 ) -> AsyncGenerator[Event | None]:
     async for event in store.events_since(request_id, since):

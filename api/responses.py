@@ -46,21 +46,11 @@ from core.events import Event
 from core.turn import ChatMessage, TurnInput
 from operators import TERMINAL_TYPES, ResponseEvent, fold_response, to_response_events
 from pipeline.orchestrator import Turn
+from sinks.responses_table import ResponseRecord
 from sinks.sse import FrameWriter, open_sse
-from sinks.store import EventStore
+from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
-
-RESPONSES_SCHEMA = """
-CREATE TABLE IF NOT EXISTS responses (
-    response_id  VARCHAR   PRIMARY KEY,   -- resp_… ; its turn is req_… (same suffix)
-    request_id   VARCHAR   NOT NULL,
-    created_at   TIMESTAMP NOT NULL,
-    base         JSON      NOT NULL,      -- the response object's fixed fields
-    function_tools JSON    NOT NULL       -- names of the client's function tools
-)
-"""
-
 
 # -- the body ---------------------------------------------------------------------------
 class FunctionTool(BaseModel):
@@ -247,49 +237,23 @@ class ResponseMeta(BaseModel):
 LIVE: web.AppKey[dict[str, ResponseMeta]] = web.AppKey("responses_live")
 
 
-async def _save_meta(store: EventStore, meta: ResponseMeta) -> None:
-    def write() -> None:
-        cursor = store.cursor()
-        try:
-            cursor.execute(
-                "INSERT OR REPLACE INTO responses VALUES (?, ?, to_timestamp(?), ?, ?)",
-                [meta.base["id"], meta.request_id, meta.base["created_at"],
-                 json.dumps(meta.base), json.dumps(meta.function_tools)],
-            )
-        finally:
-            cursor.close()
-
-    await asyncio.to_thread(write)
+async def _save_meta(store: StoreApi, meta: ResponseMeta) -> None:
+    await store.responses().save(ResponseRecord(
+        response_id=meta.base["id"], request_id=meta.request_id,
+        created_at=float(meta.base["created_at"]), base=json.dumps(meta.base),
+        function_tools=json.dumps(meta.function_tools)))
 
 
-async def _load_meta(store: EventStore, response_id: str) -> ResponseMeta | None:
-    def read() -> ResponseMeta | None:
-        cursor = store.cursor()
-        try:
-            row = cursor.execute(
-                "SELECT request_id, base, function_tools FROM responses WHERE response_id = ?",
-                [response_id],
-            ).fetchall()
-        finally:
-            cursor.close()
-        if not row:
-            return None
-        request_id, base, tools = row[0]
-        return ResponseMeta(request_id=request_id, base=json.loads(base),
-                            function_tools=json.loads(tools))
-
-    return await asyncio.to_thread(read)
+async def _load_meta(store: StoreApi, response_id: str) -> ResponseMeta | None:
+    found = await store.responses().load(response_id)
+    if found is None:
+        return None
+    return ResponseMeta(request_id=found.request_id, base=json.loads(found.base),
+                        function_tools=json.loads(found.function_tools))
 
 
-async def _delete_meta(store: EventStore, response_id: str) -> None:
-    def delete() -> None:
-        cursor = store.cursor()
-        try:
-            cursor.execute("DELETE FROM responses WHERE response_id = ?", [response_id])
-        finally:
-            cursor.close()
-
-    await asyncio.to_thread(delete)
+async def _delete_meta(store: StoreApi, response_id: str) -> None:
+    await store.responses().delete(response_id)
 
 
 async def _meta(request: web.Request, response_id: str) -> ResponseMeta:
@@ -327,7 +291,7 @@ def _snapshot_of_live(turn: Turn, meta: ResponseMeta) -> dict[str, Any]:
     return response
 
 
-async def _stored_events(store: EventStore, request_id: str) -> list[Event]:
+async def _stored_events(store: StoreApi, request_id: str) -> list[Event]:
     await store.flush()  # a turn that just finished may still be queued
     return [event async for event in store.events_since(request_id, 0)]
 
@@ -614,15 +578,8 @@ async def delete_response(request: web.Request) -> web.Response:
 
 async def _create_table(app: web.Application) -> None:
     """The ``responses`` table, once per start (after the store opened: ``on_startup``
-    hooks run after the ``cleanup_ctx`` ones)."""
-    def create() -> None:
-        cursor = app[STORE].cursor()
-        try:
-            cursor.execute(RESPONSES_SCHEMA)
-        finally:
-            cursor.close()
-
-    await asyncio.to_thread(create)
+    hooks run after the ``cleanup_ctx`` ones; in the worker role the recorder makes it)."""
+    await app[STORE].responses().create()
 
 
 def add_responses_routes(app: web.Application) -> None:

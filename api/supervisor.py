@@ -16,8 +16,9 @@ takes it between restarts, and so that ``PORT=0`` means one free port for every 
   is left, and exits 0 when every child exited cleanly (1 otherwise).
 * Children get SIGTERM when the parent dies, even by ``kill -9`` (``PR_SET_PDEATHSIG``).
 
-The plan of children is :func:`children`; the recorder of branch ``recorder`` (the only
-DuckDB writer) joins it through :data:`RECORDER_ROLE`.
+The plan of children is :func:`children`: one recorder (``--role recorder``, the only
+process that opens ``DB_PATH``, fed from the Redis log) and the workers (``--role
+worker``, whose store is the recorder's, over its loopback API).
 """
 
 from __future__ import annotations
@@ -31,18 +32,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from types import FrameType
 
 from core.config import Settings
 
 log = logging.getLogger("supervisor")
 
-#: HOOK for the recorder (branch ``recorder``, not merged yet): when ``server.py --role
-#: recorder --recorder-port P`` and ``--role worker --recorder-url URL`` exist, set this
-#: True: the plan then starts one recorder (the only process that opens ``DB_PATH``) and
-#: points every worker at it. Until then each worker gets a DuckDB file of its own.
-RECORDER_ROLE = False
 #: Seconds the parent waits beyond ``SHUTDOWN_GRACE_S`` for its children to exit.
 STOP_MARGIN_S = 10.0
 #: A child that exits within this long of starting "died young" (crash loop detection).
@@ -60,38 +55,25 @@ class ChildSpec:
     env: dict[str, str]
 
 
-def worker_db_path(db_path: Path, slot: int) -> Path:
-    """TEMPORARY (until the recorder): worker ``slot``'s own DuckDB file beside DB_PATH,
-    e.g. ``events.worker1.duckdb``; DuckDB lets one process open a file. A worker that
-    restarts in the same slot reopens it (its start-up recovery closes what it left)."""
-    return db_path.with_name(f"{db_path.stem}.worker{slot}{db_path.suffix}")
-
-
-def children(settings: Settings, *, server: str, port: int, recorder: bool = RECORDER_ROLE,
-             recorder_port: int | None = None) -> list[ChildSpec]:
-    """The processes the supervisor keeps running: the recorder (with ``recorder``) and
-    ``WORKERS`` workers, each ``server.py`` with its settings in the environment."""
+def children(settings: Settings, *, server: str, port: int,
+             recorder_port: int) -> list[ChildSpec]:
+    """The processes the supervisor keeps running: the recorder, the only process that
+    opens ``DB_PATH``, and ``WORKERS`` workers pointed at its internal API, each
+    ``server.py`` with its settings in the environment."""
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "HOST": settings.host, "PORT": str(port),
-            "EVENT_LOG": settings.event_log, "WORKERS": "1"}
+            "EVENT_LOG": settings.event_log, "WORKERS": "1", "ROLE": "single"}
     if settings.allow_no_auth:
         base["ALLOW_NO_AUTH"] = "true"
-    plan: list[ChildSpec] = []
-    worker_args: list[str] = []
-    if recorder:
-        # HOOK (branch recorder): one recorder owns DB_PATH; the workers use its API.
-        assert recorder_port is not None, "the recorder needs a port"
-        plan.append(ChildSpec(
-            name="recorder", role="recorder",
-            argv=[sys.executable, server, "--role", "recorder", "--recorder-port",
-                  str(recorder_port)],
-            env={**base, "DB_PATH": str(settings.db_path)}))
-        worker_args = ["--role", "worker", "--recorder-url", f"http://127.0.0.1:{recorder_port}"]
+    plan = [ChildSpec(
+        name="recorder", role="recorder",
+        argv=[sys.executable, server, "--role", "recorder", "--recorder-port",
+              str(recorder_port)],
+        env={**base, "DB_PATH": str(settings.db_path)})]
+    worker_args = ["--role", "worker", "--recorder-url", f"http://127.0.0.1:{recorder_port}"]
     for slot in range(1, settings.workers + 1):
-        env = {**base, "REUSE_PORT": "true"}
-        if not recorder:
-            env["DB_PATH"] = str(worker_db_path(settings.db_path, slot))
         plan.append(ChildSpec(name=f"worker-{slot}", role="worker",
-                              argv=[sys.executable, server, *worker_args], env=env))
+                              argv=[sys.executable, server, *worker_args],
+                              env={**base, "REUSE_PORT": "true"}))
     return plan
 
 
@@ -233,9 +215,10 @@ def reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
-def supervise(settings: Settings, *, server: str, recorder: bool = RECORDER_ROLE) -> int:
-    """Run the supervisor of ``settings.workers`` workers; its exit code (0 after a clean
-    stop, 1 when the port cannot be had or the children keep dying, 2 for settings)."""
+def supervise(settings: Settings, *, server: str) -> int:
+    """Run the supervisor of the recorder and ``settings.workers`` workers; its exit code (0
+    after a clean stop, 1 when the port cannot be had or the children keep dying, 2 for
+    settings)."""
     try:
         held = reserve_port(settings.host, settings.port)
     except OSError as exc:
@@ -243,18 +226,14 @@ def supervise(settings: Settings, *, server: str, recorder: bool = RECORDER_ROLE
                   "another port with PORT=… or --port", settings.host, settings.port,
                   exc.strerror or exc)
         return 1
-    recorder_port: int | None = None
-    if recorder:
-        with socket.socket() as probe:  # HOOK (branch recorder): its internal API's port
-            probe.bind(("127.0.0.1", 0))
-            recorder_port = int(probe.getsockname()[1])
+    with socket.socket() as probe:  # the recorder's internal API: a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        recorder_port = int(probe.getsockname()[1])
     try:
         port = int(held.getsockname()[1])
-        plan = children(settings, server=server, port=port, recorder=recorder,
-                        recorder_port=recorder_port)
-        log.info("supervising %d workers on http://%s:%d (pid %d)%s", settings.workers,
-                 settings.host, port, os.getpid(),
-                 "" if recorder else "; each worker has its own DuckDB file until the recorder")
+        plan = children(settings, server=server, port=port, recorder_port=recorder_port)
+        log.info("supervising %d workers and the recorder on http://%s:%d (pid %d)",
+                 settings.workers, settings.host, port, os.getpid())
         return Supervisor(settings, plan).run()
     finally:
         held.close()

@@ -930,10 +930,7 @@ def main(args: argparse.Namespace) -> None:
                 {**ours_env, "REDIS_PREFIX": f"{args.redis_prefix}-{name}"},
                 tmp / f"{name}.log", port, wdb)
             started.redis_url, started.workers = args.redis_url, count
-            # one file per worker until the recorder (api/supervisor.worker_db_path)
-            started.db_paths = [wdb] if count == 1 else [
-                wdb.with_name(f"{wdb.stem}.worker{slot}{wdb.suffix}")
-                for slot in range(1, count + 1)]
+            started.db_paths = [wdb]  # the recorder's: the only process that opens it
             servers[name] = started
         print(f"fanout_bench: N in {args.streams}, {args.max_tokens} tokens every "
               f"{args.token_delay_ms:g} ms, ramp {args.ramp_s:g} s; servers ours pid "

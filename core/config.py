@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.agent_settings import (
@@ -267,6 +267,37 @@ class Settings(BaseSettings):
                              "through it); set it, or run one worker")
         return value
     # (end of the workers settings)
+
+    # -- the recorder and the worker role (issue 13, branch recorder): settings below -------
+    role: Literal["single", "worker", "recorder"] = Field(
+        default="single", description="single: one process does all (today's server); "
+        "recorder: the only process that opens DB_PATH, fed from the Redis log, with an "
+        "internal API on RECORDER_PORT; worker: serves the API, its store is the recorder's")
+    recorder_port: int = Field(default=8091, ge=0, le=65535,
+                               description="the recorder's internal API port (loopback only)")
+    recorder_url: str = Field(default="http://127.0.0.1:8091",
+                              description="where a worker finds the recorder's internal API")
+    recorder_consumer: str = Field(default="recorder", min_length=1,
+                                   description="the recorder's name in its consumer group; "
+                                   "the same across restarts, so its pending entries are re-read")
+    recorder_claim_idle_s: float = Field(default=30.0, ge=0, description="another consumer's "
+                                         "entries idle this long are claimed on start")
+    recorder_lost_s: float = Field(default=60.0, gt=0, description="a turn whose stream is "
+                                   "missing this long is closed as interrupted")
+    recorder_timeout_s: float = Field(default=10.0, gt=0, description="a worker's wait for the "
+                                      "recorder (catching up, then answering)")
+    recorder_poll_s: float = Field(default=1.0, gt=0, description="how often a worker polls "
+                                   "the recorder's health")
+    recorder_redis_connections: int = Field(default=32, ge=2, description="the recorder's Redis "
+                                            "connections; its reads of every live turn share them")
+
+    @model_validator(mode="after")
+    def _role_needs_redis(self) -> Settings:
+        if self.role != "single" and not self.redis_log:
+            raise ValueError(f"ROLE={self.role} needs EVENT_LOG=redis://… (the log feeds the "
+                             "recorder)")
+        return self
+    # (end of the recorder settings)
 
     @property
     def lake_dir(self) -> Path:

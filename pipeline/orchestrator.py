@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import TypeVar, overload
 
 import reactivex
@@ -58,7 +58,7 @@ from pipeline.providers import ChatProvider
 from pipeline.tools import ToolRegistry
 from sinks.async_iter import to_async_batches, to_async_iterator
 from sinks.event_log import RedisEventLog
-from sinks.recorder import TurnRecorder
+from sinks.recorder import TurnRecorder, turn_meta
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,12 @@ class StreamingOrchestrator:
         cost: Prices each ``token_usage`` (``cost_usd``, :func:`operators.price_usage`).
         event_log: The distributed log (``EVENT_LOG=redis://…``): every numbered event of
             every turn is also appended there; None (``memory``) keeps the turn in-process.
+        announce: Announce each turn on the log's discovery stream with its meta, so the
+            recorder process records it (the worker role: ``store`` is then None and
+            nothing is written here).
+        durable: The durability barrier of ``done`` in place of a flush of ``store``:
+            called with the request id and the seq of the last event before ``done`` (the
+            worker role: the recorder has committed the turn up to there).
     """
 
     def __init__(
@@ -215,8 +221,12 @@ class StreamingOrchestrator:
         roundtable: Callable[[TurnContext], Observable[Event]] | None = None,
         cost: Cost | None = None,
         event_log: RedisEventLog | None = None,
+        announce: bool = False,
+        durable: Callable[[str, int], Awaitable[None]] | None = None,
     ) -> None:
         self.taps = tuple(taps)
+        self.announce = announce and event_log is not None
+        self.durable = durable
         self.provider = provider
         self.durable_done = durable_done
         self.deadline_s = deadline_s
@@ -282,8 +292,9 @@ class StreamingOrchestrator:
             steps = steps.pipe(turn_deadline(self.deadline_s, scheduler=AsyncIOScheduler(loop)))
         enveloped = steps.pipe(
             turn_envelope(agent=self.agent, conversation_id=ctx.conversation_id, cancel=cancel))
-        if self.store is not None and self.durable_done:
-            enveloped = enveloped.pipe(durable_done(self._barrier(ctx.request_id)))
+        if (self.store is not None or self.durable is not None) and self.durable_done:
+            enveloped = enveloped.pipe(durable_done(self._barrier(
+                ctx.request_id, lambda: recorder.state.last_seq)))
         numbered = enveloped.pipe(number_events(ctx.request_id))
         shared: ReplayLog[Event] = ReplayLog()
         recorder = TurnRecorder(ctx, store=self.store, on_done=finished)
@@ -292,21 +303,29 @@ class StreamingOrchestrator:
         for tap in self.taps:
             shared.subscribe(tap(ctx))
         if self.event_log is not None:  # the distributed log (issue 13), batched per tick
-            shared.subscribe(self.event_log.writer(ctx.request_id, history=lambda: shared.items))
+            meta = turn_meta(ctx, started_at=recorder.started_at) if self.announce else None
+            shared.subscribe(self.event_log.writer(ctx.request_id, history=lambda: shared.items,
+                                                   meta=meta))
         turn = Turn(ctx=ctx, stream=shared, result=result, cancel=cancel, recorder=recorder,
                     subject=shared, taps=len(self.taps))
         self.live[ctx.request_id] = turn
         numbered.subscribe(shared)  # starts the turn: the harness pumps begin on the loop
         return turn
 
-    def _barrier(self, request_id: str) -> Callable[[], Observable[None]]:
-        """The turn's durability barrier: a flush of the store, for ``durable_done``."""
+    def _barrier(self, request_id: str, last_seq: Callable[[], int]
+                 ) -> Callable[[], Observable[None]]:
+        """The turn's durability barrier, for ``durable_done``: a flush of the store (or
+        ``durable``, up to the last seq before ``done``)."""
         store = self.store
-        assert store is not None
+        durable = self.durable
 
         async def flushed() -> None:
             try:
-                await store.flush(request_id=request_id, events_only=True)
+                if durable is not None:
+                    await durable(request_id, last_seq())
+                else:
+                    assert store is not None
+                    await store.flush(request_id=request_id, events_only=True)
             except Exception as exc:  # a StoreError, or the barrier's timeout under load
                 log.error("turn %s: its events are not durable: %s", request_id,
                           exc if isinstance(exc, StoreError) else repr(exc))

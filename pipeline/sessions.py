@@ -27,7 +27,7 @@ from core.errors import PipelineError
 from core.turn import ChatMessage, TurnInput, TurnResult
 from operators import TurnUpdate, turn_updates
 from pipeline.orchestrator import StreamingOrchestrator, Turn
-from sinks.store import EventStore
+from sinks.store import StoreApi
 
 
 class TurnFailedError(PipelineError):
@@ -90,7 +90,7 @@ class SessionCoordinator:
     """
 
     def __init__(
-        self, orchestrator: StreamingOrchestrator, *, store: EventStore, max_buffer: int = 4096
+        self, orchestrator: StreamingOrchestrator, *, store: StoreApi, max_buffer: int = 4096
     ) -> None:
         self.orchestrator = orchestrator
         self.store = store

@@ -523,14 +523,10 @@ class Cluster:
 
     def _record(self, request_id: str, events: list[Event], closing: list[Any],
                 state: TurnState, meta: dict[str, str]) -> None:
-        """The closed turn in this worker's store: every event the log had, the closing
-        ones, and its request row ``interrupted``.
-
-        TEMPORARY (until the recorder, branch ``recorder``): each worker has its own
-        DuckDB file, so the closer writes the whole turn into its own. With the recorder
-        fed from the log, the closing events reach the store through the log and this
-        goes (only the request row's status remains to be set by the recorder).
-        """
+        """The closed turn in this process's own store (a single-role process on a shared
+        Redis, no recorder): every event the log had, the closing ones, and its request
+        row ``interrupted``. Workers have no store of their own (``store`` is None): the
+        recorder records the closing events from the log like any others."""
         store = self.store
         if store is None:
             return

@@ -6,6 +6,10 @@ owner of a turn also appends each event to one stream per request::
 
     <prefix>:req:<request_id>:events     entries "<seq>-0" → {"e": <the event's JSON>}
     <prefix>:req:<request_id>:notify     pub/sub: the newest seq after each append (never a payload)
+    <prefix>:turns                       discovery: one entry per turn (auto id, r = request id,
+                                         m = its meta), added with the turn's first events when
+                                         its writer has a meta (worker role); the recorder
+                                         (:mod:`sinks.log_recorder`) drains it with a group
 
 and any process can follow the turn from there (:meth:`RedisEventLog.follow`).
 
@@ -59,20 +63,28 @@ from core.events import EVENT_ADAPTER, Done, Event
 
 log = logging.getLogger(__name__)
 
-# KEYS[1] the turn's stream; ARGV: channel, first seq of the batch, ttl (s), payloads…
-# Returns {1, last appended seq} or {0, the stream's last seq} (nothing appended).
+# KEYS[1] the turn's stream, KEYS[2] the discovery stream (``<prefix>:turns``);
+# ARGV: channel, first seq of the batch, ttl (s), request id, turn meta ('' = no discovery),
+# payloads… Returns {1, last appended seq} or {0, the stream's last seq} (nothing appended).
+# A batch that starts at seq 1 also announces the turn on the discovery stream (auto id,
+# fields r = request id, m = the turn's meta), in the same atomic step as its first events,
+# so the recorder can never miss a turn whose events exist. A repair that re-appends from
+# seq 1 announces it again: the recorder's writes are idempotent.
 APPEND_SCRIPT = """
 local first = tonumber(ARGV[2])
 local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 local last = 0
 if top[1] then last = tonumber(string.match(top[1][1], '^(%d+)')) end
 if last ~= first - 1 then return {0, last} end
-local n = #ARGV - 3
+local n = #ARGV - 5
 for i = 1, n do
-  redis.call('XADD', KEYS[1], string.format('%d-0', first + i - 1), 'e', ARGV[3 + i])
+  redis.call('XADD', KEYS[1], string.format('%d-0', first + i - 1), 'e', ARGV[5 + i])
 end
 if n > 0 then
   redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+  if first == 1 and ARGV[5] ~= '' then
+    redis.call('XADD', KEYS[2], '*', 'r', ARGV[4], 'm', ARGV[5])
+  end
   redis.call('PUBLISH', ARGV[1], first + n - 1)
 end
 return {1, first + n - 1}
@@ -118,6 +130,7 @@ class _TurnLog:
     key: str
     channel: str
     history: Callable[[], Sequence[Event]]
+    meta: bytes = b""  # announced on the discovery stream with seq 1 (b"": not announced)
     appended: int = 0  # the last seq confirmed in the stream
     pending: list[tuple[int, bytes]] = dataclasses.field(default_factory=list)
     done_seq: int | None = None
@@ -334,6 +347,9 @@ class RedisEventLog:
         lost_after_s: A follower whose stream vanished (after a reconnect) and is not
             re-filled within this long ends with :class:`EventLogError`.
         connection_class: The redis-py connection class (tests count round trips with it).
+        max_connections: With it, commands wait (at most ``timeout_s``) for one of this many
+            connections rather than failing when all are in use (redis-py's default pool
+            fails past 100: the recorder follows every live turn at once).
     """
 
     def __init__(
@@ -341,6 +357,7 @@ class RedisEventLog:
         retry_base_s: float = 0.05, retry_max_s: float = 2.0, give_up_s: float = 300.0,
         ping_s: float = 1.0, batch_max: int = 512, timeout_s: float = 2.0, read_count: int = 512,
         lost_after_s: float = 5.0, connection_class: type[Connection] | None = None,
+        max_connections: int | None = None,
     ) -> None:
         self.url = url
         self.prefix = prefix
@@ -358,10 +375,17 @@ class RedisEventLog:
         if connection_class is not None:
             extra["connection_class"] = connection_class
         # No retries inside redis-py: this class decides (backoff, repair, degraded state).
-        self.client: aioredis.Redis = aioredis.Redis.from_url(
-            url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s, **extra,
-        )
+        if max_connections is not None:
+            self.client: aioredis.Redis = aioredis.Redis.from_pool(  # closes the pool too
+                aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=max_connections, timeout=timeout_s,
+                    socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                    retry=Retry(NoBackoff(), 0), **extra))
+        else:
+            self.client = aioredis.Redis.from_url(
+                url, retry=Retry(NoBackoff(), 0), socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s, **extra,
+            )
         pool_kwargs = dict(self.client.connection_pool.connection_kwargs)
         # RESP2 on the subscriber: pub/sub messages are plain replies to read, not pushes.
         pool_kwargs.update(socket_timeout=None, retry=Retry(NoBackoff(), 0), protocol=2)
@@ -391,6 +415,12 @@ class RedisEventLog:
         """The pub/sub channel that announces a request's new seqs."""
         return f"{self.prefix}:req:{request_id}:notify"
 
+    @property
+    def turns_key(self) -> str:
+        """The discovery stream: one entry per turn announced (``r`` = request id, ``m`` =
+        its meta), read by the recorder's consumer group (:mod:`sinks.log_recorder`)."""
+        return f"{self.prefix}:turns"
+
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         """Start the flusher, the health monitor and the shared subscriber. Redis may be
@@ -418,11 +448,15 @@ class RedisEventLog:
         await self.client.aclose()
 
     # -- the writer -------------------------------------------------------------------
-    def writer(self, request_id: str, *, history: Callable[[], Sequence[Event]]) -> Observer[Event]:
+    def writer(self, request_id: str, *, history: Callable[[], Sequence[Event]],
+               meta: bytes | None = None) -> Observer[Event]:
         """An observer for one turn's numbered stream; ``history`` gives every event so far
-        (the turn's ReplayLog items), from which a lost stream is re-filled."""
+        (the turn's ReplayLog items), from which a lost stream is re-filled. With ``meta``
+        (what the recorder needs to know of the turn that no event carries, see
+        :func:`sinks.recorder.turn_meta`) the turn is announced on :meth:`turns_key` with its
+        first events."""
         turn = _TurnLog(request_id=request_id, key=self.key(request_id),
-                        channel=self.channel(request_id), history=history)
+                        channel=self.channel(request_id), history=history, meta=meta or b"")
         self._turns[request_id] = turn
         return _TurnWriter(self, turn)
 
@@ -440,6 +474,19 @@ class RedisEventLog:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(future), within)
         return turn.appended >= seq
+
+    async def drained(self, *, within: float = 2.0) -> bool:
+        """Wait (at most ``within`` seconds) until every event this process queued so far
+        is in Redis, so a read answered from the log (the recorder) includes them; False
+        when that did not happen in time."""
+        goals = [(turn.request_id, turn.pending[-1][0])
+                 for turn in self._turns.values() if turn.pending]
+        deadline = time.monotonic() + within
+        ok = True
+        for request_id, seq in goals:
+            ok = await self.appended(request_id, seq=seq,
+                                     within=max(0.0, deadline - time.monotonic())) and ok
+        return ok
 
     def _queue(self, turn: _TurnLog, event: Event) -> None:
         if turn.refused or turn.done_seq is not None:
@@ -492,7 +539,8 @@ class RedisEventLog:
                 last = chunk[-1][0] if chunk else turn.appended
                 ttl = self.ttl_s if turn.done_seq is not None and last == turn.done_seq else self.live_ttl_s
                 first = chunk[0][0] if chunk else turn.appended + 1
-                pipe.execute_command("EVALSHA", sha, 1, turn.key, turn.channel, first, ttl,
+                pipe.execute_command("EVALSHA", sha, 2, turn.key, self.turns_key, turn.channel,
+                                     first, ttl, turn.request_id, turn.meta,
                                      *(payload for _, payload in chunk))
                 sent.append(len(chunk))
             self.stats.batches += 1
@@ -628,13 +676,13 @@ class RedisEventLog:
             sha = self._sha or await self._load_script()
             try:
                 answer = await self.client.evalsha(
-                    sha, 1, self.key(request_id), self.channel(request_id), first, self.ttl_s,
-                    *(_dump(event) for event in events))
+                    sha, 2, self.key(request_id), self.turns_key, self.channel(request_id),
+                    first, self.ttl_s, request_id, "", *(_dump(event) for event in events))
             except NoScriptError:
                 sha = await self._load_script()
                 answer = await self.client.evalsha(
-                    sha, 1, self.key(request_id), self.channel(request_id), first, self.ttl_s,
-                    *(_dump(event) for event in events))
+                    sha, 2, self.key(request_id), self.turns_key, self.channel(request_id),
+                    first, self.ttl_s, request_id, "", *(_dump(event) for event in events))
         except _FAILURES as exc:
             raise EventLogError(f"event log: appending to {self.key(request_id)} failed: {exc}"
                                 ) from exc

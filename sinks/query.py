@@ -590,3 +590,39 @@ def harden(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("SET autoinstall_known_extensions = false")
     con.execute("SET autoload_known_extensions = false")
     con.execute("SET enable_external_access = false")
+
+
+PARQUET_TYPE: Final[str] = "application/vnd.apache.parquet"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class QueryAnswer:
+    """A ``/v1/query`` answer ready to send: its body, content type and row counts."""
+
+    body: bytes
+    content_type: str
+    rows: int
+    truncated: bool
+
+
+def answer_query(con: duckdb.DuckDBPyConnection, sql: str, fmt: str, *, max_rows: int,
+                 timeout_s: float, max_bytes: int | None) -> QueryAnswer:
+    """Run ``sql`` as ``/v1/query`` does and serialise it as ``fmt`` (``json``, ``csv`` or
+    ``parquet``), blocking: fetching and serialising share the thread and the timeout (JSON
+    rows are serialised as they are fetched, up to ``max_bytes``). The same code answers in
+    the server and, for the worker role, in the recorder process.
+
+    Raises:
+        QueryRefusedError, QueryTimeoutError, QueryError.
+    """
+    limits: dict[str, Any] = {"max_rows": max_rows, "timeout_s": timeout_s,
+                              "max_bytes": max_bytes}
+    if fmt == "parquet":
+        table, truncated = run_query_arrow(con, sql, **limits)
+        return QueryAnswer(parquet_bytes(table), PARQUET_TYPE, table.num_rows, truncated)
+    result = run_query(con, sql, **limits)
+    if fmt == "csv":
+        return QueryAnswer(result.to_csv().encode(), "text/csv", len(result.rows),
+                           result.truncated)
+    return QueryAnswer(result.to_json_text().encode(), "application/json", len(result.rows),
+                       result.truncated)

@@ -16,13 +16,15 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
 
 from reactivex import Observer
 
 from core.events import (
     Done,
     Event,
+    EventBase,
     RequestReceived,
     StreamStart,
     Text,
@@ -31,7 +33,7 @@ from core.events import (
     stream_id_of,
 )
 from core.turn import TurnContext, TurnResult, TurnState
-from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow
+from sinks.store import MessageRow, RequestRow, ToolExecutionRow
 
 #: The agent of a roundtable's depth-0 stream (:data:`pipeline.roundtable.MODERATOR`).
 MODERATOR = "moderator"
@@ -39,12 +41,70 @@ MODERATOR = "moderator"
 log = logging.getLogger(__name__)
 
 
+class RowSink(Protocol):
+    """Where a :class:`TurnRecorder` writes: the write half of :class:`~sinks.store.EventStore`."""
+
+    def append_event(self, event: EventBase, *, agent: str | None, depth: int | None) -> None: ...
+    def put_request(self, row: RequestRow) -> None: ...
+    def put_message(self, row: MessageRow) -> None: ...
+    def put_tool_execution(self, row: ToolExecutionRow) -> None: ...
+
+
+class _Discard:
+    """A sink that keeps nothing: a recorder's state is rebuilt through it (:meth:`resume`)."""
+
+    def append_event(self, event: EventBase, *, agent: str | None, depth: int | None) -> None:
+        pass
+
+    def put_request(self, row: RequestRow) -> None:
+        pass
+
+    def put_message(self, row: MessageRow) -> None:
+        pass
+
+    def put_tool_execution(self, row: ToolExecutionRow) -> None:
+        pass
+
+
+def turn_meta(ctx: TurnContext, *, started_at: float) -> bytes:
+    """What a recorder in another process needs to know of a turn that no event carries
+    (its kind, trace flag, model, input messages, start time): the ``m`` field of the
+    turn's discovery entry (:attr:`sinks.event_log.RedisEventLog.turns_key`)."""
+    return json.dumps({
+        "request_id": ctx.request_id, "conversation_id": ctx.conversation_id, "kind": ctx.kind,
+        "trace": ctx.trace, "model": ctx.model, "max_tokens": ctx.max_tokens,
+        "started_at": started_at,
+        "messages": [{"role": m["role"], "content": m.get("content") or ""} for m in ctx.messages],
+    }, ensure_ascii=False, default=str).encode()
+
+
+def context_of(meta: bytes | str) -> tuple[TurnContext, float]:
+    """The turn context and start time a :func:`turn_meta` describes.
+
+    Raises:
+        ValueError: ``meta`` is not a turn meta (not JSON, or a field is missing).
+    """
+    try:
+        data: dict[str, Any] = json.loads(meta)
+        ctx = TurnContext(
+            request_id=str(data["request_id"]), conversation_id=str(data["conversation_id"]),
+            messages=list(data["messages"]), trace=bool(data["trace"]), model=str(data["model"]),
+            max_tokens=data.get("max_tokens"), kind=str(data["kind"]))
+        return ctx, float(data["started_at"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not a turn meta: {exc!r}") from exc
+
+
 class TurnRecorder(Observer[Event]):
-    """Records one turn. ``store`` may be None (state and result only, e.g. in examples)."""
+    """Records one turn. ``store`` may be None (state and result only, e.g. in examples).
+
+    ``started_at`` (epoch seconds, default now) is the request's start: a recorder in
+    another process (:mod:`sinks.log_recorder`) passes the owner's.
+    """
 
     def __init__(
-        self, ctx: TurnContext, *, store: EventStore | None,
-        on_done: Callable[[TurnResult], None] | None = None,
+        self, ctx: TurnContext, *, store: RowSink | None,
+        on_done: Callable[[TurnResult], None] | None = None, started_at: float | None = None,
     ) -> None:
         super().__init__()
         self.ctx = ctx
@@ -56,7 +116,7 @@ class TurnRecorder(Observer[Event]):
         # kept as messages of their own so a follow-up turn remembers them (issue 14).
         self._panelists: dict[int, tuple[str, list[str]]] = {}
         self._tools: dict[str, ToolExecutionRow] = {}
-        now = time.time()
+        now = time.time() if started_at is None else started_at
         self._request = RequestRow(
             request_id=ctx.request_id, conversation_id=ctx.conversation_id, kind=ctx.kind,
             status="running", started_at=now, trace=ctx.trace, model=ctx.model,
@@ -66,6 +126,11 @@ class TurnRecorder(Observer[Event]):
             request_id=ctx.request_id, ordinal=len(ctx.messages), role="assistant", content="",
             status="pending", created_at=now, updated_at=now,
         )
+
+    @property
+    def started_at(self) -> float:
+        """The request's start (epoch seconds)."""
+        return self._request.started_at
 
     def start(self) -> None:
         """Persist the request row, this turn's messages and the pending assistant message."""
@@ -81,6 +146,30 @@ class TurnRecorder(Observer[Event]):
                 updated_at=self._request.started_at,
             ))
         self.store.put_message(self._assistant)
+
+    def resume(self, recorded: Iterable[Event]) -> None:
+        """Take up a turn of which ``recorded`` (in order, from seq 1) is already stored.
+
+        The state (text so far, open streams, tool calls) is rebuilt from those events
+        without writing them again; then every row derived so far is written again as it
+        stands (upserts: the same values), since a recorder that stopped may have committed
+        a batch's events but not the upserts that came after them. When the events end
+        with ``done`` the turn is finished here too (its final rows written).
+        """
+        sink, self.store = self.store, _Discard()
+        done = False
+        try:
+            for event in recorded:
+                self._record(event)
+                done = isinstance(event, Done)
+        finally:
+            self.store = sink
+        self.start()  # the request, its messages and the assistant message as they stand
+        if sink is not None:
+            for row in self._tools.values():
+                sink.put_tool_execution(row)
+        if done:
+            self._finish()
 
     def _on_next_core(self, event: Event) -> None:
         try:
@@ -119,7 +208,7 @@ class TurnRecorder(Observer[Event]):
             if isinstance(event, ToolCall | ToolResult):
                 self._record_tool(store, event, agent)
 
-    def _record_tool(self, store: EventStore, event: ToolCall | ToolResult, agent: str | None) -> None:
+    def _record_tool(self, store: RowSink, event: ToolCall | ToolResult, agent: str | None) -> None:
         row = self._tools.get(event.execution_id)
         if row is None:
             row = self._tools[event.execution_id] = ToolExecutionRow(

@@ -40,7 +40,7 @@ async def recover_interrupted(store: EventStore) -> list[str]:
     rows = await store.aquery("SELECT request_id FROM requests WHERE status = 'running'")
     recovered = [request_id for (request_id,) in rows]
     for request_id in recovered:
-        await _close(store, request_id)
+        await close_interrupted(store, request_id)
     if recovered:
         await store.flush()
         log.warning("closed %d requests interrupted by the last stop: %s",
@@ -99,9 +99,13 @@ def closing_events(state: TurnState, streams: OpenStreams, *, first_seq: int,
     return closing
 
 
-async def _close(store: EventStore, request_id: str) -> None:
+async def close_interrupted(store: EventStore, request_id: str) -> None:
+    """Close one request in the store as interrupted (its stored events read first; call
+    :meth:`~sinks.store.EventStore.flush` before when some may still be queued)."""
     request = await store.request_row(request_id)
-    assert request is not None
+    if request is None:
+        log.error("cannot close %s as interrupted: the store has no row of it", request_id)
+        return
     state = TurnState(request_id, request["conversation_id"], request["model"] or "")
     streams = OpenStreams()
     async for event in store.events_since(request_id, 0):

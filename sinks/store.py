@@ -38,7 +38,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import duckdb
 import pyarrow as pa
@@ -47,6 +47,7 @@ from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
 from sinks.conversations import ConversationCache
 from sinks.query import harden
+from sinks.responses_table import LocalResponses, ResponsesTable
 from sinks.views import create_views
 
 log = logging.getLogger(__name__)
@@ -392,6 +393,39 @@ class _Batch:
         return [first, second]
 
 
+class StoreApi(Protocol):
+    """What the API layer uses of a store: reads, the write barrier and health.
+
+    :class:`EventStore` (the process opens the DuckDB file) and
+    :class:`sinks.remote_store.RemoteStore` (the worker role: the recorder process opens it)
+    both provide it. ``cursor`` is the one part a remote store cannot give (a raw DuckDB
+    connection): it raises :class:`~core.errors.StoreError` there.
+    """
+
+    stats: StoreStats
+
+    def health(self) -> StoreHealth: ...
+
+    async def flush(self, *, request_id: str | None = None, timeout_s: float | None = None,
+                    events_only: bool = False) -> None: ...
+
+    async def load_history(self, conversation_id: str, *, limit: int,
+                           exclude_request_id: str | None = None) -> list[dict[str, str]]: ...
+
+    def events_since(self, request_id: str, since_seq: int, *, page: int = 1000
+                     ) -> AsyncIterator[Event]: ...
+
+    async def request_row(self, request_id: str) -> dict[str, Any] | None: ...
+
+    async def messages_of(self, request_id: str) -> list[dict[str, Any]]: ...
+
+    async def aquery(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]: ...
+
+    def cursor(self) -> duckdb.DuckDBPyConnection: ...
+
+    def responses(self) -> ResponsesTable: ...
+
+
 class EventStore:
     """The event store. Open with :meth:`open` (or ``with``), stop with :meth:`close`.
 
@@ -586,6 +620,10 @@ class EventStore:
             dead_letters=self.stats.dead_letters, last_error=self.stats.last_error,
             retry_in_s=0.0 if self._writable else round(max(0.0, self._retry_at - time.monotonic()), 3),
         )
+
+    def responses(self) -> ResponsesTable:
+        """The ``responses`` table of the Responses wire, on this store's connection."""
+        return LocalResponses(self.cursor)
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         """A new cursor on the store's database, for analysts' reads and exports."""

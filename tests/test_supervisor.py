@@ -1,4 +1,4 @@
-"""The supervisor's plan of children (with and without the recorder hook) and its refusals."""
+"""The supervisor's plan of children (the recorder and the workers) and its refusals."""
 
 from __future__ import annotations
 
@@ -8,32 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from api.supervisor import children, worker_db_path
+import server
+from api.supervisor import children
 from core.config import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_without_the_recorder_each_worker_gets_its_own_file_and_the_shared_port() -> None:
-    settings = Settings(workers=3, event_log="redis://127.0.0.1:6379/12",
-                        db_path=Path("/data/events.duckdb"), host="127.0.0.1")
-    plan = children(settings, server="/srv/server.py", port=8123, recorder=False)
-    assert [child.name for child in plan] == ["worker-1", "worker-2", "worker-3"]
-    assert {child.role for child in plan} == {"worker"}
-    assert [child.env["DB_PATH"] for child in plan] == [
-        "/data/events.worker1.duckdb", "/data/events.worker2.duckdb", "/data/events.worker3.duckdb"]
-    for child in plan:
-        assert child.argv == [sys.executable, "/srv/server.py"]
-        assert child.env["PORT"] == "8123" and child.env["REUSE_PORT"] == "true"
-        assert child.env["WORKERS"] == "1"  # a child never supervises
-        assert child.env["EVENT_LOG"] == "redis://127.0.0.1:6379/12"
-    assert worker_db_path(Path("x/e.duckdb"), 2) == Path("x/e.worker2.duckdb")
-
-
-def test_the_recorder_hook_plans_one_recorder_owning_the_file_and_workers_pointing_at_it() -> None:
+def test_the_plan_is_one_recorder_owning_the_file_and_workers_pointing_at_it() -> None:
     settings = Settings(workers=2, event_log="redis://127.0.0.1:6379/12",
                         db_path=Path("/data/events.duckdb"))
-    plan = children(settings, server="server.py", port=8123, recorder=True, recorder_port=9100)
+    plan = children(settings, server="server.py", port=8123, recorder_port=9100)
     recorder, *workers = plan
     assert recorder.role == "recorder" and recorder.name == "recorder"
     assert recorder.argv[1:] == ["server.py", "--role", "recorder", "--recorder-port", "9100"]
@@ -44,6 +29,18 @@ def test_the_recorder_hook_plans_one_recorder_owning_the_file_and_workers_pointi
         assert worker.argv[1:] == ["server.py", "--role", "worker", "--recorder-url",
                                    "http://127.0.0.1:9100"]
         assert worker.env.get("DB_PATH") == os.environ.get("DB_PATH")  # the plan sets none
+        assert worker.env["PORT"] == "8123" and worker.env["REUSE_PORT"] == "true"
+        assert worker.env["WORKERS"] == "1"  # a child never supervises
+        assert worker.env["EVENT_LOG"] == "redis://127.0.0.1:6379/12"
+
+
+def test_who_supervises() -> None:
+    redis = "redis://127.0.0.1:6379/12"
+    assert not server.supervised(Settings())  # make run: one process
+    assert not server.supervised(Settings(event_log=redis))  # one process on Redis
+    assert server.supervised(Settings(event_log=redis, workers=1))  # asked for: 1 + recorder
+    assert server.supervised(Settings(event_log=redis, workers=3))
+    assert not server.supervised(Settings(event_log=redis, workers=1, role="worker"))  # a child
 
 
 def test_a_port_held_by_another_program_is_refused_with_one_line_and_exit_1(tmp_path: Path) -> None:

@@ -4,9 +4,8 @@ redis://127.0.0.1:6379/12 --port P`` on the machine's Redis.
 The kernel spreads connections over the workers (``SO_REUSEPORT``), so a test that needs a
 given worker opens new connections until ``X-Worker`` names it (or names another one).
 
-Until the recorder (branch ``recorder``) lands, the supervisor gives each worker a DuckDB
-file of its own beside ``--db`` (``events.worker1.duckdb``, …): the tests use a temporary
-folder, so each worker's file is temporary too.
+The supervisor also runs the recorder, the only process that opens ``--db`` (a temporary
+folder here); the workers' store is the recorder's.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import duckdb
 import pytest
 
 from core.config import Settings
@@ -314,6 +314,19 @@ async def test_kill_9_of_an_owner_mid_turn_ends_the_turn_interrupted_on_the_othe
             return owner not in await ids_of(srv)
 
         await until(owner_left, "the dead owner left /healthz", within=3 * LEASE_S + 1)
+    # Stopped: the recorder, the only process that opened the file, recorded the turn from
+    # the log, its closing events included: exactly what the follower saw, each once.
+    con = duckdb.connect(str(tmp_path / "events.duckdb"), read_only=True)
+    try:
+        stored = con.execute("SELECT seq, type FROM events WHERE request_id = ? ORDER BY seq",
+                             [request_id]).fetchall()
+        [(status,)] = con.execute("SELECT status FROM requests WHERE request_id = ?",
+                                  [request_id]).fetchall()
+    finally:
+        con.close()
+    assert stored == [(f.json["seq"], f.event) for f in frames]
+    assert status == "interrupted"
+    assert not (tmp_path / "events.worker1.duckdb").exists()  # no worker opened a file
 
 
 # -- 4. cancel through a worker that does not own the turn ----------------------------------------
