@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 from pathlib import Path
@@ -163,9 +164,13 @@ async def test_kill_9_of_the_recorder_mid_turn_under_the_supervisor_loses_and_do
     last = int(frames[-1].id or 0)
     assert [seq for seq, _, _ in rows] == list(range(1, last + 1))
     assert [(seq, kind) for seq, kind, _ in rows] == [(f.json["seq"], f.event) for f in frames]
-    assert rows[-1][1] == "done"
+    assert [json.loads(data) for _, _, data in rows] == [f.json for f in frames]
+    assert rows[-1][1] == "done" and json.loads(rows[-1][2])["ok"] is True
     assert stored(db, "SELECT status, last_seq FROM requests WHERE request_id = ?",
                   [request_id]) == [("completed", last)]
+    text = "".join(f.json["delta"] for f in frames if f.event == "text")
+    assert stored(db, "SELECT content, status FROM messages WHERE request_id = ? AND "
+                      "role = 'assistant'", [request_id]) == [(text, "complete")]
 
 
 # -- 2. three followers through three workers ----------------------------------------------------
