@@ -41,8 +41,8 @@ STOP_TIMEOUT_S = 30.0
 WAIT_S = 20.0
 
 
-def new_prefix() -> str:
-    return f"wrk-{uuid.uuid4().hex[:12]}"
+def new_prefix(head: str = "wrk") -> str:
+    return f"{head}-{uuid.uuid4().hex[:12]}"
 
 
 @dataclasses.dataclass
@@ -51,6 +51,7 @@ class Workers:
     base: str
     log: Path
     prefix: str
+    redis_url: str = REDIS_URL
 
     def url(self, path: str) -> str:
         return f"{self.base}{path}"
@@ -59,10 +60,13 @@ class Workers:
         return self.log.read_text(errors="replace")[-6000:]
 
 
-def spawn(folder: Path, *, workers: int = 2, **env: str | float) -> Workers:
+def spawn(folder: Path, *, workers: int = 2, redis_url: str = REDIS_URL,
+          prefix_head: str = "wrk", **env: str | float) -> Workers:
+    """The supervisor of ``workers`` workers on ``redis_url`` (its own key prefix, starting
+    with ``prefix_head``), its output in ``workers.log``."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    prefix = new_prefix()
+    prefix = new_prefix(prefix_head)
     variables = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
     variables.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(ROOT), "REDIS_PREFIX": prefix,
                       "TURN_LEASE_S": str(LEASE_S), "OFFLINE_TOKEN_DELAY_MS": "5",
@@ -71,10 +75,11 @@ def spawn(folder: Path, *, workers: int = 2, **env: str | float) -> Workers:
     log = folder / "workers.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "server.py", "--workers", str(workers), "--event-log", REDIS_URL,
+            [sys.executable, "server.py", "--workers", str(workers), "--event-log", redis_url,
              "--port", str(port), "--db", str(folder / "events.duckdb")],
             cwd=ROOT, env=variables, stdout=out, stderr=subprocess.STDOUT)
-    return Workers(proc=proc, base=f"http://127.0.0.1:{port}", log=log, prefix=prefix)
+    return Workers(proc=proc, base=f"http://127.0.0.1:{port}", log=log, prefix=prefix,
+                   redis_url=redis_url)
 
 
 def fresh() -> aiohttp.ClientSession:
@@ -106,10 +111,10 @@ async def ids_of(srv: Workers) -> dict[str, int]:
 
 
 @contextlib.asynccontextmanager
-async def running(folder: Path, *, workers: int = 2, **env: str | float
-                  ) -> AsyncIterator[Workers]:
+async def running(folder: Path, *, workers: int = 2, redis_url: str = REDIS_URL,
+                  prefix_head: str = "wrk", **env: str | float) -> AsyncIterator[Workers]:
     require_redis()
-    srv = spawn(folder, workers=workers, **env)
+    srv = spawn(folder, workers=workers, redis_url=redis_url, prefix_head=prefix_head, **env)
     try:
         async def all_up() -> bool:
             if srv.proc.poll() is not None:
@@ -127,7 +132,7 @@ async def running(folder: Path, *, workers: int = 2, **env: str | float
         finally:
             if srv.proc.poll() is None:
                 srv.proc.kill()
-            await delete_prefix(REDIS_URL, srv.prefix)
+            await delete_prefix(srv.redis_url, srv.prefix)
 
 
 async def pinned(srv: Workers, *, want: str | None = None, avoid: str | None = None,
