@@ -98,7 +98,9 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     tools: list[FunctionTool] = Field(default_factory=list, max_length=128)
-    tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
+    # The order of api/wire.py's: typing caches equal Literals whatever their order, so two
+    # orders would make docs/api.md depend on which module was imported first.
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextOptions | None = None
     truncation: Literal["disabled"] | None = None
