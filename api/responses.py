@@ -98,8 +98,9 @@ class ResponsesRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     tools: list[FunctionTool] = Field(default_factory=list, max_length=128)
-    # The order of api/wire.py's: typing caches equal Literals whatever their order, so two
-    # orders would make docs/api.md depend on which module was imported first.
+    # The order of api/wire.py's: Literals with the same values compare (and hash) equal
+    # whatever their order, so a schema cached for one serves the other and two orders made
+    # docs/api.md depend on which module was imported first.
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: StrictBool | None = None
     text: TextOptions | None = None
