@@ -11,9 +11,11 @@ takes it between restarts, and so that ``PORT=0`` means one free port for every 
   backoff that grows while it keeps dying young (up to ``WORKER_RESTART_MAX_S``); a child
   that exits 2 (invalid settings) stops everything with exit code 2, and one that keeps
   dying at once (10 times within its first second) stops everything with exit code 1.
-* SIGTERM (or SIGINT) to the parent goes on to every child, which drains its turns in
-  ``SHUTDOWN_GRACE_S``; the parent waits that long plus :data:`STOP_MARGIN_S`, kills what
-  is left, and exits 0 when every child exited cleanly (1 otherwise).
+* SIGTERM (or SIGINT) to the parent goes on to every worker, which drains its turns in
+  ``SHUTDOWN_GRACE_S`` (the parent waits that long plus :data:`STOP_MARGIN_S`, then kills
+  what is left), then to the recorder, which records what they appended (another
+  :data:`STOP_MARGIN_S` at most); the parent exits 0 when every child exited cleanly (1
+  otherwise).
 * Children get SIGTERM when the parent dies, even by ``kill -9`` (``PR_SET_PDEATHSIG``).
 
 The plan of children is :func:`children`: one recorder (``--role recorder``, the only
@@ -23,6 +25,7 @@ worker``, whose store is the recorder's, over its loopback API).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import logging
@@ -124,7 +127,8 @@ class Supervisor:
             if code is not None:
                 self._stop_all()
                 return code
-            log.info("stopping: SIGTERM to %d children", len(self.children))
+            log.info("stopping: SIGTERM to the %d workers, then the recorder",
+                     len(self.children) - 1)
             return self._stop_all()
         finally:
             for sig, handler in previous.items():
@@ -168,15 +172,25 @@ class Supervisor:
         return None
 
     def _stop_all(self) -> int:
-        live = [c.proc for c in self.children if c.proc is not None and c.proc.poll() is None]
-        for proc in live:
-            try:
-                proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + self.settings.shutdown_grace_s + STOP_MARGIN_S
+        """Stop the workers (their turns get ``SHUTDOWN_GRACE_S``), then the recorder, so it
+        records everything the workers appended before they exited; the exit code."""
+        workers = [c for c in self.children if c.spec.role != "recorder"]
+        recorders = [c for c in self.children if c.spec.role == "recorder"]
+        clean = self._stop_group(workers, self.settings.shutdown_grace_s + STOP_MARGIN_S)
+        clean = self._stop_group(recorders, STOP_MARGIN_S) and clean
+        log.info("every child has exited%s", "" if clean else " (not all cleanly)")
+        return 0 if clean else 1
+
+    def _stop_group(self, children: list[_Child], bound_s: float) -> bool:
+        """SIGTERM to ``children``, wait up to ``bound_s`` (then kill); whether all stopped
+        cleanly."""
+        for child in children:
+            if child.proc is not None and child.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + bound_s
         clean = True
-        for child in self.children:
+        for child in children:
             if child.proc is None:
                 continue
             proc = child.proc
@@ -184,7 +198,7 @@ class Supervisor:
                 code = proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 log.error("%s (pid %d) did not stop within %.0fs; killing it", child.spec.name,
-                          proc.pid, self.settings.shutdown_grace_s + STOP_MARGIN_S)
+                          proc.pid, bound_s)
                 proc.kill()
                 proc.wait()
                 clean = False
@@ -192,8 +206,7 @@ class Supervisor:
             if code not in (0, -signal.SIGTERM, 130):  # stopped while still starting (130: SIGINT)
                 log.error("%s (pid %d) exited with %s on stop", child.spec.name, proc.pid, code)
                 clean = False
-        log.info("every child has exited%s", "" if clean else " (not all cleanly)")
-        return 0 if clean else 1
+        return clean
 
 
 def reserve_port(host: str, port: int) -> socket.socket:

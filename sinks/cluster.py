@@ -242,16 +242,27 @@ class Cluster:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 2.0)
 
-    async def aclose(self) -> None:
-        """Release what is pending, leave the worker list, stop."""
+    async def aclose(self, *, within_s: float = 5.0) -> None:
+        """Release what is pending, leave the worker list, stop: within ``within_s`` in all
+        (a worker's stop must stay inside the supervisor's bound even when Redis or
+        redis-py hangs); past it, what is left is abandoned (logged), the leases expire."""
+        try:
+            async with asyncio.timeout(within_s):
+                await self._close()
+        except TimeoutError:
+            log.error("cluster: stopping took over %.0fs; leaving the rest (leases expire)",
+                      within_s)
+            for task in (*self._tasks, *self._side):
+                task.cancel()
+
+    async def _close(self) -> None:
         if self._side:
             await asyncio.wait(list(self._side), timeout=5.0)
         deadline = time.monotonic() + 5.0
         while (self._to_register or self._to_release) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.01)
-        for task in self._tasks:
-            await _stop(task)
+        await asyncio.gather(*(_stop(task) for task in self._tasks))
         with contextlib.suppress(*_FAILURES):
             pipe = self.client.pipeline(transaction=True)
             pipe.zrem(self.workers_key, self.worker_id)
