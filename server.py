@@ -93,14 +93,7 @@ log = logging.getLogger("server")
 # -- lifecycle --------------------------------------------------------------------------
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
-                       flush_max_rows=settings.flush_max_rows,
-                       storage_version=settings.store_storage_version,
-                       backlog_max_rows=settings.store_backlog_max_rows,
-                       retry_min_ms=settings.store_retry_min_ms,
-                       retry_max_ms=settings.store_retry_max_ms,
-                       barrier_timeout_s=settings.store_barrier_timeout_s,
-                       history_cache_bytes=settings.history_cache_max_bytes)
+    store = EventStore.from_settings(settings)
     await asyncio.to_thread(store.open)
     app[STORE] = store
     app[ANALYTICS] = Analytics(connect=store.cursor, flush=store.flush, settings=settings)
@@ -116,13 +109,7 @@ async def event_log_ctx(app: web.Application) -> AsyncIterator[None]:
     if not settings.redis_log:
         yield
         return
-    event_log = RedisEventLog(
-        settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
-        live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
-        retry_max_s=settings.event_log_retry_max_s, give_up_s=settings.event_log_give_up_s,
-        ping_s=settings.event_log_ping_s, batch_max=settings.event_log_batch_max,
-        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
-    )
+    event_log = RedisEventLog.from_settings(settings)
     await event_log.start()
     app[EVENT_LOG] = event_log
     log.info("event log: Redis at %s, prefix %r", event_log.safe_url, settings.redis_prefix)

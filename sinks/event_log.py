@@ -58,6 +58,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 from redis.retry import Retry
 
+from core.config import Settings
 from core.errors import PipelineError
 from core.events import EVENT_ADAPTER, Done, Event
 
@@ -398,6 +399,20 @@ class RedisEventLog:
         self._run_id: str | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.followers = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, max_connections: int | None = None
+                      ) -> RedisEventLog:
+        """The log client ``EVENT_LOG``/``REDIS_PREFIX`` and the ``EVENT_LOG_*`` settings
+        describe (not started)."""
+        return cls(
+            settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
+            live_ttl_s=settings.event_log_live_ttl_s,
+            retry_base_s=settings.event_log_retry_base_s,
+            retry_max_s=settings.event_log_retry_max_s, give_up_s=settings.event_log_give_up_s,
+            ping_s=settings.event_log_ping_s, batch_max=settings.event_log_batch_max,
+            timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
+            max_connections=max_connections)
 
     @property
     def safe_url(self) -> str:

@@ -217,21 +217,11 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     the recorder first (its turns' entries stay pending), then the store writes what is
     queued, then the log disconnects."""
     settings = app[RECORDER_SETTINGS]
-    store = EventStore(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
-                       flush_max_rows=settings.flush_max_rows,
-                       storage_version=settings.store_storage_version,
-                       backlog_max_rows=settings.store_backlog_max_rows,
-                       retry_min_ms=settings.store_retry_min_ms,
-                       retry_max_ms=settings.store_retry_max_ms,
-                       barrier_timeout_s=settings.store_barrier_timeout_s)
+    store = EventStore.from_settings(settings)
     await asyncio.to_thread(store.open)
     await store.responses().create()
-    event_log = RedisEventLog(
-        settings.event_log, prefix=settings.redis_prefix, ttl_s=settings.event_log_ttl_s,
-        live_ttl_s=settings.event_log_live_ttl_s, retry_base_s=settings.event_log_retry_base_s,
-        retry_max_s=settings.event_log_retry_max_s, ping_s=settings.event_log_ping_s,
-        timeout_s=settings.event_log_timeout_s, lost_after_s=settings.event_log_lost_s,
-        max_connections=settings.recorder_redis_connections)
+    event_log = RedisEventLog.from_settings(
+        settings, max_connections=settings.recorder_redis_connections)
     await event_log.start()
     recorder = LogRecorder(event_log, store, consumer=settings.recorder_consumer,
                            claim_idle_s=settings.recorder_claim_idle_s,

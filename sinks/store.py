@@ -43,6 +43,7 @@ from typing import Any, Final, Protocol
 import duckdb
 import pyarrow as pa
 
+from core.config import Settings
 from core.errors import StoreError
 from core.events import EVENT_ADAPTER, Event, EventBase, stream_id_of, visibility
 from sinks.conversations import ConversationCache
@@ -478,6 +479,18 @@ class EventStore:
         self._retry_s = self.retry_min_s
         self._dead_lock = threading.Lock()
         self._dead_by_request: dict[str | None, int] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventStore:
+        """The store ``DB_PATH`` and the store settings describe (not opened)."""
+        return cls(settings.db_path, flush_interval_ms=settings.flush_interval_ms,
+                   flush_max_rows=settings.flush_max_rows,
+                   storage_version=settings.store_storage_version,
+                   backlog_max_rows=settings.store_backlog_max_rows,
+                   retry_min_ms=settings.store_retry_min_ms,
+                   retry_max_ms=settings.store_retry_max_ms,
+                   barrier_timeout_s=settings.store_barrier_timeout_s,
+                   history_cache_bytes=settings.history_cache_max_bytes)
 
     # -- lifecycle -------------------------------------------------------------------
     def open(self) -> EventStore:
