@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import duckdb
+import pytest
 
 from tests.redis_helpers import PrivateRedis
 from tests.sse_client import Frame, assert_wire_rules, iter_frames
@@ -55,8 +56,11 @@ async def health_of(srv: Workers, worker: str) -> dict[str, Any]:
         return body
 
 
+# Down briefly, and down longer than the lease (TURN_LEASE_S=1 s here): either way the
+# owner is alive, so its turn completes.
+@pytest.mark.parametrize("outage_s", [0.3, 2.5])
 async def test_a_redis_restart_mid_turn_under_the_supervisor_loses_nothing(
-        tmp_path: Path) -> None:
+        tmp_path: Path, outage_s: float) -> None:
     redis_server = PrivateRedis(tmp_path / "redis")
     redis_server.start()
     try:
@@ -65,7 +69,7 @@ async def test_a_redis_restart_mid_turn_under_the_supervisor_loses_nothing(
                            EVENT_LOG_RETRY_MAX_S=0.2, HEARTBEAT_S=0.5) as srv:
             try:
                 frames, owner, request_id, notes = await _follow_through_a_restart(
-                    srv, redis_server)
+                    srv, redis_server, outage_s)
                 print(f"follower: {notes}")
                 seqs = seqs_of(frames)
                 assert seqs == list(range(1, len(seqs) + 1)), f"gap or duplicate: {seqs}"
@@ -121,11 +125,12 @@ async def test_a_redis_restart_mid_turn_under_the_supervisor_loses_nothing(
         redis_server.kill()
 
 
-async def _follow_through_a_restart(srv: Workers, redis_server: PrivateRedis
+async def _follow_through_a_restart(srv: Workers, redis_server: PrivateRedis, outage_s: float
                                     ) -> tuple[list[Frame], str, str, dict[str, Any]]:
-    """Start a turn, follow it through the other worker, restart Redis after 10 texts;
-    reconnect (``Last-Event-ID``, again through a non-owner) until ``done``. Returns the
-    event frames, the owner, the request id and what happened on the way."""
+    """Start a turn, follow it through the other worker, restart Redis after 10 texts (down
+    for ``outage_s`` once the owner noticed); reconnect (``Last-Event-ID``, again through a
+    non-owner) until ``done``. Returns the event frames, the owner, the request id and what
+    happened on the way."""
     request_id, owner = await start_turn(srv, max_tokens=MAX_TOKENS)
     frames: list[Frame] = []
     restarted = False
@@ -157,7 +162,7 @@ async def _follow_through_a_restart(srv: Workers, redis_server: PrivateRedis
                         frames.append(frame)
                         if not restarted and sum(f.event == "text" for f in frames) >= 10:
                             restarted = True
-                            await _restart(srv, redis_server, owner)
+                            await _restart(srv, redis_server, owner, outage_s)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 notes["refused"].append(repr(exc))
             if not frames or frames[-1].event != "done":
@@ -168,7 +173,8 @@ async def _follow_through_a_restart(srv: Workers, redis_server: PrivateRedis
     return frames, owner, request_id, notes
 
 
-async def _restart(srv: Workers, redis_server: PrivateRedis, owner: str) -> None:
+async def _restart(srv: Workers, redis_server: PrivateRedis, owner: str,
+                   outage_s: float) -> None:
     """SIGKILL the redis-server (everything in it is gone); once the owner noticed (its
     ``/healthz`` degraded, so some appends failed), start it again, empty, on its port."""
     redis_server.kill()
@@ -177,5 +183,5 @@ async def _restart(srv: Workers, redis_server: PrivateRedis, owner: str) -> None
         return bool((await health_of(srv, owner))["event_log"]["state"] == "degraded")
 
     await until(degraded, "the owner's /healthz degraded")
-    await asyncio.sleep(0.3)  # the turn goes on meanwhile, its events only in its memory
+    await asyncio.sleep(outage_s)  # the turn goes on meanwhile, its events only in memory
     redis_server.start()
