@@ -248,10 +248,13 @@ async def export_file(request: web.Request) -> web.StreamResponse:
 
 
 async def export_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Run the export every ``EXPORT_INTERVAL_S`` (0: never) while the app runs."""
+    """Run the export every ``EXPORT_INTERVAL_S`` (0: never) while the app runs; not on a
+    worker, whose store is the recorder's (the recorder runs it)."""
     analytics = app.get(ANALYTICS)
     interval = analytics.settings.export_interval_s if analytics is not None else 0
     task: asyncio.Task[None] | None = None
+    if analytics is not None and analytics.remote is not None:
+        interval = 0  # a worker: the recorder, which has the file, runs the schedule
     if analytics is not None and interval > 0:
         task = asyncio.create_task(_export_every(analytics, interval), name="lake-export")
     yield

@@ -27,10 +27,12 @@ that died is closed through the log, by the worker that takes the turn over).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +40,7 @@ from aiohttp import web
 from core.config import Settings
 from core.errors import StoreError
 from sinks.event_log import RedisEventLog
+from sinks.lake import export_lake
 from sinks.log_recorder import LogRecorder
 from sinks.query import QueryError, QueryRefusedError, answer_query, check_query
 from sinks.remote_store import encode
@@ -233,12 +236,40 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
     log.info("recorder: the only writer of %s, fed from %s (prefix %r, group %r, consumer %r)",
              settings.db_path, event_log.safe_url, settings.redis_prefix, recorder.group,
              recorder.consumer)
+    exporting = None
+    if settings.export_interval_s > 0:  # the lake is exported where the file is: here
+        exporting = asyncio.create_task(
+            _export_every(store, settings.lake_dir, settings.export_interval_s),
+            name="lake-export")
     try:
         yield
     finally:
+        if exporting is not None:
+            exporting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await exporting
         await recorder.aclose()
         await asyncio.to_thread(store.close)
         await event_log.aclose()
+
+
+async def _export_every(store: EventStore, lake: Path, interval_s: float) -> None:
+    """``EXPORT_INTERVAL_S``: the Parquet export of the requests closed since the last run,
+    as a ``single`` server runs it (workers have no file; they leave it to the recorder)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await store.flush()
+            con = store.cursor()
+            try:
+                report = await asyncio.to_thread(export_lake, con, lake)
+            finally:
+                con.close()
+        except Exception:  # keep the schedule alive; the next run retries the same window
+            log.exception("recorder: scheduled Parquet export failed")
+            continue
+        if report.files:
+            log.info("recorder: exported %d requests to %s", report.requests, report.lake)
 
 
 def create_recorder_app(settings: Settings) -> web.Application:

@@ -173,7 +173,7 @@ def assert_stored_exactly(db: Path, request_id: str, frames: list[Frame]) -> Non
 
 
 async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path: Path) -> None:
-    async with stack(tmp_path, OFFLINE_TOKEN_DELAY_MS=2) as s:
+    async with stack(tmp_path, OFFLINE_TOKEN_DELAY_MS=2, EXPORT_INTERVAL_S=0.5) as s:
         await s.start_recorder()
         worker = await s.start_worker()
         async with aiohttp.ClientSession() as session:
@@ -222,6 +222,13 @@ async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path
         first_answer = "".join(f.json["delta"] for f in first if f.event == "text")
         assert first_answer in said
         assert s.worker is not None and s.recorder is not None
+        # The scheduled export runs in the recorder, which has the file; never on a worker.
+        deadline = time.monotonic() + 30
+        while not list((tmp_path / "lake").glob("events/*/*.parquet")):
+            assert time.monotonic() < deadline, s.recorder.output()
+            await asyncio.sleep(0.1)
+        assert "recorder: exported" in s.recorder.log.read_text(errors="replace")
+        assert "export failed" not in s.worker.log.read_text(errors="replace")
         assert s.worker.stop() == 0 and s.recorder.stop() == 0
     assert not (tmp_path / "worker-never-opens-this.duckdb").exists()
     ids = [frames[0].json["request_id"] for frames in (first, second)]
