@@ -77,6 +77,7 @@ class _Followed:
     recorded: int = 0  # the last seq handed to the store
     done: bool = False
     progress: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    hurry: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # a sync waits
     task: asyncio.Task[None] | None = None
 
     def advanced(self) -> None:
@@ -104,8 +105,9 @@ class LogRecorder:
     def __init__(self, event_log: RedisEventLog, store: EventStore, *, group: str = "recorder",
                  consumer: str = "recorder", block_ms: int = 1000, read_count: int = 64,
                  claim_idle_s: float = 30.0, lost_s: float = 60.0, retry_max_s: float = 2.0,
-                 sync_timeout_s: float = 10.0) -> None:
+                 sync_timeout_s: float = 10.0, read_gap_s: float = 0.0) -> None:
         self.log = event_log
+        self.read_gap_s = read_gap_s
         self.store = store
         self.group = group
         self.consumer = consumer
@@ -339,7 +341,8 @@ class LogRecorder:
         while not followed.done:
             try:
                 async with contextlib.aclosing(self.log.follow(
-                        followed.request_id, since=followed.recorded)) as events:
+                        followed.request_id, since=followed.recorded,
+                        gap_s=self.read_gap_s, hurry=followed.hurry)) as events:
                     async for event in events:
                         if event is None:
                             continue
@@ -450,10 +453,19 @@ class LogRecorder:
         return [int(bytes(top[0][0]).partition(b"-")[0]) if top else 0 for top in replies]
 
     async def _caught_up(self, request_id: str, goal: int, deadline: float) -> None:
-        """Until ``request_id`` is recorded up to ``goal`` (or finished)."""
+        """Until ``request_id`` is recorded up to ``goal`` (or finished); its follower reads
+        at once meanwhile (no ``read_gap_s``)."""
+        try:
+            await self._wait_recorded(request_id, goal, deadline)
+        finally:
+            if (followed := self._followed.get(request_id)) is not None:
+                followed.hurry.clear()
+
+    async def _wait_recorded(self, request_id: str, goal: int, deadline: float) -> None:
         while True:
             followed = self._followed.get(request_id)
             if followed is not None:
+                followed.hurry.set()
                 if followed.recorded >= goal or followed.done:
                     return
                 progress = followed.progress

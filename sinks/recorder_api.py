@@ -230,7 +230,8 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                            claim_idle_s=settings.recorder_claim_idle_s,
                            lost_s=settings.recorder_lost_s,
                            retry_max_s=settings.event_log_retry_max_s,
-                           sync_timeout_s=settings.recorder_timeout_s)
+                           sync_timeout_s=settings.recorder_timeout_s,
+                           read_gap_s=settings.recorder_read_gap_s)
     app[RECORDER_STORE], app[RECORDER_LOG], app[LOG_RECORDER] = store, event_log, recorder
     await recorder.start()
     log.info("recorder: the only writer of %s, fed from %s (prefix %r, group %r, consumer %r)",

@@ -424,3 +424,32 @@ def test_event_log_setting_is_checked() -> None:
     assert Settings(event_log=REDIS_URL).redis_log
 
 
+
+
+# -- the recorder's reads: a gap between reads, cut short on demand (issue 13) -----------------
+async def test_a_follower_with_a_read_gap_gets_everything_once_and_hurry_cuts_the_gap(
+        rlog: RedisEventLog) -> None:
+    events = turn_events("req_gap", texts=30)
+    turn = Turn(rlog, events)
+    hurry = asyncio.Event()
+    got: list[Event] = []
+
+    async def follow() -> None:
+        # A gap far longer than the test may wait: only ``hurry`` can get past it.
+        async with contextlib.aclosing(rlog.follow("req_gap", gap_s=600.0, hurry=hurry)) as it:
+            async for event in it:
+                if event is not None:
+                    got.append(event)
+
+    follower = asyncio.create_task(follow())
+    await wait_for(lambda: rlog.followers == 1, "follower started")
+    turn.emit(5)
+    await wait_for(lambda: len(got) == 5, "the first read")
+    while turn.left:  # the rest arrives while the follower sits in its gap
+        turn.emit(1)
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.05)
+    assert len(got) == 5  # still in the gap: no read per event
+    hurry.set()  # somebody waits for this turn
+    await asyncio.wait_for(follower, 10)
+    assert dumps(got) == dumps(events)  # every event, in order, once
