@@ -290,7 +290,7 @@ class Settings(BaseSettings):
                                    "the recorder's health")
     recorder_redis_connections: int = Field(default=32, ge=2, description="the recorder's Redis "
                                             "connections; its reads of every live turn share them")
-    recorder_read_gap_s: float = Field(default=0.1, ge=0, le=5, description="the recorder "
+    recorder_read_gap_s: float = Field(default=0.0, ge=0, le=5, description="the recorder "
                                        "reads a live turn at most this often (0: each event)")
 
     @model_validator(mode="after")

@@ -813,7 +813,11 @@ class RedisEventLog:
                 if beat is not None:
                     until_beat = max(0.0, beat - time.monotonic())
                     timeout = until_beat if timeout is None else min(timeout, until_beat)
-                await waiter.wait(last=last, epoch=epoch, within=timeout)
+                # Unsubscribed (Redis away), the seqs announced before say nothing to read
+                # now: wait for the subscription (a new epoch), a newer seq or the timeout.
+                # (Waiting on them returned at once, a spin that never yielded to the loop.)
+                seen = last if waiter.subscribed else max(last, waiter.notified)
+                await waiter.wait(last=seen, epoch=epoch, within=timeout)
                 if beat is not None and time.monotonic() >= beat and idle_s is not None:
                     yield None
                     beat = time.monotonic() + idle_s
