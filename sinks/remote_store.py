@@ -133,10 +133,7 @@ class RemoteStore:
     # -- calls ------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None,
                     params: dict[str, str] | None = None) -> Any:
-        session = self._session
-        if session is None:
-            raise RecorderUnavailableError("the recorder client is not started")
-        try:
+        async with self._reaching() as session:
             async with session.request(
                     method, self.url + path, params=params,
                     data=None if body is None else json.dumps(encode(body)),
@@ -151,13 +148,23 @@ class RemoteStore:
                     self._up()
                     raise RecorderUnavailableError(f"the recorder: {message}")
                 result = decode(text)
+        return result
+
+    @contextlib.asynccontextmanager
+    async def _reaching(self) -> AsyncIterator[aiohttp.ClientSession]:
+        """The session for one call to the recorder: a transport failure inside is the
+        recorder unreachable (health says so); a call that completes marks it reachable."""
+        session = self._session
+        if session is None:
+            raise RecorderUnavailableError("the recorder client is not started")
+        try:
+            yield session
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             self._down(exc)
             raise RecorderUnavailableError(
                 f"the recorder at {self.url} cannot be reached ({type(exc).__name__}: {exc})"
             ) from exc
         self._up()
-        return result
 
     def _up(self) -> None:
         if not self._reachable:
@@ -253,12 +260,11 @@ class RemoteStore:
                 ``code`` as the recorder gave it: ``query_refused``, ``query_timeout``, …).
             RecorderUnavailableError: the recorder cannot be reached.
         """
-        session = self._session
-        if session is None:
+        if self._session is None:
             raise RecorderUnavailableError("the recorder client is not started")
         await self._settled()
         timeout = aiohttp.ClientTimeout(total=float(limits.get("timeout_s", 10)) + self.timeout_s)
-        try:
+        async with self._reaching() as session:
             async with session.post(self.url + "/internal/v1/query", timeout=timeout,
                                     json={"sql": sql, "format": fmt, **limits}) as resp:
                 payload = await resp.read()
@@ -274,12 +280,6 @@ class RemoteStore:
                 answer = QueryAnswer(body=payload, content_type=resp.content_type,
                                      rows=int(resp.headers.get("X-Row-Count", "0")),
                                      truncated=resp.headers.get("X-Truncated") == "true")
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            self._down(exc)
-            raise RecorderUnavailableError(
-                f"the recorder at {self.url} cannot be reached ({type(exc).__name__}: {exc})"
-            ) from exc
-        self._up()
         return answer
 
     def responses(self) -> ResponsesTable:
