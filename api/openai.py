@@ -32,7 +32,7 @@ from core.errors import BufferOverflowError
 from core.turn import TurnInput
 from operators import ChatChunk, to_chat_chunks
 from pipeline.roundtable import RoundtableRequest, panel_names, panel_of
-from sinks.sse import DONE_FRAME, FrameWriter, data_frame, open_sse
+from sinks.sse import DONE_FRAME, FrameWriter, data_frame, json_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +105,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             turn.batches(to_chunks, max_buffer=settings.client_buffer_events)
         ) as stream:
             async for chunks in stream:  # what is ready goes in one write
-                await writer.write(b"".join(
-                    data_frame(json.dumps(chunk, separators=(",", ":"))) for chunk in chunks))
+                await writer.write(b"".join([json_frame(chunk) for chunk in chunks]))
         await writer.write(DONE_FRAME)
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1

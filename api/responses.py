@@ -47,7 +47,7 @@ from core.turn import ChatMessage, TurnInput
 from operators import TERMINAL_TYPES, ResponseEvent, fold_response, to_response_events
 from pipeline.orchestrator import Turn
 from sinks.responses_table import ResponseRecord
-from sinks.sse import FrameWriter, open_sse
+from sinks.sse import FrameWriter, json_bytes, open_sse
 from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
@@ -314,8 +314,8 @@ async def _snapshot(request: web.Request, meta: ResponseMeta) -> dict[str, Any]:
 def _frame(event: ResponseEvent) -> bytes:
     """``event: <type>`` / ``data: <json>``: no ``id:`` lines or comments (the ``openai``
     SDK's decoder breaks on mixes of them; the cursor is ``sequence_number``)."""
-    data = json.dumps(event, separators=(",", ":"))
-    return f"event: {event['type']}\ndata: {data}\n\n".encode()
+    kind = str(event["type"])
+    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(event) + b"\n\n"
 
 
 async def _stream(

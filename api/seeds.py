@@ -38,7 +38,7 @@ from api.wire import ApiError, read_body
 from core.errors import BufferOverflowError
 from core.turn import ChatMessage, ToolCallSpec, TurnInput
 from operators import to_seed_frames
-from sinks.sse import FrameWriter, data_frame, open_sse
+from sinks.sse import FrameWriter, data_frame, json_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -124,8 +124,7 @@ async def _stream_data(
     try:
         async with contextlib.aclosing(items) as source:
             async for item in source:
-                frame = data_frame(json.dumps(item, separators=(",", ":"), ensure_ascii=False))
-                await writer.write(frame)
+                await writer.write(json_frame(item))
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1
         await _last_words(response, data_frame(json.dumps(

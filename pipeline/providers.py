@@ -7,24 +7,26 @@ endpoint, or the bundled offline model (:mod:`pipeline.offline_model`).
 
 from __future__ import annotations
 
-import codecs
 import dataclasses
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, Protocol, TypeAlias, cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from typing import Any, Final, Protocol, TypeAlias, cast, get_args
 
+import aiohttp
 import openai
-import pydantic
+import pydantic_core
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
+from openai.types.chat.chat_completion_chunk import Choice as ChunkChoice
+from openai.types.chat.chat_completion_chunk import ChoiceLogprobs
 
 from core.errors import ProviderError
 
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: one per token, and a frozen init costs 4×
 class Delta:
     """A piece of generated text (of choice ``index`` when the request asked for ``n``;
     with its per-token ``logprobs`` when it asked for ``logprobs``; ``refusal`` when it is
@@ -151,17 +153,14 @@ class OpenAIProvider:
         tools: Sequence[dict[str, Any]] | None = None,
         params: Mapping[str, Any] | None = None, tool_call_pieces: bool = False,
     ) -> AsyncIterator[Piece]:
-        # Tool calls arrive in pieces (id and name first, then the arguments in fragments),
-        # keyed by choice and index; they are complete when the choice finishes.
-        calls: dict[int, dict[int, list[str]]] = {}  # choice → index → [id, name, arguments]
         extra = dict(params or {})
         if tools:
             extra["tools"] = list(tools)
         try:
             # The SDK makes the request (base URL, auth, retries, timeouts, HTTP errors);
-            # the chunks are parsed here with one pydantic ``model_validate_json`` each
-            # (about 7 µs) instead of the SDK's per-chunk ``construct_type`` (about 190 µs),
-            # which made the model client the bottleneck of a busy server.
+            # the body is read and parsed here (:class:`ChunkReader`): the SDK's per-chunk
+            # ``construct_type`` cost about 190 µs, a pydantic validation of each chunk
+            # about 30 µs under load, the lean read of the fields we use a few.
             response = self.client.chat.completions.with_streaming_response.create(
                 model=model,
                 # The messages go as they are, in extra_body: the SDK's per-message typed
@@ -184,50 +183,17 @@ class OpenAIProvider:
                     # e.g. a proxy's HTML error page with status 200: not an answer.
                     raise BadStream(f"HTTP {raw.status_code} answer is not an event stream "
                                     f"(content-type {kind[:80] or 'missing'!r})")
-                ended = _End()
-                finished = False
-                async for chunk in _chunks(sse_lines(raw.iter_bytes()), ended):
-                    for choice in chunk.choices:
-                        index = choice.index
-                        if choice.delta is not None and choice.delta.content:
-                            yield Delta(choice.delta.content, index, _logprobs(choice))
-                        if choice.delta is not None and choice.delta.refusal:
-                            yield Delta(choice.delta.refusal, index, refusal=True)
-                        for call in (choice.delta.tool_calls if choice.delta is not None else None) or ():
-                            slot = calls.setdefault(index, {}).setdefault(call.index, ["", "", ""])
-                            slot[0] = slot[0] or call.id or ""
-                            name = call.function.name if call.function is not None else None
-                            fragment = (call.function.arguments if call.function is not None
-                                        else None) or ""
-                            first = not slot[1]
-                            if call.function is not None:
-                                # Some servers repeat the name on every fragment: keep the first.
-                                slot[1] = slot[1] or name or ""
-                                slot[2] += fragment
-                            if tool_call_pieces:
-                                yield ToolCallPiece(call_index=call.index,
-                                                    id=call.id if first else None,
-                                                    name=name if first else None,
-                                                    arguments=fragment, index=index)
-                        if choice.finish_reason:
-                            finished = True
-                            for piece in _complete_calls(calls.pop(index, {}), index):
-                                yield piece
-                            yield Finish(choice.finish_reason, index)
-                    if chunk.usage is not None:
-                        yield Usage(
-                            model=chunk.model or model,
-                            prompt_tokens=chunk.usage.prompt_tokens,
-                            completion_tokens=chunk.usage.completion_tokens,
-                            total_tokens=chunk.usage.total_tokens,
-                        )
-                if not finished and not ended.done:
+                reader = ChunkReader(model=model, tool_call_pieces=tool_call_pieces)
+                next_bytes = _body_reader(raw)
+                while not reader.done and (data := await next_bytes()):
+                    for piece in reader.feed(data):
+                        yield piece
+                if not reader.finished and not reader.done:
                     # The connection closed mid-answer (a proxy cut it, the server died):
                     # what arrived may be a fragment; never a completed answer.
                     raise BadStream("the stream ended without a finish_reason or [DONE]")
-            for index, pending in sorted(calls.items()):  # ended without finish_reason
-                for piece in _complete_calls(pending, index):
-                    yield piece
+            for piece in reader.pending_calls():  # ended without finish_reason
+                yield piece
         except Exception as exc:  # every failure of the call becomes one ProviderError
             error = self._translate(exc, model=model)
             self.failures += 1
@@ -256,7 +222,7 @@ class OpenAIProvider:
                 return ProviderError(f"failed mid-stream: {exc}", provider=self.name, model=model)
             case BadStream():
                 return ProviderError(str(exc), provider=self.name, model=model, retryable=True)
-            case _ if _is_transport_error(exc):
+            case _ if _is_transport_error(exc) or isinstance(exc, aiohttp.ClientError):
                 # A transport error while reading the body (the SDK maps only those of the
                 # request itself): the connection broke or a read timed out.
                 return ProviderError(f"stream broke: {type(exc).__name__}: {exc}",
@@ -267,77 +233,242 @@ class OpenAIProvider:
                 )
 
 
-@dataclasses.dataclass(slots=True)
-class _End:
-    """Set by :func:`_chunks` when the body ended with ``data: [DONE]``."""
+class SSEDecoder:
+    """The events of an SSE body, fed its bytes as they arrive: ``(event, data)`` pairs.
 
-    done: bool = False
-
-
-async def sse_lines(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
-    """The lines of an SSE body as the SSE spec splits them: at CR, LF or CRLF only.
-
-    Not httpx's ``iter_lines``, which also splits at U+2028, U+2029, U+0085 (and VT, FF, …):
-    an upstream that sends those raw inside its JSON (pydantic-based servers do) would have
-    its chunks cut, and a model could write ``data:`` lines of its own (issue 10).
+    Lines end at CR, LF or CRLF only, as the SSE spec says (split on bytes: no UTF-8
+    sequence holds those bytes; not httpx's ``iter_lines``, which also splits at U+2028,
+    U+2029, U+0085, VT, FF…, so an upstream that sends those raw inside its JSON, as
+    pydantic-based servers do, would have its chunks cut, and a model could write ``data:``
+    lines of its own; issue 10). ``data:`` lines are joined with LF, a blank line ends an
+    event, comments and ``id:``/``retry:`` lines are ignored; an event left unfinished when
+    the body ends is dropped, as the spec says.
     """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    pending = ""
-    async for chunk in chunks:
-        text = pending + decoder.decode(chunk)
-        held = "\r" if text.endswith("\r") else ""  # maybe the first half of a CRLF
-        text = text.removesuffix("\r")
-        *lines, pending = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        pending += held
+
+    __slots__ = ("_data", "_event", "_pending")
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+        self._event = b""
+
+    def feed(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
+        """The events that ``chunk`` completes, in order."""
+        text = self._pending + chunk if self._pending else chunk
+        if b"\r" in text:
+            held = text.endswith(b"\r")  # maybe the first half of a CRLF
+            text = text[:-1] if held else text
+            text = text.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            *lines, pending = text.split(b"\n")
+            self._pending = pending + b"\r" if held else pending
+        else:
+            *lines, self._pending = text.split(b"\n")
+        events: list[tuple[bytes, bytes]] = []
+        data = self._data
         for line in lines:
-            yield line
-    pending += decoder.decode(b"", final=True)
-    for line in pending.replace("\r\n", "\n").replace("\r", "\n").split("\n"):
-        if line:
-            yield line
+            if line:
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    data.append(value[1:] if value.startswith(b" ") else value)
+                    continue
+                field, _, value = line.partition(b":")
+                if field == b"event":
+                    self._event = value[1:] if value.startswith(b" ") else value
+                continue
+            if data:
+                events.append((self._event, data[0] if len(data) == 1 else b"\n".join(data)))
+                data.clear()
+                self._event = b""
+        return events
 
 
-async def _chunks(lines: AsyncIterator[str], ended: _End) -> AsyncIterator[ChatCompletionChunk]:
-    """``chat.completion.chunk`` objects from an SSE body, until ``data: [DONE]``
-    (``ended.done`` then says so).
+class ChunkReader:
+    """An OpenAI-compatible ``chat.completion.chunk`` stream → :data:`Piece` s, fed the
+    body's bytes as they arrive (sync: no async generator per layer).
 
-    Follows the SSE rules the SDK's decoder follows: ``data:`` lines joined, a blank line
-    ends an event, comments and ``id:``/``retry:`` lines ignored; an ``error`` event or a
-    ``{"error": …}`` payload is the provider reporting a failure mid-stream.
+    Each chunk is read leanly: ``json.loads`` and the fields we use, checked for the types
+    the SDK's model gives them. A chunk that is not so plain (a number as a string, a
+    field the lean read does not know the type of) goes through the SDK's pydantic model,
+    which either normalises it or refuses it (a ``ValidationError``: a bad chunk is an
+    error, never skipped). An ``error`` event or an ``{"error": …}`` payload is the
+    provider reporting a failure mid-stream (:class:`StreamFailure`). ``data: [DONE]``
+    sets ``done``; a ``finish_reason`` sets ``finished``.
+
+    Tool calls arrive in pieces (id and name first, then the arguments in fragments), keyed
+    by choice and index; they are complete when the choice finishes.
     """
-    data: list[str] = []
-    event = ""
-    async for line in lines:
-        if line:
-            field, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data":
-                data.append(value)
-            elif field == "event":
-                event = value
-            continue
-        if not data:
-            continue
-        payload, kind = "\n".join(data), event
-        data, event = [], ""
-        if payload.startswith("[DONE]"):
-            ended.done = True
-            return
+
+    def __init__(self, *, model: str, tool_call_pieces: bool = False) -> None:
+        self.model = model
+        self.tool_call_pieces = tool_call_pieces
+        self.done = False
+        self.finished = False
+        self._sse = SSEDecoder()
+        self._calls: dict[int, dict[int, list[str]]] = {}  # choice → index → [id, name, args]
+
+    def feed(self, data: bytes) -> Iterator[Piece]:
+        """The pieces of the chunks that ``data`` completes (nothing after ``[DONE]``); a
+        bad chunk raises after the pieces of the chunks before it."""
+        for kind, payload in self._sse.feed(data):
+            if self.done:
+                return
+            if payload.startswith(b"[DONE]"):
+                self.done = True
+                return
+            yield from self._read(kind, payload)
+
+    def pending_calls(self) -> list[ToolCallRequest]:
+        """The calls of choices that never finished (a stream ended by ``[DONE]`` alone)."""
+        done: list[ToolCallRequest] = []
+        for index, pending in sorted(self._calls.items()):
+            done += _complete_calls(pending, index)
+        self._calls.clear()
+        return done
+
+    def _read(self, kind: bytes, payload: bytes) -> list[Piece]:
         try:
-            chunk = ChatCompletionChunk.model_validate_json(payload)
-        except pydantic.ValidationError:
-            chunk = None
-        if kind == "error" or chunk is None:
-            body = json.loads(payload)  # not JSON at all: JSONDecodeError, a bad chunk
-            if kind == "error" or (isinstance(body, dict) and "error" in body):
-                error = body.get("error", body) if isinstance(body, dict) else body
-                message = error.get("message") if isinstance(error, dict) else None
-                raise StreamFailure(str(message or error))
-            # Not a chunk: raises the validation error. A chunk that only the strict JSON
-            # parser refused (a lone surrogate escape) is kept, never skipped in silence.
+            # pydantic's JSON parser (jiter): about 1.5 µs a chunk here, the stdlib's 8.
+            body = pydantic_core.from_json(payload, cache_strings="keys")
+        except ValueError:
+            # What it refuses, the stdlib decides: a lone surrogate escape (kept), bytes
+            # that are not UTF-8 (replaced), or not JSON at all (JSONDecodeError: a bad chunk).
+            body = json.loads(payload.decode("utf-8", errors="replace"))
+        if kind == b"error" or (isinstance(body, dict) and "error" in body):
+            error = body.get("error", body) if isinstance(body, dict) else body
+            message = error.get("message") if isinstance(error, dict) else None
+            raise StreamFailure(str(message or error))
+        pieces: list[Piece] = []
+        calls = {choice: {i: list(slot) for i, slot in slots.items()}
+                 for choice, slots in self._calls.items()} if self._calls else {}
+        finished = self.finished
+        try:
+            self._pieces(body, pieces)
+        except _NotPlain:
+            # What the lean read did of this chunk is undone; the SDK's model refuses it
+            # (ValidationError) or normalises it, and the normalised form is plain.
+            pieces.clear()
+            self._calls, self.finished = calls, finished
             chunk = ChatCompletionChunk.model_validate(body)
-        if chunk is not None:
-            yield chunk
+            self._pieces(chunk.model_dump(mode="json", exclude_unset=True), pieces)
+        return pieces
+
+    def _pieces(self, body: Any, pieces: list[Piece]) -> None:
+        if (type(body) is not dict or body.get("object") != "chat.completion.chunk"
+                or type(body.get("id")) is not str or type(body.get("created")) is not int):
+            raise _NotPlain
+        model = body.get("model")
+        choices = body.get("choices")
+        usage = body.get("usage")
+        if type(model) is not str or type(choices) is not list:
+            raise _NotPlain
+        for choice in choices:
+            if type(choice) is not dict:
+                raise _NotPlain
+            index = choice.get("index")
+            delta = choice.get("delta")
+            reason = choice.get("finish_reason")
+            if type(index) is not int or type(delta) is not dict or not (
+                    reason is None or reason in FINISH_REASONS):
+                raise _NotPlain
+            content = delta.get("content")
+            refusal = delta.get("refusal")
+            tool_calls = delta.get("tool_calls")
+            if not (_optional_str(content) and _optional_str(refusal)
+                    and (tool_calls is None or type(tool_calls) is list)):
+                raise _NotPlain
+            if content:
+                logprobs = choice.get("logprobs")
+                pieces.append(Delta(content, index,
+                                    None if logprobs is None else _logprobs(logprobs)))
+            if refusal:
+                pieces.append(Delta(refusal, index, refusal=True))
+            if tool_calls:
+                self._tool_calls(tool_calls, index, pieces)
+            if reason:
+                self.finished = True
+                pieces += _complete_calls(self._calls.pop(index, {}), index)
+                pieces.append(Finish(reason, index))
+        if usage is not None:
+            if type(usage) is not dict:
+                raise _NotPlain
+            prompt, completion, total = (usage.get("prompt_tokens"),
+                                         usage.get("completion_tokens"), usage.get("total_tokens"))
+            if type(prompt) is not int or type(completion) is not int or type(total) is not int:
+                raise _NotPlain
+            pieces.append(Usage(model=model or self.model, prompt_tokens=prompt,
+                                completion_tokens=completion, total_tokens=total))
+
+    def _tool_calls(self, calls: list[Any], index: int, pieces: list[Piece]) -> None:
+        for call in calls:
+            if type(call) is not dict:
+                raise _NotPlain
+            call_index, call_id = call.get("index"), call.get("id")
+            function = call.get("function")
+            if type(call_index) is not int or not _optional_str(call_id) or not (
+                    function is None or type(function) is dict):
+                raise _NotPlain
+            name = function.get("name") if function is not None else None
+            fragment = function.get("arguments") if function is not None else None
+            if not (_optional_str(name) and _optional_str(fragment)):
+                raise _NotPlain
+            fragment = fragment or ""
+            slot = self._calls.setdefault(index, {}).setdefault(call_index, ["", "", ""])
+            slot[0] = slot[0] or call_id or ""
+            first = not slot[1]
+            if function is not None:
+                # Some servers repeat the name on every fragment: keep the first.
+                slot[1] = slot[1] or name or ""
+                slot[2] += fragment
+            if self.tool_call_pieces:
+                pieces.append(ToolCallPiece(call_index=call_index, id=call_id if first else None,
+                                            name=name if first else None, arguments=fragment,
+                                            index=index))
+
+
+class _NotPlain(Exception):
+    """A chunk the lean read does not take as it is (the SDK's model decides)."""
+
+    def __str__(self) -> str:
+        return "a chunk the SDK's model accepts but the lean read does not"
+
+
+#: The finish reasons the SDK's chunk model admits (another is a bad chunk, as it says).
+FINISH_REASONS: Final = frozenset(
+    reason for literal in get_args(ChunkChoice.model_fields["finish_reason"].annotation)
+    for reason in get_args(literal))
+
+
+def _optional_str(value: object) -> bool:
+    return value is None or type(value) is str
+
+
+def _body_reader(raw: Any) -> Callable[[], Awaitable[bytes]]:
+    """What reads the next bytes of a streamed response's body (``b""`` at its end).
+
+    The SDK's aiohttp transport (``DefaultAioHttpClient``) keeps aiohttp's response under
+    the httpx one: its ``content.readany`` is read directly, without the six async
+    generators between (httpx's byte iterators and the transport's), when the body is not
+    compressed (the transport leaves decoding to httpx). Anything else goes through the
+    SDK's ``iter_bytes``.
+    """
+    stream: Any = getattr(raw.http_response, "stream", None)
+    for _ in range(3):  # httpx wraps the transport's stream (its elapsed-time stream)
+        if hasattr(stream, "_aiohttp_response") or not hasattr(stream, "_stream"):
+            break
+        stream = stream._stream
+    aiohttp_response = getattr(stream, "_aiohttp_response", None)
+    encoding = raw.headers.get("content-encoding", "identity").strip().lower()
+    if isinstance(aiohttp_response, aiohttp.ClientResponse) and encoding in ("", "identity"):
+        return cast("Callable[[], Awaitable[bytes]]", aiohttp_response.content.readany)
+    chunks = cast("AsyncIterator[bytes]", raw.iter_bytes())
+
+    async def next_bytes() -> bytes:
+        async for chunk in chunks:
+            if chunk:
+                return chunk
+        return b""
+
+    return next_bytes
 
 
 def _refused(exc: BaseException) -> str | None:
@@ -364,12 +495,13 @@ class BadStream(Exception):
     """The answer is not a whole event stream: another content type, or cut short."""
 
 
-def _logprobs(choice: Any) -> list[dict[str, Any]] | None:
-    """A streamed choice's per-token log probabilities (OpenAI's ``logprobs.content``)."""
-    logprobs = choice.logprobs
-    if logprobs is None or not logprobs.content:
+def _logprobs(logprobs: Any) -> list[dict[str, Any]] | None:
+    """A streamed choice's per-token log probabilities (OpenAI's ``logprobs.content``), in
+    the SDK model's form (rare: read through it)."""
+    parsed = ChoiceLogprobs.model_validate(logprobs)
+    if not parsed.content:
         return None
-    return [item.model_dump(mode="json") for item in logprobs.content]
+    return [item.model_dump(mode="json") for item in parsed.content]
 
 
 def _complete_calls(calls: dict[int, list[str]], choice: int = 0) -> list[ToolCallRequest]:

@@ -17,6 +17,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import pydantic_core
 from aiohttp import web
 
 from core.events import EventBase
@@ -48,6 +49,28 @@ def escape_separators(text: str) -> str:
 def frame_json(value: Any) -> str:
     """``json.dumps`` for frames on any wire: compact, separators escaped."""
     return escape_separators(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+
+
+def json_bytes(value: Any) -> bytes:
+    """A JSON value as compact UTF-8 for a frame, with U+2028, U+2029 and U+0085 escaped.
+
+    pydantic's serializer writes it (about 2 µs for a chat chunk here, ``json.dumps`` 10); a
+    value it refuses (a lone surrogate, which UTF-8 cannot hold) goes through ``json.dumps``
+    as ASCII, escapes and all.
+    """
+    try:
+        payload = pydantic_core.to_json(value)
+    except pydantic_core.PydanticSerializationError:
+        return json.dumps(value, separators=(",", ":")).encode()
+    if payload.isascii():
+        return payload
+    return (payload.replace(b"\xe2\x80\xa8", b"\\u2028").replace(b"\xe2\x80\xa9", b"\\u2029")
+            .replace(b"\xc2\x85", b"\\u0085"))
+
+
+def json_frame(value: Any) -> bytes:
+    """The ``data:``-only frame of a JSON value (see :func:`json_bytes`)."""
+    return b"data: " + json_bytes(value) + b"\n\n"
 
 
 def event_frame(event: EventBase, *, retry_ms: int | None = None) -> bytes:

@@ -4,6 +4,7 @@ bounded for a client that stops reading, still reporting a client that left."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 from typing import Any
@@ -12,7 +13,7 @@ import pytest
 from aiohttp import web
 
 import sinks.sse as sse
-from sinks.sse import FrameWriter, open_sse
+from sinks.sse import FrameWriter, json_bytes, json_frame, open_sse
 
 WAIT_S = 20.0
 
@@ -105,3 +106,19 @@ async def test_a_client_gone_is_a_connection_reset() -> None:
         await runner.cleanup()
     assert isinstance(outcome.error, ConnectionResetError)
     assert outcome.frames < 100_000
+
+
+# -- json_bytes: the frames' JSON --------------------------------------------------------------
+@pytest.mark.parametrize("value", [
+    {"id": "chatcmpl-1", "choices": [{"index": 0, "delta": {"content": "tok "}}]},
+    {"text": "line\u2028sep\u2029para\x85next é ✓ \n\r\t\"\\", "n": [1, 2.5, None, True]},
+    {"poison": "a\ud800b"},  # a lone surrogate: UTF-8 cannot hold it, json.dumps escapes it
+])
+def test_json_bytes_is_the_same_value_and_no_line_reader_can_split_it(value: Any) -> None:
+    payload = json_bytes(value)
+    assert json.loads(payload) == value
+    text = payload.decode()
+    for separator in ("\n", "\r", "\u2028", "\u2029", "\x85"):
+        assert separator not in text
+    assert text.splitlines() == [text]
+    assert json_frame(value) == b"data: " + payload + b"\n\n"
