@@ -72,10 +72,34 @@ async def to_async_iterator(
     loop = asyncio.get_running_loop()
     loop_thread = threading.get_ident()
     buffer: collections.deque[_T] = collections.deque()
-    wakeup = asyncio.Event()
+    # The consumer waits on one bare future, made when it has nothing to do: an item that
+    # arrives while it is busy costs no wakeup, and none costs an asyncio.Event's machinery.
+    waiter: asyncio.Future[None] | None = None
     finished = False
     failure: BaseException | None = None
     subscription: abc.DisposableBase | None = None
+    # Silences (``idle_s``): one timer re-armed lazily, at most once per ``idle_s``, rather
+    # than a timer made and cancelled for every item.
+    timer: asyncio.TimerHandle | None = None
+    wait_started = 0.0
+    silent = False
+
+    def wake() -> None:
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def on_timer() -> None:
+        nonlocal timer, silent
+        timer = None
+        if waiter is None or waiter.done():
+            return  # the consumer is busy: its next wait arms the timer again
+        assert idle_s is not None
+        due = wait_started + idle_s
+        if loop.time() >= due:
+            silent = True
+            waiter.set_result(None)
+        else:  # armed by an earlier wait: this one is due later
+            timer = loop.call_at(due, on_timer)
 
     def in_loop(fn: object) -> None:
         assert callable(fn)
@@ -94,18 +118,18 @@ async def to_async_iterator(
                 subscription.dispose()
         else:
             buffer.append(item)
-        wakeup.set()
+        wake()
 
     def fail(exc: Exception) -> None:
         nonlocal failure
         if failure is None:
             failure = exc
-        wakeup.set()
+        wake()
 
     def complete() -> None:
         nonlocal finished
         finished = True
-        wakeup.set()
+        wake()
 
     limit = max_buffer + (replayed() if replayed is not None else 0)
     subscription = source.subscribe(
@@ -127,18 +151,22 @@ async def to_async_iterator(
                 raise failure
             if finished:
                 return
-            wakeup.clear()
-            if idle_s is None:
-                await wakeup.wait()
-                continue
-            timer = loop.call_later(idle_s, wakeup.set)
+            waiter = loop.create_future()
+            if idle_s is not None:
+                wait_started = loop.time()
+                if timer is None:
+                    timer = loop.call_at(wait_started + idle_s, on_timer)
             try:
-                await wakeup.wait()
+                await waiter
             finally:
-                timer.cancel()
-            if not buffer and failure is None and not finished:
-                yield [] if _batched else None
+                waiter = None
+            if silent:
+                silent = False
+                if not buffer and failure is None and not finished:
+                    yield [] if _batched else None
     finally:
+        if timer is not None:
+            timer.cancel()
         subscription.dispose()
 
 

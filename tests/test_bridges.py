@@ -489,6 +489,47 @@ async def test_to_async_iterator_marks_silences_with_none() -> None:
     assert got[1:3] == [1, 2]  # items waiting are yielded before any idle mark
 
 
+async def test_silences_cost_one_lazy_timer_not_one_per_item(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A steady stream (items closer together than ``idle_s``) arms the idle timer about
+    once per ``idle_s``, not once per item; a real silence after it is still marked, no
+    sooner than ``idle_s`` after the last item."""
+    loop = asyncio.get_running_loop()
+    armed = 0
+    call_at, call_later = loop.call_at, loop.call_later
+
+    def counting_at(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal armed
+        armed += 1
+        return call_at(when, callback, *args, **kwargs)
+
+    def counting_later(delay: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal armed
+        armed += 1
+        return call_later(delay, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting_at)
+    monkeypatch.setattr(loop, "call_later", counting_later)
+    subject: Subject[int] = Subject()
+    idle_s, items = 0.2, 200
+    got: list[int | None] = []
+    async with contextlib.aclosing(
+        to_async_iterator(subject, max_buffer=10, idle_s=idle_s)
+    ) as stream:
+        for i in range(items):  # one item per loop turn: the consumer waits for each
+            pending = asyncio.ensure_future(anext(stream))
+            await asyncio.sleep(0)
+            subject.on_next(i)
+            got.append(await pending)
+        steady = armed
+        last = loop.time()
+        got.append(await anext(stream))  # nothing more comes: the silence mark
+        waited = loop.time() - last
+    assert got == [*range(items), None]
+    assert waited >= idle_s * 0.9
+    assert steady <= 3, f"{steady} timers armed for {items} items"
+
+
 async def test_replayed_history_does_not_count_against_the_buffer() -> None:
     log: ReplayLog[int] = ReplayLog()
     for i in range(20):
