@@ -187,6 +187,7 @@ async def serve_recorder(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         host, port = runner.addresses[0][:2]
+        tune_gc(settings)
         log.info("recorder serving its internal API on http://%s:%s (db %s)", host, port,
                  settings.db_path)
         await stop.wait()
@@ -458,6 +459,7 @@ async def serve(settings: Settings) -> None:
         except OSError as exc:
             raise _startup_failure(exc, settings) from exc
         host, port = runner.addresses[0][:2]
+        tune_gc(settings)
         store = (f"the recorder's at {settings.recorder_url}" if settings.role == "worker"
                  else f"db {settings.db_path}")
         log.info("serving on http://%s:%s (%s, model %s)", host, port, store,
@@ -583,6 +585,29 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
         log.exception("the server failed")
         return 1
     return 0
+
+
+def tune_gc(settings: Settings) -> None:
+    """The cyclic garbage collector, set for a server (issue 12), once it serves.
+
+    With Python's thresholds (700, 10, 10) the collector took about 68 µs of the loop per
+    streamed token here (a fifth of its CPU): every turn keeps its events for late
+    followers, and the older generations' scans walk them and the whole startup heap (the
+    SDK's and pydantic's types). ``GC_GEN0_THRESHOLD`` (10,000) makes young collections
+    rarer (almost everything a token allocates dies young, so no more survives), and
+    ``GC_FREEZE`` moves what start-up built into the permanent generation, never scanned
+    again: about 14 µs per token then. The older generations keep Python's thresholds, so
+    cyclic garbage is still collected as often relative to the young collections.
+    """
+    import gc
+
+    if settings.gc_freeze:
+        gc.collect()
+        gc.freeze()
+    if settings.gc_gen0_threshold:
+        gc.set_threshold(settings.gc_gen0_threshold, *gc.get_threshold()[1:])
+    log.info("garbage collector: thresholds %s, %d startup objects frozen",
+             gc.get_threshold(), gc.get_freeze_count())
 
 
 def supervised(settings: Settings) -> bool:

@@ -59,6 +59,11 @@ class Settings(BaseSettings):
     history_cache_max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0,
         description="recent conversations' messages kept in memory for memory; 0 = off")
+    gc_gen0_threshold: int = Field(
+        default=10_000, ge=0,
+        description="allocations between young-generation collections; 0 keeps Python's (700)")
+    gc_freeze: bool = Field(
+        default=True, description="move the startup heap out of the collector's scans once serving")
 
     # Roundtable
     roundtable_max_rounds: int = Field(default=10, ge=1, description="more rounds → 400")

@@ -88,3 +88,18 @@ def test_make_run_takes_port_host_and_db_path_from_the_environment(tmp_path: Pat
 
 def test_make_install_includes_the_otel_extra() -> None:
     assert "pip install --quiet -e '.[dev,otel]'" in (ROOT / "Makefile").read_text()
+
+
+def test_the_server_tunes_the_garbage_collector_once_serving(tmp_path: Path) -> None:
+    """``GC_GEN0_THRESHOLD`` and ``GC_FREEZE`` (issue 12) reach the serving process; 0 and
+    false leave Python's collector as it is."""
+    tuned = wait_healthy(launch(tmp_path / "tuned", GC_GEN0_THRESHOLD="12345"))
+    assert tuned.stop() == 0
+    match = re.search(r"garbage collector: thresholds \((\d+), (\d+), (\d+)\), (\d+) startup",
+                      tuned.output())
+    assert match is not None, tuned.output()
+    assert int(match.group(1)) == 12345 and int(match.group(4)) > 10_000
+    plain = wait_healthy(launch(tmp_path / "plain", GC_GEN0_THRESHOLD="0", GC_FREEZE="false"))
+    assert plain.stop() == 0
+    assert ("garbage collector: thresholds (700, 10, 10), 0 startup objects frozen"
+            in plain.output())  # Python's own
