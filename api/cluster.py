@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from api.common import EVENT_LOG, ORCHESTRATOR, SETTINGS, STORE
+from api.wire import ApiError
 from core.errors import PipelineError
 from core.events import Event
 from pipeline.orchestrator import Turn
@@ -232,6 +233,16 @@ async def cancel_elsewhere(app: web.Application, request_id: str) -> dict[str, A
         return None
     answer = await cluster.cancel_remote(request_id, owner)
     return {"request_id": request_id, **answer, "worker": owner, "via": "owner"}
+
+
+async def cancel_on_owner(app: web.Application, request_id: str) -> dict[str, Any] | None:
+    """:func:`cancel_elsewhere` for a handler: an owner that cannot be reached is a 503
+    ``owner_unreachable`` (retry: a dead owner's turn is closed within 3 × TURN_LEASE_S)."""
+    try:
+        return await cancel_elsewhere(app, request_id)
+    except RemoteCancelError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
+                       headers={"Retry-After": "1"}) from exc
 
 
 def _float(value: str | None) -> float | None:

@@ -12,7 +12,7 @@ from reactivex import compose
 
 from api.cluster import (
     WORKER_ID,
-    cancel_elsewhere,
+    cancel_on_owner,
     follow_logged,
     logged_head,
     owner_of,
@@ -44,7 +44,6 @@ from operators import agent_filter, agent_view, resume_after, visible
 from pipeline.harnesses import MemoryHarness
 from pipeline.orchestrator import Turn
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest
-from sinks.cluster import RemoteCancelError
 from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
@@ -270,11 +269,8 @@ async def request_cancel(request: web.Request) -> web.Response:
         return web.json_response({"request_id": request_id, "cancelled": True,
                                   "status": result.status, "last_seq": result.last_seq,
                                   "worker": app[WORKER_ID]})
-    try:  # another worker's turn: the cancel goes to its owner (issue 13)
-        forwarded = await cancel_elsewhere(app, request_id)
-    except RemoteCancelError as exc:
-        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
-                       headers={"Retry-After": "1"}) from exc
+    # another worker's turn: the cancel goes to its owner (issue 13)
+    forwarded = await cancel_on_owner(app, request_id)
     if forwarded is not None:
         return web.json_response(forwarded)
     await app[STORE].flush()

@@ -35,7 +35,7 @@ from reactivex import Observable
 from reactivex import operators as ops
 
 from api.cluster import (
-    cancel_elsewhere,
+    cancel_on_owner,
     follow_logged,
     logged_events,
     logged_head,
@@ -66,7 +66,6 @@ from operators import (
     to_response_events,
 )
 from pipeline.orchestrator import Turn
-from sinks.cluster import RemoteCancelError
 from sinks.responses_table import ResponseRecord
 from sinks.sse import FrameWriter, json_bytes, open_sse
 from sinks.store import StoreApi
@@ -442,17 +441,6 @@ async def _until_logged_done(request: web.Request, request_id: str) -> None:
                     pass  # it returns after ``done``
 
 
-async def _cancel_elsewhere(request: web.Request, request_id: str) -> bool:
-    """Cancel the turn on the worker that runs it (the cluster's cancel bus); whether
-    another worker ran it. A 503 when its owner cannot be reached."""
-    try:
-        forwarded = await cancel_elsewhere(request.app, request_id)
-    except RemoteCancelError as exc:
-        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
-                       headers={"Retry-After": "1"}) from exc
-    return forwarded is not None
-
-
 async def _replayed(events: Iterable[ResponseEvent]) -> AsyncGenerator[ResponseEvent]:
     for event in events:
         yield event
@@ -651,7 +639,7 @@ async def cancel_response(request: web.Request) -> web.Response:
     if turn is not None:
         turn.cancel()
         await turn.result
-    elif await _cancel_elsewhere(request, meta.request_id):
+    elif await cancel_on_owner(request.app, meta.request_id) is not None:  # on its owner
         await _until_logged_done(request, meta.request_id)
     return web.json_response(await _snapshot(request, meta),
                              headers={"X-Request-Id": meta.request_id})
@@ -668,7 +656,7 @@ async def delete_response(request: web.Request) -> web.Response:
         turn.cancel()
         await turn.result
     else:
-        await _cancel_elsewhere(request, meta.request_id)
+        await cancel_on_owner(request.app, meta.request_id)
     request.app[LIVE].pop(response_id, None)
     await _delete_meta(request.app[STORE], response_id)
     return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
