@@ -12,15 +12,19 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from aiohttp import web
 
 from api.common import EVENT_LOG, ORCHESTRATOR, SETTINGS, STORE
+from api.wire import ApiError
 from core.errors import PipelineError
+from core.events import Event
+from pipeline.orchestrator import Turn
 from pipeline.sessions import Round
 from sinks.cluster import Cluster, RemoteCancelError, new_worker_id
+from sinks.event_log import StreamHead
 from sinks.store import EventStore
 
 log = logging.getLogger(__name__)
@@ -115,6 +119,54 @@ async def wait_registered(app: web.Application, request_id: str) -> None:
         await cluster.registered(request_id, within=app[SETTINGS].event_log_timeout_s)
 
 
+async def visible_everywhere(app: web.Application, turn: Turn) -> None:
+    """With the distributed log, answer a background turn (its ``202``, a background
+    response's first answer) once its first event is in Redis and its owner registered, so
+    a follow-up on any other process finds it (bounded: Redis may be away)."""
+    event_log = app.get(EVENT_LOG)
+    if event_log is not None:
+        await event_log.appended(turn.request_id, seq=1, within=app[SETTINGS].event_log_timeout_s)
+        await wait_registered(app, turn.request_id)  # its owner too (issue 13)
+
+
+async def logged_head(app: web.Application, request_id: str) -> StreamHead | None:
+    """The head of the turn's stream in the distributed log (a turn another worker may
+    run); None without the log, when the stream is not there, or when Redis cannot be
+    asked (the caller falls back to the store)."""
+    event_log = app.get(EVENT_LOG)
+    if event_log is None:
+        return None
+    try:
+        head = await event_log.head(request_id)
+    except PipelineError as exc:  # Redis is away: the store may still have the turn
+        log.warning("%s; falling back to the store", exc)
+        return None
+    return head if head.exists else None
+
+
+def follow_logged(app: web.Application, request_id: str, *, since: int,
+                  idle_s: float | None = None) -> AsyncGenerator[Event | None]:
+    """Every event of the turn's stream in the distributed log after ``since``, then its
+    live tail until ``done`` (use under ``contextlib.aclosing``; only for a stream that
+    :func:`logged_head` found)."""
+    return app[EVENT_LOG].follow(request_id, since=since, idle_s=idle_s)
+
+
+async def logged_events(app: web.Application, request_id: str) -> list[Event] | None:
+    """Every event of the turn's stream in the distributed log so far, when it is there
+    and whole (seqs 1…n: no hole its owner is re-filling); else None (read the store)."""
+    if await logged_head(app, request_id) is None:
+        return None
+    try:
+        events = await app[EVENT_LOG].read_all(request_id)
+    except PipelineError as exc:
+        log.warning("%s; falling back to the store", exc)
+        return None
+    if not events or any(event.seq != seq for seq, event in enumerate(events, start=1)):
+        return None
+    return events
+
+
 async def owner_of(app: web.Application, request_id: str) -> str | None:
     """The worker that runs (or ran) the turn: this one when it is live here, else what
     Redis says; None when nobody knows."""
@@ -181,6 +233,16 @@ async def cancel_elsewhere(app: web.Application, request_id: str) -> dict[str, A
         return None
     answer = await cluster.cancel_remote(request_id, owner)
     return {"request_id": request_id, **answer, "worker": owner, "via": "owner"}
+
+
+async def cancel_on_owner(app: web.Application, request_id: str) -> dict[str, Any] | None:
+    """:func:`cancel_elsewhere` for a handler: an owner that cannot be reached is a 503
+    ``owner_unreachable`` (retry: a dead owner's turn is closed within 3 × TURN_LEASE_S)."""
+    try:
+        return await cancel_elsewhere(app, request_id)
+    except RemoteCancelError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
+                       headers={"Retry-After": "1"}) from exc
 
 
 def _float(value: str | None) -> float | None:

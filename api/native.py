@@ -12,14 +12,15 @@ from reactivex import compose
 
 from api.cluster import (
     WORKER_ID,
-    cancel_elsewhere,
+    cancel_on_owner,
+    follow_logged,
+    logged_head,
     owner_of,
     remote_round,
-    wait_registered,
+    visible_everywhere,
 )
 from api.common import (
     COORDINATOR,
-    EVENT_LOG,
     MODELS,
     ORCHESTRATOR,
     REGISTRY,
@@ -37,14 +38,12 @@ from api.common import (
     stream_native,
 )
 from api.wire import ApiError, OrchestrateRequest, read_body
-from core.errors import PipelineError
 from core.events import Event, is_trace
 from core.turn import TurnInput
 from operators import agent_filter, agent_view, resume_after, visible
 from pipeline.harnesses import MemoryHarness
 from pipeline.orchestrator import Turn
 from pipeline.roundtable import Pacer, RoundtableHarness, RoundtableRequest
-from sinks.cluster import RemoteCancelError
 from sinks.store import StoreApi
 
 log = logging.getLogger(__name__)
@@ -69,7 +68,7 @@ async def orchestrate(request: web.Request) -> web.StreamResponse:
         model=model, max_tokens=body.max_tokens, kind="orchestrate", tool_calls=body.tool_calls,
     ))
     if body.background:
-        await _visible_everywhere(request.app, turn)
+        await visible_everywhere(request.app, turn)
         return _accepted(turn)
     settings = request.app[SETTINGS]
     events = turn.batches(compose(visible(trace=body.trace),
@@ -121,7 +120,7 @@ async def roundtable(request: web.Request) -> web.StreamResponse:
     turn, pacer = start_roundtable(request.app, body, kind="roundtable",
                                    paced=not body.background)
     if body.background:
-        await _visible_everywhere(request.app, turn)
+        await visible_everywhere(request.app, turn)
         return _accepted(turn)
     # The client paces the panel by what it has consumed, hidden trace events included:
     # credit spent on an llm_call it never sees must come back, or the panel would stall.
@@ -195,33 +194,17 @@ async def request_events(request: web.Request) -> web.StreamResponse:
     return await stream_native(request, events, headers={"X-Request-Id": request_id})
 
 
-async def _visible_everywhere(app: web.Application, turn: Turn) -> None:
-    """With the distributed log, answer a background turn's ``202`` once its first event
-    is in Redis, so a follow-up on any other process finds it (bounded: Redis may be away)."""
-    event_log = app.get(EVENT_LOG)
-    if event_log is not None:
-        await event_log.appended(turn.request_id, seq=1, within=app[SETTINGS].event_log_timeout_s)
-        await wait_registered(app, turn.request_id)  # its owner too (issue 13)
-
-
 async def _from_event_log(
     app: web.Application, request_id: str, since: int, *, trace: bool
 ) -> AsyncGenerator[Event | None] | web.StreamResponse | None:
     """The turn's events from the distributed log if its stream is there (issue 13):
     a 204 when it is finished and fully seen; None to fall back to the store."""
-    event_log = app.get(EVENT_LOG)
-    if event_log is None:
-        return None
-    try:
-        head = await event_log.head(request_id)
-    except PipelineError as exc:  # Redis is away: the store may still have the turn
-        log.warning("%s; falling back to the store", exc)
-        return None
-    if not head.exists:
+    head = await logged_head(app, request_id)
+    if head is None:
         return None
     if since and head.done and since >= head.last_seq:
         return web.Response(status=204, headers={"X-Request-Id": request_id})
-    follow = event_log.follow(request_id, since=since, idle_s=app[SETTINGS].heartbeat_s)
+    follow = follow_logged(app, request_id, since=since, idle_s=app[SETTINGS].heartbeat_s)
     return _visible_only(follow, trace=trace)
 
 
@@ -286,11 +269,8 @@ async def request_cancel(request: web.Request) -> web.Response:
         return web.json_response({"request_id": request_id, "cancelled": True,
                                   "status": result.status, "last_seq": result.last_seq,
                                   "worker": app[WORKER_ID]})
-    try:  # another worker's turn: the cancel goes to its owner (issue 13)
-        forwarded = await cancel_elsewhere(app, request_id)
-    except RemoteCancelError as exc:
-        raise ApiError(503, str(exc), type="server_error", code="owner_unreachable",
-                       headers={"Retry-After": "1"}) from exc
+    # another worker's turn: the cancel goes to its owner (issue 13)
+    forwarded = await cancel_on_owner(app, request_id)
     if forwarded is not None:
         return web.json_response(forwarded)
     await app[STORE].flush()

@@ -190,10 +190,13 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
                                     "as SSE", schema={"type": "object"})}),
     Operation("POST", "/v1/responses/{response_id}/cancel",
               "Stop a background response, keeping its partial output", "openai",
-              params=(RESPONSE_ID,), responses={200: _json("the `response` object")}),
+              params=(RESPONSE_ID,),
+              responses={200: _json("the `response` object"),
+                         503: _json("the worker running it could not be reached (issue 13)")}),
     Operation("DELETE", "/v1/responses/{response_id}", "Forget a response", "openai",
               params=(RESPONSE_ID,),
-              responses={200: _json("`{id, object: response.deleted, deleted: true}`")}),
+              responses={200: _json("`{id, object: response.deleted, deleted: true}`"),
+                         503: _json("the worker running it could not be reached (issue 13)")}),
     Operation("POST", "/chat/stream", "Seed 003's chat stream: token, tool_result, tool_error, "
               "error and end objects", "seeds", body=ChatStreamRequest, starts_turn=True,
               responses={200: _sse("`data:`-only SSE of seed 003's objects; "

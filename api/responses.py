@@ -7,6 +7,13 @@ the turn's (durable, numbered, replayable) and its stream is
 function of the turn's events, so a resumed stream, live or from DuckDB after a restart,
 continues exactly where the client left off.
 
+With several workers (``--workers N``) a response belongs to the worker that runs its
+turn, but any worker answers for it: its fixed fields are in the store before the first
+answer (a background one's also waits until its turn is in the Redis log and its owner
+registered), its events are read (snapshot) and followed (stream) from the turn's Redis
+stream, through the same fold as the owner's, and a cancel goes to the owner over the
+cluster's cancel bus (:mod:`api.cluster`).
+
 What a response adds to its turn (instructions, metadata, tools, the parameters it was
 created with) is kept in one small table, ``responses``, of the same DuckDB file, written
 when the response is created (``store: true``, the default).
@@ -19,7 +26,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncGenerator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Collection, Iterable, Mapping
 from typing import Any, Literal
 
 from aiohttp import web
@@ -27,6 +34,13 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from reactivex import Observable
 from reactivex import operators as ops
 
+from api.cluster import (
+    cancel_on_owner,
+    follow_logged,
+    logged_events,
+    logged_head,
+    visible_everywhere,
+)
 from api.common import (
     CLIENTS,
     ORCHESTRATOR,
@@ -41,10 +55,16 @@ from api.common import (
     path_id,
 )
 from api.wire import ApiError, read_body
-from core.errors import BufferOverflowError
+from core.errors import BufferOverflowError, PipelineError
 from core.events import Event
 from core.turn import ChatMessage, TurnInput
-from operators import TERMINAL_TYPES, ResponseEvent, fold_response, to_response_events
+from operators import (
+    TERMINAL_TYPES,
+    ResponseEvent,
+    ResponseFold,
+    fold_response,
+    to_response_events,
+)
 from pipeline.orchestrator import Turn
 from sinks.responses_table import ResponseRecord
 from sinks.sse import FrameWriter, json_bytes, open_sse
@@ -300,10 +320,17 @@ async def _stored_events(store: StoreApi, request_id: str) -> list[Event]:
 
 
 async def _snapshot(request: web.Request, meta: ResponseMeta) -> dict[str, Any]:
-    turn = request.app[ORCHESTRATOR].live.get(meta.request_id)
+    """The response object now: from the live turn here, else from the turn's Redis stream
+    (a turn another worker runs, or one that just ended), else from the store."""
+    app = request.app
+    turn = app[ORCHESTRATOR].live.get(meta.request_id)
     if turn is not None:
         return _snapshot_of_live(turn, meta)
-    events = await _stored_events(request.app[STORE], meta.request_id)
+    logged = await logged_events(app, meta.request_id)
+    if logged is not None:
+        response, _ = fold_response(meta.base, logged, function_tools=meta.function_tools)
+        return response
+    events = await _stored_events(app[STORE], meta.request_id)
     response, _ = fold_response(meta.base, events, function_tools=meta.function_tools)
     if not events:  # stored meta, but its turn's events were lost (a kill before a flush)
         response.update(status="failed", error={
@@ -371,6 +398,49 @@ def _live_events(request: web.Request, turn: Turn, meta: ResponseMeta, after: in
     return turn.view(transform, max_buffer=request.app[SETTINGS].client_buffer_events)
 
 
+async def response_events_after(
+    events: AsyncIterable[Event | None], *, response: Mapping[str, Any],
+    function_tools: Collection[str] = (), after: int = -1,
+) -> AsyncGenerator[ResponseEvent]:
+    """The Responses events of a turn's events (all of them, from its first: the numbering
+    is a fold over the whole turn) numbered above ``after``; ``None`` (idle marks) are
+    skipped. The same fold as :func:`operators.to_response_events`, over an async source:
+    a turn followed from the Redis log through a worker that does not run it."""
+    fold = ResponseFold(response, function_tools=function_tools)
+    async for event in events:
+        if event is None:
+            continue
+        for produced in fold.apply(event):
+            if produced["sequence_number"] > after:
+                yield produced
+
+
+async def _logged_response_events(request: web.Request, meta: ResponseMeta, after: int
+                                  ) -> AsyncGenerator[ResponseEvent]:
+    """The response's events above ``after`` from its turn's Redis stream, live to its end."""
+    follow = follow_logged(request.app, meta.request_id, since=0)
+    async with contextlib.aclosing(follow) as source:
+        async with contextlib.aclosing(response_events_after(
+                source, response=meta.base, function_tools=meta.function_tools,
+                after=after)) as events:
+            async for event in events:
+                yield event
+
+
+async def _until_logged_done(request: web.Request, request_id: str) -> None:
+    """Wait (bounded by ``EVENT_LOG_TIMEOUT_S``) until the turn's ``done`` is in its Redis
+    stream: after a cancel its owner answered, the snapshot read next has the end."""
+    head = await logged_head(request.app, request_id)
+    if head is None or head.done:
+        return
+    with contextlib.suppress(TimeoutError, PipelineError):
+        async with asyncio.timeout(request.app[SETTINGS].event_log_timeout_s):
+            async with contextlib.aclosing(follow_logged(
+                    request.app, request_id, since=head.last_seq)) as source:
+                async for _ in source:
+                    pass  # it returns after ``done``
+
+
 async def _replayed(events: Iterable[ResponseEvent]) -> AsyncGenerator[ResponseEvent]:
     for event in events:
         yield event
@@ -413,6 +483,8 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     if body.store:
         await _save_meta(app[STORE], meta)
     headers = {**_turn_headers(turn), "X-Response-Id": response_id}
+    if body.background:  # so that the next request, on any worker, finds it
+        await visible_everywhere(app, turn)
     if body.stream:
         return await _stream(
             request, _live_events(request, turn, meta, -1), headers=headers,
@@ -489,7 +561,8 @@ async def _conversation_of(request: web.Request, previous_id: str) -> str:
     if meta is None or not meta.stored:
         raise ApiError(404, f"no stored response {previous_id!r}", code="previous_response_not_found",
                        param=param)
-    if meta.request_id in app[ORCHESTRATOR].live:
+    head = await logged_head(app, meta.request_id)  # running on another worker?
+    if meta.request_id in app[ORCHESTRATOR].live or (head is not None and not head.done):
         raise ApiError(400, f"{previous_id} is still in progress; continue once it has ended",
                        code="previous_response_in_progress", param=param)
     store = app[STORE]
@@ -528,7 +601,8 @@ def _cursor(request: web.Request) -> int:
 
 async def get_response(request: web.Request) -> web.StreamResponse:
     """``GET /v1/responses/{id}``: the response object; with ``stream=true`` its events
-    after ``starting_after`` (live, or from the store, after a restart too)."""
+    after ``starting_after`` (live, here or followed from the Redis log when another
+    worker runs it, or from the store, after a restart too)."""
     response_id = path_id(request, "response_id")
     stream = parse_flag(request, "stream")
     after = _cursor(request)
@@ -540,6 +614,9 @@ async def get_response(request: web.Request) -> web.StreamResponse:
     turn = request.app[ORCHESTRATOR].live.get(meta.request_id)
     if turn is not None:
         return await _stream(request, _live_events(request, turn, meta, after), headers=headers)
+    if await logged_head(request.app, meta.request_id) is not None:
+        return await _stream(request, _logged_response_events(request, meta, after),
+                             headers=headers)
     events = await _stored_events(request.app[STORE], meta.request_id)
     _, produced = fold_response(meta.base, events, function_tools=meta.function_tools)
     if not any(event["type"] in TERMINAL_TYPES for event in produced):
@@ -551,7 +628,8 @@ async def get_response(request: web.Request) -> web.StreamResponse:
 
 async def cancel_response(request: web.Request) -> web.Response:
     """``POST /v1/responses/{id}/cancel``: stop a background response (status
-    ``cancelled``, the partial output kept). A finished one is answered as it is."""
+    ``cancelled``, the partial output kept). A finished one is answered as it is. The
+    turn of another worker is cancelled by its owner (a 503 when it cannot be reached)."""
     response_id = path_id(request, "response_id")
     meta = await _meta(request, response_id)
     if not meta.base.get("background"):
@@ -561,19 +639,24 @@ async def cancel_response(request: web.Request) -> web.Response:
     if turn is not None:
         turn.cancel()
         await turn.result
+    elif await cancel_on_owner(request.app, meta.request_id) is not None:  # on its owner
+        await _until_logged_done(request, meta.request_id)
     return web.json_response(await _snapshot(request, meta),
                              headers={"X-Request-Id": meta.request_id})
 
 
 async def delete_response(request: web.Request) -> web.Response:
     """``DELETE /v1/responses/{id}``: forget the response (its turn's events stay in the
-    store for analysts). A running response is cancelled first."""
+    store for analysts). A running response is cancelled first (by its owner when
+    another worker runs it)."""
     response_id = path_id(request, "response_id")
     meta = await _meta(request, response_id)
     turn = request.app[ORCHESTRATOR].live.get(meta.request_id)
     if turn is not None:
         turn.cancel()
         await turn.result
+    else:
+        await cancel_on_owner(request.app, meta.request_id)
     request.app[LIVE].pop(response_id, None)
     await _delete_meta(request.app[STORE], response_id)
     return web.json_response({"id": response_id, "object": "response.deleted", "deleted": True})
