@@ -156,7 +156,7 @@ async def test_kill_9_of_the_recorder_mid_turn_under_the_supervisor_loses_and_do
         stats = await until(took_it_up, "the new recorder recorded the turn")
         # It read its pending discovery entry again and resumed the half-recorded turn.
         assert stats["redelivered"] >= 1 and stats["resumed"] == 1, stats
-        assert f"recorder (pid {old_pid}) died" in srv.output(), srv.output()
+        assert f"recorder (pid {old_pid}) died" in srv.text(), srv.output()
     # Stopped (exit 0, checked by running): the file has every event once, in order.
     db = tmp_path / "events.duckdb"
     rows = stored(db, "SELECT seq, type, data FROM events WHERE request_id = ? ORDER BY seq",
