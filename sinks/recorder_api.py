@@ -231,7 +231,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                            lost_s=settings.recorder_lost_s,
                            retry_max_s=settings.event_log_retry_max_s,
                            sync_timeout_s=settings.recorder_timeout_s,
-                           read_gap_s=settings.recorder_read_gap_s)
+                           read_gap_s=settings.recorder_read_gap_s,
+                           live_count=settings.recorder_read_count,
+                           live_streams=settings.recorder_read_streams)
     app[RECORDER_STORE], app[RECORDER_LOG], app[LOG_RECORDER] = store, event_log, recorder
     await recorder.start()
     log.info("recorder: the only writer of %s, fed from %s (prefix %r, group %r, consumer %r)",
