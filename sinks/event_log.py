@@ -38,6 +38,10 @@ Following (the reader side), :meth:`RedisEventLog.follow`:
     notification read again from the last seq; it ends after ``done``. When the pub/sub
     connection comes back after an outage it re-subscribes and every follower re-reads the
     log, so nothing published meanwhile is missed.
+
+Following many turns at once (the recorder), :class:`LiveReader`: one pattern subscription
+(``PSUBSCRIBE <prefix>:req:*:notify``) instead of one per turn, and one ``XREAD`` for every
+turn with news instead of an ``XRANGE`` (and a task wake-up) per turn; the same guarantees.
 """
 
 from __future__ import annotations
