@@ -192,6 +192,7 @@ class LogRecorder:
         stats = self.stats
         return {"state": "ok" if stats.reachable else "degraded", "group": self.group,
                 "consumer": self.consumer, "live_turns": len(self._followed),
+                "live_reads": self.reader.reads,
                 **{k: v for k, v in dataclasses.asdict(stats).items() if k != "reachable"}}
 
     # -- draining the discovery stream ------------------------------------------------
