@@ -140,9 +140,9 @@ async def remote_store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("worker: the recorder at %s does not answer yet; serving degraded",
                     settings.recorder_url)
     app[STORE] = remote
-    # /v1/query is answered by the recorder; /v1/export needs the file here (503)
+    # /v1/query and POST /v1/export are answered by the recorder, which has the file
     app[ANALYTICS] = Analytics(connect=remote.cursor, flush=remote.flush, settings=settings,
-                               remote=remote.answer_query)
+                               remote=remote.answer_query, remote_export=remote.export)
     log.info("worker: the store is the recorder's at %s", settings.recorder_url)
     yield
     await remote.aclose()

@@ -42,6 +42,7 @@ from sinks.query import (
     run_query,
     run_query_arrow,
 )
+from sinks.remote_store import RecorderUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,9 @@ class Analytics:
     #: Answers a query elsewhere (the worker role: in the recorder process, which holds the
     #: file): ``(sql, format, limits) → QueryAnswer``; None runs it on ``connect()``.
     remote: Callable[[str, str, dict[str, Any]], Awaitable[QueryAnswer]] | None = None
+    #: Runs ``POST /v1/export`` elsewhere (the worker role: the recorder, which has the
+    #: file) and returns its report's JSON; None exports here (:meth:`export`).
+    remote_export: Callable[[], Awaitable[dict[str, Any]]] | None = None
     export_lock: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
     queries: asyncio.Semaphore = dataclasses.field(
         default_factory=lambda: asyncio.Semaphore(MAX_CONCURRENT_QUERIES))
@@ -210,6 +214,14 @@ async def export_now(request: web.Request) -> web.Response:
     if (denied := _denied(request)) is not None:
         return denied
     analytics = _analytics(request)
+    if analytics.remote_export is not None:  # a worker: the recorder exports
+        try:
+            return web.json_response(await analytics.remote_export())
+        except RecorderUnavailableError as exc:
+            if exc.status != 500:
+                raise  # unreachable, or not caught up: 503 store_unavailable
+            raise ApiError(500, f"the export failed in the recorder: {exc}",
+                           type="server_error", code="export_failed") from exc
     report = await analytics.export()
     return web.json_response(report.to_json())
 

@@ -76,7 +76,9 @@ def children(settings: Settings, *, server: str, port: int,
     for slot in range(1, settings.workers + 1):
         plan.append(ChildSpec(name=f"worker-{slot}", role="worker",
                               argv=[sys.executable, server, *worker_args],
-                              env={**base, "REUSE_PORT": "true"}))
+                              # the recorder's lake: GET /v1/export reads it
+                              env={**base, "REUSE_PORT": "true",
+                                   "EXPORT_DIR": str(settings.lake_dir)}))
     return plan
 
 

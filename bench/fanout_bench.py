@@ -235,6 +235,18 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
+def recorder_cpu_s(pid: int) -> float | None:
+    """utime + stime of the recorder in a supervisor's tree (``--role recorder`` on its
+    command line), or None when the tree has none."""
+    for one in tree_pids(pid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{one}/cmdline", "rb") as fh:
+                argv = fh.read().split(b"\0")
+            if b"--role" in argv and argv[argv.index(b"--role") + 1:][:1] == [b"recorder"]:
+                return proc_cpu_s(one)
+    return None
+
+
 def tree_mem_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) summed over a process tree, in MB."""
     rss = hwm = 0.0
@@ -423,6 +435,13 @@ class Phase:
     store_problems: list[str] = field(default_factory=list)
     timed_out: int = 0
     redis_cpu_s: float | None = None
+    recorder_cpu_s: float | None = None  # the recorder's part of server_cpu_s (w1, w2)
+
+    @property
+    def recorder_us_per_event(self) -> float:
+        if self.recorder_cpu_s is None or not self.events:
+            return float("nan")
+        return self.recorder_cpu_s / self.events * 1e6
 
     @property
     def cpu_us_per_event(self) -> float:
@@ -502,6 +521,7 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
     pid = server.proc.pid
     rss_before, _ = tree_mem_mb(pid)
     cpu0, model_cpu0 = tree_cpu_s(pid), (proc_cpu_s(model.proc.pid) if model else 0.0)
+    rec0 = recorder_cpu_s(pid)
     redis0 = redis_cpu_s(server.redis_url)
     own0 = sum(os.times()[:2])
     ours0 = sum(tree_cpu_s(s.proc.pid) for s in everyone)
@@ -543,6 +563,7 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
     timed_out = len(pending)
     wall = time.monotonic() - wall0
     server_cpu = tree_cpu_s(pid) - cpu0
+    rec1 = recorder_cpu_s(pid)
     model_cpu = proc_cpu_s(model.proc.pid) - model_cpu0 if model else None
     redis1 = redis_cpu_s(server.redis_url)
     client_cpu = sum(os.times()[:2]) - own0
@@ -557,7 +578,8 @@ async def run_phase(session: aiohttp.ClientSession, server: Server, variant: str
                  lag, model_cpu_s=model_cpu, others_cpu_s=max(0.0, others),
                  pressure_s=pressure, timed_out=timed_out,
                  redis_cpu_s=redis1 - redis0 if redis0 is not None and redis1 is not None
-                 else None)
+                 else None,
+                 recorder_cpu_s=rec1 - rec0 if rec0 is not None and rec1 is not None else None)
 
 
 async def settle_health(session: aiohttp.ClientSession, server: Server,
@@ -726,7 +748,8 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
     if workers:
         print()
         print(f"{'N':>5} " + " ".join(
-            f"{v + ' events/s /w1':>17} {v + ' µs/ev /ours':>16}" for v in workers))
+            f"{v + ' events/s /w1':>17} {v + ' µs/ev /ours':>16} {v + ' recorder µs/ev':>18}"
+            for v in workers))
         for n in args.streams:
             base, ours = by.get(("w1", n)), by.get(("ours", n))
             cells = []
@@ -737,7 +760,8 @@ def report(phases: list[Phase], args: argparse.Namespace, servers: dict[str, Ser
                 speed = ph.events_per_s / base.events_per_s if base and base.events_per_s \
                     else float("nan")
                 cost = ph.cpu_us_per_event / ours.cpu_us_per_event if ours else float("nan")
-                cells.append(f"{fmt(speed, '.2f') + '×':>17} {fmt(cost, '.2f') + '×':>16}")
+                cells.append(f"{fmt(speed, '.2f') + '×':>17} {fmt(cost, '.2f') + '×':>16} "
+                             f"{fmt(ph.recorder_us_per_event):>18}")
             print(f"{n:>5} " + " ".join(cells))
     print()
     for variant in dict.fromkeys(p.variant for p in phases):

@@ -15,10 +15,12 @@ temporary folder:
     duplicates     the direct path's cost of re-inserting rows the store has (the
                    ``INSERT OR IGNORE`` fallback after the strict insert fails), vs fresh rows
 
-Reported: rows/s (event rows; the request, message and tool rows ride along) and wall
-seconds, median of ``--repeats``.
+Reported: rows/s (event rows; the request, message and tool rows ride along), wall
+seconds and this process's CPU per row (``time.process_time``: every thread, the store's
+writer included; Redis's own work is not in it), median of ``--repeats``.
 
-Run: ``python bench/recorder_bench.py [--turns T] [--events E] [--repeats R] [--url …]``.
+Run: ``python bench/recorder_bench.py [--turns T] [--events E] [--repeats R] [--url …]
+[--prefix P]``.
 """
 
 from __future__ import annotations
@@ -62,17 +64,20 @@ def turns(count: int, events: int) -> list[tuple[TurnContext, list[Event]]]:
     return [turn(f"req_{tag}_{i}", events) for i in range(count)]
 
 
-async def direct(path: Path, work: list[tuple[TurnContext, list[Event]]]) -> float:
+Timing = tuple[float, float]  # (wall seconds, process CPU seconds)
+
+
+async def direct(path: Path, work: list[tuple[TurnContext, list[Event]]]) -> Timing:
     store = EventStore(path).open()
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for ctx, events in work:
             recorder = TurnRecorder(ctx, store=store)
             recorder.start()
             for event in events:
                 recorder.on_next(event)
         await store.flush(timeout_s=600)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
     finally:
         store.close()
 
@@ -89,17 +94,17 @@ async def fill_log(log: RedisEventLog, work: list[tuple[TurnContext, list[Event]
         assert await log.appended(ctx.request_id, seq=events[-1].seq, within=120)
 
 
-async def drain(path: Path, log: RedisEventLog, count: int, *, consumer: str) -> float:
+async def drain(path: Path, log: RedisEventLog, count: int, *, consumer: str) -> Timing:
     store = EventStore(path).open()
     recorder = LogRecorder(log, store, consumer=consumer, claim_idle_s=0, block_ms=100,
                            read_count=256)
     try:
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         await recorder.start()
         # polling a counter (5 ms granularity, about 0.5% of the shortest run measured)
         while recorder.stats.turns_recorded < count:  # noqa: ASYNC110
             await asyncio.sleep(0.005)
-        return time.perf_counter() - started
+        return time.perf_counter() - started, time.process_time() - cpu
     finally:
         await recorder.aclose(drain_s=0)
         store.close()
@@ -114,17 +119,18 @@ async def redeliver(log: RedisEventLog, work: list[tuple[TurnContext, list[Event
     await pipe.execute()
 
 
-async def duplicates(path: Path, work: list[tuple[TurnContext, list[Event]]]) -> tuple[float, float]:
+async def duplicates(path: Path, work: list[tuple[TurnContext, list[Event]]]
+                     ) -> tuple[Timing, Timing]:
     store = EventStore(path).open()
     try:
         timings = []
         for _ in range(2):  # fresh rows, then the same rows again
-            started = time.perf_counter()
+            started, cpu = time.perf_counter(), time.process_time()
             for _, events in work:
                 for event in events:
                     store.append_event(event, agent="assistant", depth=0)
             await store.flush(timeout_s=600)
-            timings.append(time.perf_counter() - started)
+            timings.append((time.perf_counter() - started, time.process_time() - cpu))
         return timings[0], timings[1]
     finally:
         store.close()
@@ -136,9 +142,10 @@ async def main() -> None:
     parser.add_argument("--events", type=int, default=250)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--url", default="redis://127.0.0.1:6379/11")
+    parser.add_argument("--prefix", default="rec-bench", help="key prefix (a random tail is added)")
     args = parser.parse_args()
     rows = args.turns * args.events
-    results: dict[str, list[float]] = {"direct": [], "recorder": [], "redelivered": [],
+    results: dict[str, list[Timing]] = {"direct": [], "recorder": [], "redelivered": [],
                                        "fresh rows": [], "duplicate rows": []}
     for _ in range(args.repeats):
         with tempfile.TemporaryDirectory() as folder:
@@ -148,7 +155,7 @@ async def main() -> None:
             fresh, dup = await duplicates(base / "dup.duckdb", work)
             results["fresh rows"].append(fresh)
             results["duplicate rows"].append(dup)
-            prefix = f"rec-bench-{uuid.uuid4().hex[:8]}"
+            prefix = f"{args.prefix}-{uuid.uuid4().hex[:8]}"
             log = RedisEventLog(args.url, prefix=prefix, batch_max=512, max_connections=32)
             await log.start()
             try:
@@ -165,10 +172,11 @@ async def main() -> None:
                 await log.aclose(timeout_s=1)
     print(f"{args.turns} turns x {args.events} events = {rows} event rows; median of "
           f"{args.repeats}")
-    print(f"{'variant':<16}{'seconds':>10}{'rows/s':>12}")
+    print(f"{'variant':<16}{'seconds':>10}{'rows/s':>12}{'CPU µs/row':>12}")
     for name, values in results.items():
-        seconds = statistics.median(values)
-        print(f"{name:<16}{seconds:>10.2f}{rows / seconds:>12,.0f}")
+        seconds = statistics.median(wall for wall, _ in values)
+        cpu = statistics.median(cpu for _, cpu in values)
+        print(f"{name:<16}{seconds:>10.2f}{rows / seconds:>12,.0f}{cpu / rows * 1e6:>12.1f}")
     info = await aioredis.Redis.from_url(args.url).info("server")
     print(f"redis {info.get('redis_version')}, duckdb via EventStore (flush_max_rows 2048)")
 

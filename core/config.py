@@ -297,6 +297,10 @@ class Settings(BaseSettings):
                                             "connections; its reads of every live turn share them")
     recorder_read_gap_s: float = Field(default=0.0, ge=0, le=5, description="the recorder "
                                        "reads a live turn at most this often (0: each event)")
+    recorder_read_count: int = Field(default=128, ge=1, le=10_000, description="most entries "
+                                     "of one live turn one read of the recorder takes")
+    recorder_read_streams: int = Field(default=256, ge=1, le=10_000, description="most live "
+                                       "turns' streams in one XREAD of the recorder")
 
     @model_validator(mode="after")
     def _role_needs_redis(self) -> Settings:

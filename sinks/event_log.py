@@ -38,6 +38,10 @@ Following (the reader side), :meth:`RedisEventLog.follow`:
     notification read again from the last seq; it ends after ``done``. When the pub/sub
     connection comes back after an outage it re-subscribes and every follower re-reads the
     log, so nothing published meanwhile is missed.
+
+Following many turns at once (the recorder), :class:`LiveReader`: one pattern subscription
+(``PSUBSCRIBE <prefix>:req:*:notify``) instead of one per turn, and one ``XREAD`` for every
+turn with news instead of an ``XRANGE`` (and a task wake-up) per turn; the same guarantees.
 """
 
 from __future__ import annotations
@@ -213,6 +217,19 @@ class _Waiter:
         return True
 
 
+class _PatternWatch:
+    """A pattern subscription (``PSUBSCRIBE``) and who is told of its messages: the
+    recorder's :class:`LiveReader` hears every turn's notifications on one subscription."""
+
+    def __init__(self, pattern: bytes, on_message: Callable[[bytes, int], None],
+                 on_subscribed: Callable[[], None]) -> None:
+        self.pattern = pattern
+        self.on_message = on_message  # (channel, seq)
+        self.on_subscribed = on_subscribed  # (re)confirmed: what was published meanwhile?
+        self.subscribed = False
+        self.epoch = 0
+
+
 class _Notifier:
     """One pub/sub connection per process, shared by every follower (ref-counted channels).
 
@@ -229,6 +246,7 @@ class _Notifier:
         self._retry_max_s = retry_max_s
         self._stats = stats
         self._waiters: dict[bytes, set[_Waiter]] = {}
+        self._patterns: dict[bytes, set[_PatternWatch]] = {}
         self._conn: Connection | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -262,6 +280,28 @@ class _Notifier:
             if self._conn is not None:
                 await self._send("UNSUBSCRIBE", waiter.channel)
 
+    async def watch(self, watch: _PatternWatch) -> None:
+        """Subscribe to ``watch.pattern`` (ref-counted); it counts once Redis confirmed it
+        (``watch.subscribed``, ``on_subscribed``)."""
+        group = self._patterns.setdefault(watch.pattern, set())
+        group.add(watch)
+        if len(group) > 1:
+            if any(other.subscribed for other in group if other is not watch):
+                watch.subscribed, watch.epoch = True, 1
+        elif self._conn is not None:
+            await self._send("PSUBSCRIBE", watch.pattern)
+
+    async def unwatch(self, watch: _PatternWatch) -> None:
+        group = self._patterns.get(watch.pattern)
+        if group is None or watch not in group:
+            return
+        group.discard(watch)
+        watch.subscribed = False
+        if not group:
+            del self._patterns[watch.pattern]
+            if self._conn is not None:
+                await self._send("PUNSUBSCRIBE", watch.pattern)
+
     async def _send(self, *args: Any) -> None:
         conn = self._conn
         if conn is None:
@@ -276,6 +316,9 @@ class _Notifier:
         for group in self._waiters.values():
             for waiter in group:
                 waiter.subscribed = False
+        for watches in self._patterns.values():
+            for watch in watches:
+                watch.subscribed = False
         if conn is not None:
             with contextlib.suppress(*_FAILURES):
                 await conn.disconnect()
@@ -289,6 +332,8 @@ class _Notifier:
                 self._conn = conn  # from here a new channel is subscribed by register()
                 if self._waiters:
                     await conn.send_command("SUBSCRIBE", *self._waiters)
+                if self._patterns:
+                    await conn.send_command("PSUBSCRIBE", *self._patterns)
                 if failures:
                     log.info("event log: pub/sub connection back after %d failures", failures)
                 failures = 0
@@ -308,6 +353,9 @@ class _Notifier:
         if not isinstance(message, list) or len(message) < 3:
             return
         kind, channel = message[0], message[1]
+        if kind in (b"pmessage", b"psubscribe", b"punsubscribe"):  # (pattern, channel, seq)
+            self._dispatch_pattern(kind, message)
+            return
         group = self._waiters.get(channel, ())
         if kind == b"message":
             try:
@@ -327,6 +375,23 @@ class _Notifier:
                     waiter.subscribed = True
                     waiter.epoch += 1
                     waiter.poke()
+
+
+    def _dispatch_pattern(self, kind: bytes, message: list[Any]) -> None:
+        for watch in self._patterns.get(message[1], ()):
+            if kind == b"pmessage" and len(message) >= 4:
+                try:
+                    seq = int(message[3])
+                except ValueError:
+                    return
+                watch.on_message(message[2], seq)
+            elif kind == b"psubscribe":
+                if not watch.subscribed:
+                    watch.subscribed = True
+                    watch.epoch += 1
+                    watch.on_subscribed()
+            elif kind == b"punsubscribe":  # a re-subscription follows; its confirmation re-reads
+                watch.subscribed = False
 
 
 class RedisEventLog:
@@ -846,6 +911,19 @@ class RedisEventLog:
                                 f"within {self.lost_after_s:.0f}s")
         return lost_since
 
+    def live_reader(self, *, count: int = 128, streams_max: int = 256, gap_s: float = 0.0,
+                    lost_after_s: float = 60.0) -> LiveReader:
+        """A reader of many live turns at once (the recorder's): see :class:`LiveReader`."""
+        return LiveReader(self, count=count, streams_max=streams_max, gap_s=gap_s,
+                          lost_after_s=lost_after_s)
+
+    @property
+    def notify_pattern(self) -> bytes:
+        """The ``PSUBSCRIBE`` pattern of every turn's channel under this prefix (the prefix's
+        glob characters escaped)."""
+        escaped = "".join("\\" + c if c in "*?[]\\" else c for c in self.prefix)
+        return f"{escaped}:req:*:notify".encode()
+
     # -- health -----------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         """The ``event_log`` part of ``/healthz``: ``state`` is ``degraded`` while Redis is
@@ -861,6 +939,269 @@ class RedisEventLog:
             "abandoned": stats.abandoned, "followers": self.followers,
             "follower_reconnects": stats.follower_reconnects, "last_error": stats.last_error,
         }
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _Feed:
+    """One live turn in a :class:`LiveReader`."""
+
+    request_id: str
+    key: bytes
+    channel: bytes
+    last: int  # the last seq delivered
+    notified: int = 0  # the highest seq announced
+    want: bool = True  # read it whatever the notifications say (new, re-subscribed, more)
+    doubt: bool = True  # is the stream there? asked when a read finds nothing
+    not_before: float = 0.0  # (loop time) a hole or a missing stream: not read again before
+    lost_since: float | None = None
+
+
+@dataclasses.dataclass
+class LiveBatch:
+    """What one :meth:`LiveReader.read` brought: each turn's next events, in seq order (a
+    turn whose last is ``done`` has left the reader), and the turns whose stream is lost
+    (gone from Redis for ``lost_after_s``; they have left the reader too)."""
+
+    events: list[tuple[str, list[Event]]]
+    lost: list[tuple[str, str]]
+
+
+class LiveReader:
+    """Many live turns' streams read together: one ``XREAD`` per round trip for every turn
+    that has news, woken by one pattern subscription to every turn's notifications.
+
+    What :meth:`RedisEventLog.follow` is for one turn, for hundreds at once, without a
+    subscription, a task and a round trip per turn per wake-up (the recorder follows every
+    live turn of every worker). The same guarantees:
+
+    * subscribed first, then read: a turn's first read waits for the pattern subscription's
+      confirmation, so an append is either in what a read returns or announced after it; when
+      the subscription comes back after an outage every turn is read again (and its stream's
+      existence doubted);
+    * each turn's events in seq order, each once: a read starts after the last seq
+      delivered, a hole (the owner re-filling the stream) ends that turn's part of the read
+      and it is read again shortly;
+    * a stream that is missing (at its first read, or after an outage or a failed read) and
+      stays missing ``lost_after_s`` is reported lost, not waited for forever.
+
+    Args:
+        count: Most entries of one turn in one read (``XREAD … COUNT``); a turn that got that
+            many is read again at once.
+        streams_max: Most turns' streams in one ``XREAD``; more turns with news wait for
+            the next read (turn by turn, in the order their news came).
+        gap_s: After a read that brought events, the next read waits this long, so one read
+            takes what every turn appended meanwhile; a hurried turn (:meth:`hurry`) with
+            news cuts it short.
+        lost_after_s: How long a missing stream is waited for.
+    """
+
+    def __init__(self, log_: RedisEventLog, *, count: int, streams_max: int, gap_s: float,
+                 lost_after_s: float) -> None:
+        self._log = log_
+        self.count = count
+        self.streams_max = streams_max
+        self.gap_s = gap_s
+        self.lost_after_s = lost_after_s
+        self._feeds: dict[str, _Feed] = {}
+        self._by_key: dict[bytes, _Feed] = {}
+        self._by_channel: dict[bytes, _Feed] = {}
+        self._dirty: dict[str, _Feed] = {}  # turns to read, in the order their news came
+        self._hurried: dict[str, int] = {}  # request id → how many wait for it
+        self._wake = asyncio.Event()
+        self._next_at = 0.0  # (loop time) the gap: no read before, unless hurried
+        self._watch = _PatternWatch(log_.notify_pattern, self._notified, self._resubscribed)
+        self.reads = 0  # round trips (XREADs), for the tests and the bench
+
+    async def start(self) -> None:
+        """Subscribe to every turn's notifications (the log must be started)."""
+        await self._log._notifier.watch(self._watch)
+
+    async def aclose(self) -> None:
+        await self._log._notifier.unwatch(self._watch)
+        self._feeds.clear()
+        self._by_key.clear()
+        self._by_channel.clear()
+        self._dirty.clear()
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    @property
+    def subscribed(self) -> bool:
+        return self._watch.subscribed
+
+    def add(self, request_id: str, *, since: int) -> None:
+        """Read ``request_id``'s events after ``since`` (until its ``done``)."""
+        if request_id in self._feeds:
+            return
+        key, channel = self._log.key(request_id).encode(), self._log.channel(request_id).encode()
+        feed = _Feed(request_id, key, channel, last=since)
+        self._feeds[request_id] = self._by_key[key] = self._by_channel[channel] = feed
+        self._dirty[request_id] = feed
+        self._wake.set()
+
+    def discard(self, request_id: str) -> None:
+        feed = self._feeds.pop(request_id, None)
+        if feed is not None:
+            del self._by_key[feed.key], self._by_channel[feed.channel]
+            self._dirty.pop(request_id, None)
+
+    def hurry(self, request_id: str, waiting: bool = True) -> None:
+        """Somebody waits for ``request_id`` (``waiting=False``: one waiter less): its news
+        is read without waiting for the gap."""
+        count = self._hurried.get(request_id, 0) + (1 if waiting else -1)
+        if count > 0:
+            self._hurried[request_id] = count
+            self._wake.set()
+        else:
+            self._hurried.pop(request_id, None)
+
+    # -- notifications ----------------------------------------------------------------
+    def _notified(self, channel: bytes, seq: int) -> None:
+        feed = self._by_channel.get(channel)
+        if feed is None or seq <= feed.notified:
+            return  # a turn not (or no longer) read here: its first read finds it all
+        feed.notified = seq
+        if seq > feed.last and feed.request_id not in self._dirty:
+            self._dirty[feed.request_id] = feed
+            self._wake.set()
+
+    def _resubscribed(self) -> None:
+        again = self._watch.epoch > 1  # what was published while unsubscribed is unheard of
+        for feed in self._feeds.values():
+            feed.want = True
+            feed.doubt = feed.doubt or again
+            feed.not_before = 0.0
+            self._dirty[feed.request_id] = feed
+        self._wake.set()
+
+    # -- reading ----------------------------------------------------------------------
+    async def read(self) -> LiveBatch:
+        """Wait until some turn has news, then read every turn with news (up to
+        ``streams_max``) in one ``XREAD``.
+
+        Raises:
+            RedisError, OSError: Redis failed; the turns of that read are read again (their
+                streams doubted) on the next call, which the caller makes after a backoff.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            self._wake.clear()
+            now = loop.time()
+            due, wait = self._due(now)
+            if due:
+                break
+            timer = None if wait is None else loop.call_later(wait, self._wake.set)
+            try:
+                await self._wake.wait()
+            finally:
+                if timer is not None:
+                    timer.cancel()
+        for feed in due:
+            del self._dirty[feed.request_id]
+        try:
+            self.reads += 1
+            reply = await self._log.client.xread(
+                {f.key: f"{f.last}-0" for f in due}, count=self.count)
+        except BaseException:
+            for feed in due:
+                feed.want = feed.doubt = True
+                self._dirty.setdefault(feed.request_id, feed)
+            raise
+        batch, empty = self._deliver(due, reply, loop.time())
+        if empty:  # (never raises: the events delivered above must reach the caller)
+            batch.lost.extend(await self._check(empty, loop.time()))
+        for feed in due:
+            if self._feeds.get(feed.request_id) is feed and (feed.want
+                                                              or feed.notified > feed.last):
+                self._dirty.setdefault(feed.request_id, feed)
+        if batch.events and self.gap_s > 0:
+            self._next_at = loop.time() + self.gap_s
+        return batch
+
+    def _due(self, now: float) -> tuple[list[_Feed], float | None]:
+        """The turns to read now (at most ``streams_max``), or how long until one may be
+        (None: until news)."""
+        if not self._watch.subscribed or not self._dirty:
+            return [], None
+        if now < self._next_at and not any(rid in self._dirty for rid in self._hurried):
+            return [], self._next_at - now
+        due: list[_Feed] = []
+        wait: float | None = None
+        for request_id, feed in list(self._dirty.items()):
+            if not (feed.want or feed.notified > feed.last):
+                del self._dirty[request_id]
+            elif feed.not_before > now:
+                wait = feed.not_before - now if wait is None else min(wait, feed.not_before - now)
+            else:
+                due.append(feed)
+                if len(due) >= self.streams_max:
+                    break
+        return due, (None if due else wait)
+
+    def _deliver(self, due: list[_Feed], reply: Any, now: float
+                 ) -> tuple[LiveBatch, list[_Feed]]:
+        batch = LiveBatch(events=[], lost=[])
+        got: dict[bytes, list[Any]] = dict(reply.items() if isinstance(reply, dict)
+                                           else (reply or ()))
+        empty: list[_Feed] = []
+        for feed in due:
+            entries = got.get(feed.key)
+            if not entries:
+                feed.want = False
+                if feed.doubt:
+                    empty.append(feed)
+                continue
+            feed.doubt, feed.lost_since = False, None
+            feed.want = len(entries) >= self.count  # more where these came from
+            events: list[Event] = []
+            for entry_id, fields in entries:
+                seq = int(bytes(entry_id).partition(b"-")[0])
+                if seq <= feed.last:
+                    continue
+                if seq != feed.last + 1:  # a hole: the owner is re-filling; read again soon
+                    feed.want = True
+                    feed.not_before = now + self._log.retry_base_s
+                    break
+                event = EVENT_ADAPTER.validate_json(fields[b"e"])
+                feed.last = seq
+                events.append(event)
+                if isinstance(event, Done):
+                    self.discard(feed.request_id)
+                    break
+            if events:
+                batch.events.append((feed.request_id, events))
+        return batch, empty
+
+    async def _check(self, feeds: list[_Feed], now: float) -> list[tuple[str, str]]:
+        """Turns whose read found nothing while their stream was doubted: is it there?"""
+        pipe = self._log.client.pipeline(transaction=False)
+        for feed in feeds:
+            pipe.exists(feed.key)
+        try:
+            answers = await pipe.execute()
+        except _FAILURES as exc:  # asked again after a while
+            log.debug("event log: checking %d streams failed: %s", len(feeds), exc)
+            for feed in feeds:
+                feed.want = True
+                feed.not_before = now + self._log.retry_max_s
+            return []
+        lost = []
+        for feed, exists in zip(feeds, answers, strict=True):
+            if self._feeds.get(feed.request_id) is not feed:
+                continue
+            if exists:
+                feed.doubt, feed.lost_since = False, None
+                continue
+            feed.lost_since = feed.lost_since or now
+            if now - feed.lost_since >= self.lost_after_s:
+                self.discard(feed.request_id)
+                lost.append((feed.request_id, f"{feed.key.decode()} is gone from Redis and "
+                             f"nobody re-filled it within {self.lost_after_s:g}s"))
+            else:  # the owner may be re-filling it: look again in a while
+                feed.want = True
+                feed.not_before = now + min(self._log.ping_s, self.lost_after_s)
+        return lost
 
 
 def _entries(raw: Any) -> list[tuple[int, bytes]]:

@@ -11,11 +11,13 @@ workers never open the file: each announces its turns on the discovery stream
 
 For each announced turn it reads what the store already has (after a restart: the turn's
 events up to some seq N), rebuilds the turn's state from them
-(:meth:`sinks.recorder.TurnRecorder.resume`), follows the turn's stream from N
-(:meth:`sinks.event_log.RedisEventLog.follow`: ``XRANGE (N-0 +`` then the live tail on
-notifications) and feeds every event through the same :class:`~sinks.recorder.TurnRecorder`
-the single process uses: the same ``events``, ``requests``, ``messages`` and
-``tool_executions`` rows. It ``XACK`` s (and deletes) the turn's discovery entries only once
+(:meth:`sinks.recorder.TurnRecorder.resume`), reads the turn's stream from N and feeds every
+event through the same :class:`~sinks.recorder.TurnRecorder` the single process uses: the
+same ``events``, ``requests``, ``messages`` and ``tool_executions`` rows. Every live turn is
+read by one :class:`~sinks.event_log.LiveReader`: one pattern subscription hears every turn's
+notifications, and one ``XREAD`` (``RECORDER_READ_STREAMS`` streams, ``RECORDER_READ_COUNT``
+entries each) reads every turn with news, so hundreds of live turns cost one round trip and
+one wake-up per read, not one per turn. It ``XACK`` s (and deletes) the turn's discovery entries only once
 the turn's ``done`` and every row derived from it are committed (a store flush barrier).
 
 At-least-once delivery, exactly-once rows: events are keyed by ``(request_id, seq)`` (the
@@ -43,7 +45,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from core.errors import StoreError
 from core.events import Done, Event
-from sinks.event_log import EventLogError, RedisEventLog
+from sinks.event_log import RedisEventLog
 from sinks.recorder import TurnRecorder, context_of
 from sinks.recovery import close_interrupted
 from sinks.store import EventStore
@@ -77,8 +79,11 @@ class _Followed:
     recorded: int = 0  # the last seq handed to the store
     done: bool = False
     progress: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
-    hurry: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # a sync waits
     task: asyncio.Task[None] | None = None
+    recorder: TurnRecorder | None = None  # while its events are read (the reader feeds it)
+    finished: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)  # read to its end
+    lost: str | None = None  # why its stream is lost (the reader gave up on it)
+    failed: BaseException | None = None  # recording one of its events failed
 
     def advanced(self) -> None:
         self.progress.set()
@@ -95,19 +100,28 @@ class LogRecorder:
             stay the same across restarts, so a restarted recorder finds its own pending
             entries (``RECORDER_CONSUMER``).
         block_ms: How long one ``XREADGROUP`` waits for new turns.
+        read_count: Most discovery entries one ``XREADGROUP`` takes.
+        live_count / live_streams: Most entries of one live turn, and most live turns, that
+            one read of the live turns' streams takes (``RECORDER_READ_COUNT``,
+            ``RECORDER_READ_STREAMS``).
         claim_idle_s: Entries of another consumer idle this long are claimed on start.
         lost_s: A turn whose stream is missing this long (Redis lost it, and no owner
             re-filled it) is closed in the store as interrupted, as start-up recovery does.
         retry_max_s: The longest wait between retries while Redis or the store fail.
         sync_timeout_s: How long :meth:`sync` waits by default.
+        read_gap_s: The live turns are read at most this often (``RECORDER_READ_GAP_S``);
+            a turn somebody waits for (:meth:`sync`) cuts it short.
     """
 
     def __init__(self, event_log: RedisEventLog, store: EventStore, *, group: str = "recorder",
                  consumer: str = "recorder", block_ms: int = 1000, read_count: int = 64,
                  claim_idle_s: float = 30.0, lost_s: float = 60.0, retry_max_s: float = 2.0,
-                 sync_timeout_s: float = 10.0, read_gap_s: float = 0.0) -> None:
+                 sync_timeout_s: float = 10.0, read_gap_s: float = 0.0, live_count: int = 128,
+                 live_streams: int = 256) -> None:
         self.log = event_log
         self.read_gap_s = read_gap_s
+        self.reader = event_log.live_reader(count=live_count, streams_max=live_streams,
+                                            gap_s=read_gap_s, lost_after_s=lost_s)
         self.store = store
         self.group = group
         self.consumer = consumer
@@ -121,6 +135,7 @@ class LogRecorder:
         self.key = event_log.turns_key
         self._followed: dict[str, _Followed] = {}
         self._task: asyncio.Task[None] | None = None
+        self._reading: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()  # own pending entries re-read
         self._touched = time.monotonic()
         self._stopping = False
@@ -128,7 +143,10 @@ class LogRecorder:
     # -- lifecycle --------------------------------------------------------------------
     async def start(self) -> None:
         """Start draining (Redis may be down: it waits for it with backoff)."""
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="log-recorder")
+        loop = asyncio.get_running_loop()
+        await self.reader.start()
+        self._reading = loop.create_task(self._read_live(), name="log-recorder-reader")
+        self._task = loop.create_task(self._run(), name="log-recorder")
 
     async def aclose(self, *, drain_s: float = 5.0) -> None:
         """Stop: first record what the log holds now of the turns being recorded (at most
@@ -149,12 +167,15 @@ class LogRecorder:
             except StoreError as exc:
                 log.warning("recorder: stopping before the log was caught up with: %s", exc)
         tasks = [t for t in (f.task for f in self._followed.values()) if t]
+        if self._reading is not None:
+            tasks.append(self._reading)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._followed.clear()
+        await self.reader.aclose()
 
     async def ready(self, timeout_s: float = 10.0) -> bool:
         """Wait until the pending entries of the last run are being recorded again."""
@@ -171,6 +192,7 @@ class LogRecorder:
         stats = self.stats
         return {"state": "ok" if stats.reachable else "degraded", "group": self.group,
                 "consumer": self.consumer, "live_turns": len(self._followed),
+                "live_reads": self.reader.reads,
                 **{k: v for k, v in dataclasses.asdict(stats).items() if k != "reachable"}}
 
     # -- draining the discovery stream ------------------------------------------------
@@ -303,6 +325,10 @@ class LogRecorder:
                 recorder.start()
             if not followed.done:
                 await self._follow(followed, recorder)
+                if followed.failed is not None:
+                    raise followed.failed
+                if followed.lost is not None:
+                    await self._close_lost(followed, followed.lost)
             await self._commit(request_id)
             await self._ack(followed.entries)
             self.stats.turns_recorded += 1
@@ -336,31 +362,62 @@ class LogRecorder:
                 await asyncio.sleep(self.retry_max_s)
 
     async def _follow(self, followed: _Followed, recorder: TurnRecorder) -> None:
-        """Feed the turn's events after what is recorded, until ``done``."""
-        missing_since: float | None = None
-        while not followed.done:
+        """Until the turn's events after what is recorded are fed, up to ``done`` (or its
+        stream is lost, or recording failed): the live reader (:meth:`_read_live`) feeds
+        them."""
+        followed.recorder = recorder
+        self.reader.add(followed.request_id, since=followed.recorded)
+        try:
+            await followed.finished.wait()
+        finally:
+            followed.recorder = None
+            self.reader.discard(followed.request_id)
+
+    async def _read_live(self) -> None:
+        """Read every live turn's news (one round trip per read) and feed each turn's
+        recorder, in seq order; retried with backoff while Redis fails."""
+        failures = 0
+        while True:
             try:
-                async with contextlib.aclosing(self.log.follow(
-                        followed.request_id, since=followed.recorded,
-                        gap_s=self.read_gap_s, hurry=followed.hurry)) as events:
-                    async for event in events:
-                        if event is None:
-                            continue
-                        recorder.on_next(event)
-                        self.stats.events_recorded += 1
-                        followed.recorded = event.seq
-                        followed.done = isinstance(event, Done)
-                        followed.advanced()
-                        missing_since = None
-                return
-            except EventLogError as exc:  # the stream vanished and nobody re-filled it
-                now = time.monotonic()
-                missing_since = missing_since or now
-                if now - missing_since >= self.lost_s:
-                    await self._close_lost(followed, str(exc))
-                    return
-                log.warning("recorder: %s (retrying)", exc)
-                await asyncio.sleep(min(self.retry_max_s, self.lost_s))
+                batch = await self.reader.read()
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except _FAILURES as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("recorder: reading the live turns failed (%s); retrying", exc)
+                self._reachable(False, exc)
+                await asyncio.sleep(min(self.retry_max_s, 0.05 * 2 ** (failures - 1)))
+                continue
+            except Exception:  # never let the reader die: log, back off, go on
+                log.exception("recorder: reading the live turns failed; going on")
+                await asyncio.sleep(self.retry_max_s)
+                continue
+            for request_id, events in batch.events:
+                followed = self._followed.get(request_id)
+                if followed is not None and followed.recorder is not None:
+                    self._feed(followed, followed.recorder, events)
+            for request_id, why in batch.lost:
+                followed = self._followed.get(request_id)
+                if followed is not None and followed.recorder is not None:
+                    followed.lost = why
+                    followed.finished.set()
+
+    def _feed(self, followed: _Followed, recorder: TurnRecorder, events: list[Event]) -> None:
+        try:
+            for event in events:
+                recorder.on_next(event)
+                self.stats.events_recorded += 1
+                followed.recorded = event.seq
+                if isinstance(event, Done):
+                    followed.done = True
+                    followed.finished.set()
+        except Exception as exc:  # this turn only: its task logs it, its entry stays pending
+            followed.failed = exc
+            followed.finished.set()
+            self.reader.discard(followed.request_id)
+        followed.advanced()
 
     async def _close_lost(self, followed: _Followed, why: str) -> None:
         """The log lost the turn (its owner gone too): close it as start-up recovery does."""
@@ -453,19 +510,18 @@ class LogRecorder:
         return [int(bytes(top[0][0]).partition(b"-")[0]) if top else 0 for top in replies]
 
     async def _caught_up(self, request_id: str, goal: int, deadline: float) -> None:
-        """Until ``request_id`` is recorded up to ``goal`` (or finished); its follower reads
-        at once meanwhile (no ``read_gap_s``)."""
+        """Until ``request_id`` is recorded up to ``goal`` (or finished); its news is read at
+        once meanwhile (no ``read_gap_s``)."""
+        self.reader.hurry(request_id)
         try:
             await self._wait_recorded(request_id, goal, deadline)
         finally:
-            if (followed := self._followed.get(request_id)) is not None:
-                followed.hurry.clear()
+            self.reader.hurry(request_id, False)
 
     async def _wait_recorded(self, request_id: str, goal: int, deadline: float) -> None:
         while True:
             followed = self._followed.get(request_id)
             if followed is not None:
-                followed.hurry.set()
                 if followed.recorded >= goal or followed.done:
                     return
                 progress = followed.progress

@@ -16,6 +16,8 @@ the :class:`~sinks.log_recorder.LogRecorder` and answers the workers' store call
 ``POST /internal/query``                        ``{sql, params}``: one read-only statement
 ``POST /internal/v1/query``                     a worker's ``/v1/query``: ``{sql, format,
                                                 max_rows, timeout_s, max_bytes}`` → its body
+``POST /internal/export``                       a worker's ``POST /v1/export``: ``{timeout_s?}``
+                                                → the export report, as ``/v1/export`` answers
 ``GET|PUT|DELETE /internal/responses/{id}``     a row of ``responses`` (the Responses wire)
 ==============================================  ===============================================
 
@@ -215,6 +217,31 @@ async def analysts_query(request: web.Request) -> web.Response:
         "X-Row-Count": str(answer.rows), "X-Truncated": "true" if answer.truncated else "false"})
 
 
+async def export_now(request: web.Request) -> web.Response:
+    """A worker's ``POST /v1/export``: catch up with the log (so the turns that closed in it
+    are in), flush, export what closed since the last run; the report's JSON, the single
+    process's answer. One run at a time per lake (with the schedule too:
+    :func:`sinks.lake.export_lake` holds the lake's lock). A failed export is a 500 with
+    its error, never a success."""
+    body = await _body(request) if request.can_read_body else {}
+    app = request.app
+    await app[LOG_RECORDER].sync(timeout_s=_timeout(body, app))
+    store = app[RECORDER_STORE]
+    await store.flush()
+    con = store.cursor()
+
+    def run() -> Any:
+        try:
+            return export_lake(con, app[RECORDER_SETTINGS].lake_dir)
+        finally:
+            con.close()
+
+    report = await asyncio.to_thread(run)
+    log.info("recorder: exported %d requests to %s (asked by a worker)", report.requests,
+             report.lake)
+    return web.json_response(report.to_json())
+
+
 async def _resources(app: web.Application) -> AsyncIterator[None]:
     """The store (the only writer of the file), the log, the recorder; stopped in reverse:
     the recorder first (its turns' entries stay pending), then the store writes what is
@@ -231,7 +258,9 @@ async def _resources(app: web.Application) -> AsyncIterator[None]:
                            lost_s=settings.recorder_lost_s,
                            retry_max_s=settings.event_log_retry_max_s,
                            sync_timeout_s=settings.recorder_timeout_s,
-                           read_gap_s=settings.recorder_read_gap_s)
+                           read_gap_s=settings.recorder_read_gap_s,
+                           live_count=settings.recorder_read_count,
+                           live_streams=settings.recorder_read_streams)
     app[RECORDER_STORE], app[RECORDER_LOG], app[LOG_RECORDER] = store, event_log, recorder
     await recorder.start()
     log.info("recorder: the only writer of %s, fed from %s (prefix %r, group %r, consumer %r)",
@@ -287,6 +316,7 @@ def create_recorder_app(settings: Settings) -> web.Application:
     app.router.add_get("/internal/requests/{request_id}/events", events)
     app.router.add_post("/internal/query", query)
     app.router.add_post("/internal/v1/query", analysts_query)
+    app.router.add_post("/internal/export", export_now)
     app.router.add_get("/internal/responses/{response_id}", response_get)
     app.router.add_put("/internal/responses/{response_id}", response_put)
     app.router.add_delete("/internal/responses/{response_id}", response_delete)

@@ -39,7 +39,16 @@ _DT = "$dt"
 
 
 class RecorderUnavailableError(StoreError):
-    """The recorder could not be reached, or could not serve the request."""
+    """The recorder could not be reached, or could not serve the request.
+
+    Attributes:
+        status: The recorder's answer's HTTP status when it answered with an error (500: it
+            failed the request), None when it could not be reached.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 def encode(value: Any) -> Any:
@@ -132,12 +141,14 @@ class RemoteStore:
 
     # -- calls ------------------------------------------------------------------------
     async def _call(self, method: str, path: str, body: Any = None,
-                    params: dict[str, str] | None = None) -> Any:
+                    params: dict[str, str] | None = None,
+                    client_timeout: aiohttp.ClientTimeout | None = None) -> Any:
         async with self._reaching() as session:
             async with session.request(
                     method, self.url + path, params=params,
                     data=None if body is None else json.dumps(encode(body)),
-                    headers={"Content-Type": "application/json"}) as resp:
+                    headers={"Content-Type": "application/json"},
+                    timeout=client_timeout or session.timeout) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
                     try:
@@ -146,7 +157,8 @@ class RemoteStore:
                         message = text[:200]
                     # The recorder answered: it is reachable, the request failed.
                     self._up()
-                    raise RecorderUnavailableError(f"the recorder: {message}")
+                    raise RecorderUnavailableError(f"the recorder: {message}",
+                                                   status=resp.status)
                 result = decode(text)
         return result
 
@@ -281,6 +293,22 @@ class RemoteStore:
                                      rows=int(resp.headers.get("X-Row-Count", "0")),
                                      truncated=resp.headers.get("X-Truncated") == "true")
         return answer
+
+    async def export(self) -> dict[str, Any]:
+        """``POST /v1/export`` run by the recorder, which has the file: it catches up with
+        the log, flushes, and exports what closed since its last run. Returns the report's
+        JSON, what a single process answers. No overall time limit (an export takes what
+        it takes, as in a single process); connecting is bounded by ``timeout_s``.
+
+        Raises:
+            RecorderUnavailableError: the recorder cannot be reached, could not catch up
+                (``status`` 503), or the export failed there (``status`` 500).
+        """
+        await self._settled()
+        report: dict[str, Any] = await self._call(
+            "POST", "/internal/export", {"timeout_s": self.timeout_s},
+            client_timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s))
+        return report
 
     def responses(self) -> ResponsesTable:
         """The ``responses`` table, in the recorder's store (it creates it when it starts)."""

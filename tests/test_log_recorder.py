@@ -328,3 +328,139 @@ async def test_sync_waits_for_the_log_and_fails_when_the_recorder_cannot_get_the
     finally:
         store.close()
     assert_recorded_once(path, "req_seven", events)
+
+
+async def test_many_live_turns_are_read_together_in_few_round_trips(tmp_path: Path,
+                                                                    pfx: str) -> None:
+    """60 live turns emit their events in rounds, one event of every turn per round (as 60
+    model streams do): every turn is recorded once, in order, and the recorder's reads of
+    the live turns number about one per round, not one per turn per round (which a follower
+    per turn needs: 60 x rounds)."""
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    turns = [f"req_many_{i}" for i in range(60)]
+    all_events = {rid: events_of(rid, texts=8) for rid in turns}
+    rounds = len(all_events[turns[0]])
+    try:
+        async with redis_log(pfx) as log, recorder(log, store) as rec:
+            owners = [Owner(log, all_events[rid], ctx_of(rid)) for rid in turns]
+            for done in range(1, rounds + 1):
+                for owner in owners:  # one event of each turn, queued in one loop tick
+                    event = owner.events[len(owner.items)]
+                    owner.items.append(event)
+                    owner.writer.on_next(event)
+                goal = done * len(owners)
+                await wait_for(lambda goal=goal: rec.stats.events_recorded >= goal,  # type: ignore[misc]
+                               "the round recorded")
+            await wait_for(lambda: rec.stats.turns_recorded == len(turns), "every turn recorded")
+            assert rec.stats.events_recorded == len(turns) * rounds
+            # (the first reads come as turns are discovered, a few at a time)
+            assert rec.reader.reads <= 2 * rounds + len(turns), rec.reader.reads
+            assert len(rec.reader) == 0 and rec.live_turns == 0
+            assert await pending(log) == 0
+    finally:
+        store.close()
+    stored = rows(path, "SELECT request_id, list(seq ORDER BY seq), list(data ORDER BY seq) "
+                        "FROM events GROUP BY request_id")
+    assert {rid: (seqs, data) for rid, seqs, data in stored} == {
+        rid: ([e.seq for e in evs], [e.model_dump_json() for e in evs])
+        for rid, evs in all_events.items()}
+    assert rows(path, "SELECT status, count(*) FROM requests GROUP BY status") == [
+        ("completed", len(turns))]
+
+
+async def test_a_turn_longer_than_one_read_is_read_in_bounded_reads_in_order(
+        tmp_path: Path, pfx: str) -> None:
+    """RECORDER_READ_COUNT bounds what one read takes of a turn: 300 events already in the
+    log, 40 per read, all recorded once and in seq order."""
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    events = events_of("req_long", texts=300)
+    try:
+        async with redis_log(pfx) as log:
+            owner = Owner(log, events, ctx_of("req_long"))
+            await owner.emit(len(events))
+            async with recorder(log, store, live_count=40) as rec:
+                await wait_for(lambda: rec.stats.turns_recorded == 1, "the turn recorded")
+                assert rec.reader.reads >= len(events) // 40
+    finally:
+        store.close()
+    assert_recorded_once(path, "req_long", events)
+
+
+async def test_a_turn_whose_stream_is_gone_is_closed_as_interrupted_not_waited_for(
+        tmp_path: Path, pfx: str) -> None:
+    """The recorder stops mid-turn; while it is away the turn's stream expires (a recorder
+    down longer than EVENT_LOG_TTL_S) and nobody re-fills it. The next recorder takes the
+    pending entry up, finds no stream, and after RECORDER_LOST_S closes the turn as
+    interrupted and acknowledges it, rather than following a stream that will never come."""
+    path = tmp_path / "rec.duckdb"
+    events = events_of("req_gone", texts=10)
+    async with redis_log(pfx) as log:
+        owner = Owner(log, events, ctx_of("req_gone"))
+        store = open_store(path)
+        async with recorder(log, store) as first:
+            await owner.emit(5)
+            await wait_for(lambda: first.stats.events_recorded >= 5, "half recorded")
+        store.close()
+        await log.client.delete(log.key("req_gone"))
+        store = open_store(path)
+        try:
+            async with recorder(log, store, lost_s=0.5) as second:
+                await wait_for(lambda: second.stats.lost == 1 and second.stats.turns_recorded == 1,
+                               "the turn closed as lost")
+                assert await pending(log) == 0 and second.live_turns == 0
+        finally:
+            store.close()
+    assert rows(path, "SELECT status, last_seq >= 5 FROM requests WHERE request_id = 'req_gone'"
+                ) == [("interrupted", True)]
+    assert [seq for (seq,) in rows(path, "SELECT seq FROM events WHERE request_id = 'req_gone' "
+                                        "AND seq <= 5 ORDER BY seq")] == [1, 2, 3, 4, 5]
+
+
+async def test_after_the_subscription_is_lost_every_live_turn_is_read_again(
+        tmp_path: Path, pfx: str) -> None:
+    """The pattern subscription's connection drops; what is published before it is back is
+    unheard of, so every live turn is read again once it is: nothing is missed."""
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    events = events_of("req_resub", texts=20)
+    try:
+        async with redis_log(pfx) as log, recorder(log, store) as rec:
+            owner = Owner(log, events, ctx_of("req_resub"))
+            await owner.emit(4)
+            await wait_for(lambda: rec.stats.events_recorded >= 4, "following")
+            conn = log._notifier._conn
+            assert conn is not None
+            await conn.disconnect()  # the subscriber's connection is gone (its reader notices)
+            await owner.emit(len(events))  # published while unsubscribed, or just after
+            await wait_for(lambda: rec.stats.turns_recorded == 1, "the turn recorded")
+            assert log.stats.follower_reconnects >= 1
+    finally:
+        store.close()
+    assert_recorded_once(path, "req_resub", events)
+
+
+async def test_with_a_read_gap_a_sync_cuts_it_short_and_nothing_is_missed(
+        tmp_path: Path, pfx: str) -> None:
+    """RECORDER_READ_GAP_S far longer than the test may wait: after a read, the live turns
+    are not read again before it ends, unless somebody waits for a turn (a sync)."""
+    path = tmp_path / "rec.duckdb"
+    store = open_store(path)
+    events = events_of("req_gap", texts=20)
+    try:
+        async with redis_log(pfx) as log, recorder(log, store, read_gap_s=600.0) as rec:
+            owner = Owner(log, events, ctx_of("req_gap"))
+            await owner.emit(3)
+            await wait_for(lambda: rec.stats.events_recorded >= 3, "the first read")
+            await owner.emit(10)
+            await asyncio.sleep(0.3)  # (a read would have come by now without the gap)
+            assert rec.stats.events_recorded < 10
+            await rec.sync(request_id="req_gap", seq=10, timeout_s=5)
+            assert rec.stats.events_recorded >= 10
+            await owner.emit(len(events))
+            await rec.sync(request_id="req_gap", seq=len(events), timeout_s=5)
+            await wait_for(lambda: rec.stats.turns_recorded == 1, "the turn recorded")
+    finally:
+        store.close()
+    assert_recorded_once(path, "req_gap", events)

@@ -223,11 +223,12 @@ async def test_turns_through_a_worker_are_recorded_once_by_the_recorder(tmp_path
         assert first_answer in said
         assert s.worker is not None and s.recorder is not None
         # The scheduled export runs in the recorder, which has the file; never on a worker.
+        # (the files appear before the recorder logs the run: wait for both)
         deadline = time.monotonic() + 30
-        while not list((tmp_path / "lake").glob("events/*/*.parquet")):
+        while not list((tmp_path / "lake").glob("events/*/*.parquet")) or (
+                "recorder: exported" not in s.recorder.log.read_text(errors="replace")):
             assert time.monotonic() < deadline, s.recorder.output()
             await asyncio.sleep(0.1)
-        assert "recorder: exported" in s.recorder.log.read_text(errors="replace")
         assert "export failed" not in s.worker.log.read_text(errors="replace")
         assert s.worker.stop() == 0 and s.recorder.stop() == 0
     assert not (tmp_path / "worker-never-opens-this.duckdb").exists()

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import datetime
 import json
+from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 
+from api.analytics import ANALYTICS, Analytics, add_analytics_routes
+from api.common import SETTINGS, json_errors
+from core.config import Settings
 from core.errors import StoreError
 from sinks.remote_store import RecorderUnavailableError, RemoteStore, decode, encode
 from tests.procs import free_port
@@ -36,3 +42,70 @@ async def test_an_unreachable_recorder_raises_a_store_error_and_degrades_health(
             store.cursor()
     finally:
         await store.aclose()
+
+
+def _worker_app(remote: RemoteStore, tmp_path: Path) -> web.Application:
+    """The analysts' routes as a worker mounts them (server.py): the store is ``remote``."""
+    app = web.Application(middlewares=[json_errors])
+    app[SETTINGS] = Settings(db_path=tmp_path / "never-opened.duckdb", export_interval_s=0)
+    app[ANALYTICS] = Analytics(connect=remote.cursor, flush=remote.flush,
+                               settings=app[SETTINGS], remote=remote.answer_query,
+                               remote_export=remote.export)
+    add_analytics_routes(app)
+    return app
+
+
+REPORT = {"lake": "/srv/lake", "files": [{"path": "events/date=2026-12-01/part-1.parquet",
+                                          "rows": 3, "bytes": 100}],
+          "rows": {"events": 3}, "requests": 1, "watermark": "2026-12-01T16:00:00",
+          "previous_watermark": None, "elapsed_ms": 4}
+
+
+async def test_post_export_on_a_worker_is_the_recorders_answer_and_its_failures_are_5xx(
+        aiohttp_client: Any, aiohttp_server: Any, tmp_path: Path) -> None:
+    """The worker forwards POST /v1/export to the recorder: its report is the answer; an
+    export that failed there is a 500 with a JSON error, and a recorder that cannot be
+    reached a 503 with one; never a success."""
+    mode = {"export": "ok"}
+    asked: list[Any] = []
+
+    async def export(request: web.Request) -> web.Response:
+        asked.append(await request.json())
+        if mode["export"] == "ok":
+            return web.json_response(REPORT)
+        return web.json_response({"error": {"message": "OSError: [Errno 20] Not a directory",
+                                            "type": "server_error", "code": "internal_error"}},
+                                 status=500)
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "store": {"writable": True}})
+
+    recorder = web.Application()
+    recorder.router.add_post("/internal/export", export)
+    recorder.router.add_get("/internal/health", health)
+    recorder_server = await aiohttp_server(recorder)
+    remote = RemoteStore(str(recorder_server.make_url("")).rstrip("/"), timeout_s=2, poll_s=5)
+    await remote.start()
+    try:
+        client = await aiohttp_client(_worker_app(remote, tmp_path))
+        resp = await client.post("/v1/export")
+        assert resp.status == 200 and await resp.json() == REPORT
+        assert asked and "timeout_s" in asked[0]
+        mode["export"] = "fail"
+        resp = await client.post("/v1/export")
+        error = (await resp.json())["error"]
+        assert resp.status == 500 and error["code"] == "export_failed", error
+        assert "Not a directory" in error["message"]
+    finally:
+        await remote.aclose()
+
+    gone = RemoteStore(f"http://127.0.0.1:{free_port()}", timeout_s=1, poll_s=5)
+    await gone.start()
+    try:
+        client = await aiohttp_client(_worker_app(gone, tmp_path))
+        resp = await client.post("/v1/export")
+        error = (await resp.json())["error"]
+        assert resp.status == 503 and error["code"] == "store_unavailable", error
+        assert "cannot be reached" in error["message"]
+    finally:
+        await gone.aclose()

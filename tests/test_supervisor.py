@@ -32,6 +32,7 @@ def test_the_plan_is_one_recorder_owning_the_file_and_workers_pointing_at_it() -
         assert worker.env["PORT"] == "8123" and worker.env["REUSE_PORT"] == "true"
         assert worker.env["WORKERS"] == "1"  # a child never supervises
         assert worker.env["EVENT_LOG"] == "redis://127.0.0.1:6379/12"
+        assert worker.env["EXPORT_DIR"] == "/data/lake"  # the recorder's: GET /v1/export
 
 
 def test_who_supervises() -> None:

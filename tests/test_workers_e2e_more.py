@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 from typing import Any
@@ -286,3 +287,59 @@ async def test_a_finished_turn_through_the_other_worker_comes_from_the_recorder(
             said = await resp.json()
         assert resp.status == 200 and said["cancelled"] is False, said
         assert said["status"] == "completed", said
+
+
+# -- 5. POST /v1/export through either worker -----------------------------------------------------
+async def test_post_export_through_either_worker_is_the_recorders_export(tmp_path: Path) -> None:
+    """A worker has no file: POST /v1/export is run by the recorder, and the answer is the
+    single process's report whichever worker the request reaches (one lake, one watermark
+    over both); an export that fails in the recorder is a 500 with a JSON error through the
+    worker, never a success."""
+    lake = tmp_path / "lake"
+    async with supervised(tmp_path, EXPORT_INTERVAL_S=0) as srv:  # the lake beside --db
+        one, two = sorted(await ids_of(srv))
+
+        async def export_on(worker: str) -> tuple[int, dict[str, Any]]:
+            session, resp = await on_worker(srv, "POST", "/v1/export", want=worker)
+            async with session:
+                return resp.status, await resp.json()
+
+        async def turn() -> list[Frame]:
+            request_id, _ = await start_turn(srv, max_tokens=5)
+            _, frames = await follow(srv, request_id)
+            assert frames[-1].event == "done", frames[-1]
+            return frames
+
+        async def exported_on(worker: str) -> dict[str, Any] | None:
+            # (a request closed within the last second waits for the next run: sinks.lake)
+            status, report = await export_on(worker)
+            assert status == 200, report
+            return report if report["requests"] else None
+
+        frames = await turn()
+        first = await until(lambda: exported_on(one), "the turn exported through one worker")
+        status, second = await export_on(two)
+        assert status == 200, second
+        keys = {"lake", "files", "rows", "requests", "watermark", "previous_watermark",
+                "elapsed_ms"}
+        assert set(first) == set(second) == keys
+        assert first["lake"] == second["lake"] == str(lake.resolve())
+        assert first["requests"] == 1 and first["rows"]["events"] == len(frames), first
+        assert all((lake / f["path"]).is_file() for f in first["files"]) and first["files"]
+        assert second["requests"] == 0 and second["files"] == [], second
+        assert second["previous_watermark"] >= first["watermark"], (first, second)
+        session, resp = await on_worker(srv, "GET", "/v1/export", want=two)
+        async with session:
+            manifest = await resp.json()
+        assert resp.status == 200 and manifest["lake"] == first["lake"], manifest
+        assert {f["path"] for f in first["files"]} <= {f["path"] for f in manifest["files"]}
+
+        await turn()  # closed now: in the next run, through the other worker
+        third = await until(lambda: exported_on(two), "the next turn exported through two")
+        assert third["requests"] == 1 and third["previous_watermark"] >= first["watermark"]
+
+        shutil.rmtree(lake)
+        lake.write_text("no longer a folder")  # the recorder's export fails now
+        status, failed = await export_on(one)
+        assert status == 500 and failed["error"]["code"] == "export_failed", failed
+        assert failed["error"]["type"] == "server_error"
