@@ -347,13 +347,29 @@ def log_barrier(event_log: RedisEventLog, store: RemoteStore, *, timeout_s: floa
     the turn's events up to ``seq`` are in Redis, then committed by the recorder.
 
     Raises (from the returned callable):
-        StoreError: either did not happen within ``timeout_s`` each.
+        StoreError: either did not happen within ``timeout_s`` each (a recorder that
+            cannot be reached is waited for within it: the supervisor restarts it).
     """
 
     async def durable(request_id: str, seq: int) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         if not await event_log.appended(request_id, seq=seq, within=timeout_s):
             raise StoreError(f"the turn's events up to seq {seq} did not reach the log within "
                              f"{timeout_s:g}s")
-        await store.flush(request_id=request_id, seq=seq, events_only=True, timeout_s=timeout_s)
+        while True:
+            try:
+                await store.flush(request_id=request_id, seq=seq, events_only=True,
+                                  timeout_s=max(deadline - loop.time(), 0.1))
+                return
+            except RecorderUnavailableError as exc:
+                # Unreachable (status None): the supervisor restarts a recorder that died,
+                # and the turn's events wait in the log; so the barrier waits for it, within
+                # what is left of its time, rather than failing the turn at once.
+                left = deadline - loop.time()
+                if exc.status is not None or left <= 0:
+                    raise
+                if not await store.wait_reachable(within=left):
+                    raise
 
     return durable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 from pathlib import Path
@@ -14,7 +15,13 @@ from api.analytics import ANALYTICS, Analytics, add_analytics_routes
 from api.common import SETTINGS, json_errors
 from core.config import Settings
 from core.errors import StoreError
-from sinks.remote_store import RecorderUnavailableError, RemoteStore, decode, encode
+from sinks.remote_store import (
+    RecorderUnavailableError,
+    RemoteStore,
+    decode,
+    encode,
+    log_barrier,
+)
 from tests.procs import free_port
 
 
@@ -109,3 +116,62 @@ async def test_post_export_on_a_worker_is_the_recorders_answer_and_its_failures_
         assert "cannot be reached" in error["message"]
     finally:
         await gone.aclose()
+
+
+class _Appended:
+    """The event log's side of the barrier: the turn's events are in it."""
+
+    async def appended(self, request_id: str, *, seq: int = 1, within: float) -> bool:
+        return True
+
+
+async def _late_recorder(port: int, *, after_s: float, syncs: list[dict[str, Any]]
+                         ) -> web.AppRunner:
+    """A recorder that starts answering ``/internal/sync`` only ``after_s`` from now
+    (killed, restarted by the supervisor)."""
+    await asyncio.sleep(after_s)
+
+    async def sync(request: web.Request) -> web.Response:
+        syncs.append(await request.json())
+        return web.json_response({"ok": True})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_post("/internal/sync", sync)
+    app.router.add_get("/internal/health", health)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner
+
+
+async def test_the_done_barrier_waits_for_a_restarting_recorder_within_its_time() -> None:
+    """A recorder that died is restarted by the supervisor while the turn's events wait in
+    the log: the barrier waits for it (within its timeout) instead of failing the turn."""
+    port = free_port()
+    store = RemoteStore(f"http://127.0.0.1:{port}", timeout_s=1, poll_s=0.05)
+    await store.start()
+    syncs: list[dict[str, Any]] = []
+    late = asyncio.ensure_future(_late_recorder(port, after_s=0.6, syncs=syncs))
+    try:
+        durable = log_barrier(_Appended(), store, timeout_s=5)  # type: ignore[arg-type]
+        await durable("req_a", 7)
+        assert [(s["request_id"], s["seq"]) for s in syncs] == [("req_a", 7)]
+    finally:
+        await (await late).cleanup()
+        await store.aclose()
+
+
+async def test_the_done_barrier_fails_when_the_recorder_stays_away() -> None:
+    store = RemoteStore(f"http://127.0.0.1:{free_port()}", timeout_s=1, poll_s=0.05)
+    await store.start()
+    try:
+        durable = log_barrier(_Appended(), store, timeout_s=0.5)  # type: ignore[arg-type]
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(RecorderUnavailableError):
+            await durable("req_a", 7)
+        assert asyncio.get_running_loop().time() - started >= 0.4  # it waited, then failed
+    finally:
+        await store.aclose()
