@@ -481,7 +481,13 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     live[response_id] = meta
     turn.result.add_done_callback(lambda _: live.pop(response_id, None))
     if body.store:
-        await _save_meta(app[STORE], meta)
+        try:
+            await _save_meta(app[STORE], meta)
+        except BaseException:
+            # The client hears that the response failed (a 503 when the store cannot
+            # write): so it must not run on where nobody could retrieve or cancel it.
+            turn.cancel()
+            raise
     headers = {**_turn_headers(turn), "X-Response-Id": response_id}
     if body.background:  # so that the next request, on any worker, finds it
         await visible_everywhere(app, turn)

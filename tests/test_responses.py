@@ -432,3 +432,34 @@ async def test_every_responses_parameter_reaches_the_provider_in_chat_form(
                 key: value for key, value in WEATHER.items() if key != "type"}}]
             assert sent["messages"] == [{"role": "system", "content": "Be brief."},
                                         {"role": "user", "content": "What is the weather in Paris?"}]
+
+
+async def test_a_response_whose_record_cannot_be_saved_is_a_503_and_does_not_run_on(
+        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store refuses the response's row: the client gets a 503 with a JSON body, and
+    the turn it would have been is cancelled, not left running where nobody can reach it."""
+    from core.errors import StoreError
+
+    store = client.app[server.STORE]
+    table = store.responses()
+
+    class Refusing:
+        async def save(self, record: Any) -> None:
+            raise StoreError("disk full")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(table, name)
+
+    monkeypatch.setattr(store, "responses", lambda: Refusing())
+    orchestrator = client.app[server.ORCHESTRATOR]
+    started: list[Any] = []
+    run = orchestrator.run
+    monkeypatch.setattr(orchestrator, "run", lambda *a, **k: started.append(run(*a, **k))
+                        or started[-1])
+    resp = await client.post("/v1/responses", json={
+        "model": MODEL, "input": "Tell me a long story.", "background": True})
+    assert resp.status == 503, await resp.text()
+    assert (await resp.json())["error"]["code"] == "store_unavailable"
+    (turn,) = started
+    result = await asyncio.wait_for(turn.result, 10)
+    assert result.status == "cancelled"
