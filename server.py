@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import gc
 import logging
 import os
 import re
@@ -599,8 +600,6 @@ def tune_gc(settings: Settings) -> None:
     again: about 14 µs per token then. The older generations keep Python's thresholds, so
     cyclic garbage is still collected as often relative to the young collections.
     """
-    import gc
-
     if settings.gc_freeze:
         gc.collect()
         gc.freeze()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import re
 import time
@@ -32,7 +31,7 @@ from core.errors import BufferOverflowError
 from core.turn import TurnInput
 from operators import ChatChunk, to_chat_chunks
 from pipeline.roundtable import RoundtableRequest, panel_names, panel_of
-from sinks.sse import DONE_FRAME, FrameWriter, data_frame, json_frame, open_sse
+from sinks.sse import DONE_FRAME, FrameWriter, json_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         app[CLIENTS].cut_off += 1
         error = ApiError(500, str(exc) or "client too slow", type="server_error",
                          code="client_too_slow")
-        await _last_words(response, data_frame(json.dumps(error.body())))
+        await _last_words(response, json_frame(error.body()))
     except ConnectionResetError:  # the client left (a write found it gone)
         if cancel_on_disconnect:
             turn.cancel()
@@ -122,7 +121,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except Exception:
         log.exception("chat completion stream %s failed", turn.request_id)
         error = ApiError(500, "internal server error", type="server_error", code="internal")
-        await _last_words(response, data_frame(json.dumps(error.body())))
+        await _last_words(response, json_frame(error.body()))
     finally:
         app[CLIENTS].open -= 1
     return response

@@ -47,8 +47,8 @@ def escape_separators(text: str) -> str:
 
 
 def frame_json(value: Any) -> str:
-    """``json.dumps`` for frames on any wire: compact, separators escaped."""
-    return escape_separators(json.dumps(value, separators=(",", ":"), ensure_ascii=False))
+    """:func:`json_bytes` as text (for APIs that send ``str``, e.g. a WebSocket's)."""
+    return json_bytes(value).decode()
 
 
 def json_bytes(value: Any) -> bytes:
