@@ -8,6 +8,9 @@ offline model, its own process, ``--token-delay-ms`` per token, default 50 = 20 
   floor for a Python proxy on this machine;
 - ours: ``python server.py`` with ``OPENAI_BASE_URL`` at the upstream (store on: every event
   in DuckDB);
+- with both loops (unless ``--one-loop``): ``bare-uvloop``, the same bare proxy on uvloop
+  (the floor for a Python proxy that picks the faster loop, as ours does by default), and
+  ``ours-asyncio``, ours with ``EVENT_LOOP=asyncio``: what uvloop is worth on each side;
 - litellm: LiteLLM's proxy (1 worker), installed by this bench into a throw-away venv
   (``--litellm-venv``, default under /tmp); skipped with the reason when it cannot be
   installed or started. It is never a dependency of the project.
@@ -54,7 +57,7 @@ from aiohttp import web
 
 ROOT = Path(__file__).resolve().parents[1]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-VARIANTS = ("direct", "bare", "ours", "litellm")
+VARIANTS = ("direct", "bare", "bare-uvloop", "ours", "ours-asyncio", "litellm")
 
 
 # -- the bare pass-through proxy -------------------------------------------------------------
@@ -76,6 +79,16 @@ async def bare_proxy(request: web.Request) -> web.StreamResponse:
             await response.write(piece)
         await response.write_eof()
         return response
+
+
+def run_bare(port: int, upstream: str, *, uvloop_: bool) -> None:
+    factory = None
+    if uvloop_:
+        import uvloop
+
+        factory = uvloop.new_event_loop
+    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run_bare_proxy(port, upstream))
 
 
 async def run_bare_proxy(port: int, upstream: str) -> None:
@@ -438,6 +451,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
 
         print(f"ratios ours/bare: CPU per token {ratio('cpu_token_us')}, "
               f"per request {ratio('cpu_request_ms')}")
+        if "bare-uvloop" in rows and rows["bare-uvloop"]["cpu_token_us"] > 0:
+            print("ratio ours/bare-uvloop (both on uvloop): CPU per token "
+                  f"{o['cpu_token_us'] / rows['bare-uvloop']['cpu_token_us']:.2f}x")
     print(f"direct TTFT median {direct_ttft:.1f} ms")
     if skipped:
         print(f"litellm skipped: {skipped}")
@@ -455,15 +471,17 @@ def main() -> None:
     parser.add_argument("--fanout", type=int, default=400, help="0 skips the fan-out phase")
     parser.add_argument("--token-delay-ms", type=float, default=50.0)
     parser.add_argument("--no-litellm", action="store_true")
+    parser.add_argument("--one-loop", action="store_true",
+                        help="skip the bare-uvloop and ours-asyncio variants")
     parser.add_argument("--litellm-venv", default=str(Path(tempfile.gettempdir()) /
                                                       "agentflow-bench-litellm"))
     parser.add_argument("--bare-proxy", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--uvloop", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare_proxy:
-        with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(run_bare_proxy(args.port, args.upstream))
+        run_bare(args.port, args.upstream, uvloop_=args.uvloop)
         return
     args.tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
     tmp = Path(tempfile.mkdtemp(prefix="proxy_bench_"))
@@ -482,6 +500,11 @@ def main() -> None:
                                        "--bare-proxy", "--upstream",
                                        upstream.removesuffix("/v1"), "--port", str(port)],
                               env, port, tmp)
+        if not args.one_loop:
+            port = free_port()
+            procs["bare-uvloop"] = start("bare-uvloop", [
+                sys.executable, str(Path(__file__).resolve()), "--bare-proxy", "--uvloop",
+                "--upstream", upstream.removesuffix("/v1"), "--port", str(port)], env, port, tmp)
         port = free_port()
         # The door's admission limits (MAX_LIVE_TURNS, 200 by default) would refuse part of
         # the fan-out: raised here, so the fan-out measures the hot path, not the shedding.
@@ -491,6 +514,12 @@ def main() -> None:
                     "MAX_OPEN_STREAMS": str(max(1024, 2 * args.fanout))}
         procs["ours"] = start("ours", [sys.executable, "server.py", "--port", str(port),
                                        "--db", str(tmp / "events.duckdb")], ours_env, port, tmp)
+        if not args.one_loop:
+            port = free_port()
+            procs["ours-asyncio"] = start("ours-asyncio", [
+                sys.executable, "server.py", "--port", str(port), "--db",
+                str(tmp / "events-asyncio.duckdb")], {**ours_env, "EVENT_LOOP": "asyncio"},
+                port, tmp)
         if args.no_litellm:
             skipped = "--no-litellm"
         else:

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
         description="allocations between young-generation collections; 0 keeps Python's (700)")
     gc_freeze: bool = Field(
         default=True, description="move the startup heap out of the collector's scans once serving")
+    event_loop: Literal["auto", "uvloop", "asyncio"] = Field(
+        default="auto",
+        description="auto: uvloop where it is installed (it is a dependency off Windows), "
+                    "else asyncio's; uvloop: refuse to start without it")
 
     # Roundtable
     roundtable_max_rounds: int = Field(default=10, ge=1, description="more rounds → 400")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -99,7 +100,24 @@ def test_the_server_tunes_the_garbage_collector_once_serving(tmp_path: Path) -> 
                       tuned.output())
     assert match is not None, tuned.output()
     assert int(match.group(1)) == 12345 and int(match.group(4)) > 10_000
+    assert "event loop: uvloop" in tuned.output()  # EVENT_LOOP=auto, uvloop installed
     plain = wait_healthy(launch(tmp_path / "plain", GC_GEN0_THRESHOLD="0", GC_FREEZE="false"))
     assert plain.stop() == 0
-    assert ("garbage collector: thresholds (700, 10, 10), 0 startup objects frozen"
+    assert ("garbage collector: thresholds (700, 10, 10), 0 startup objects frozen;"
             in plain.output())  # Python's own
+
+
+def test_event_loop_asyncio_keeps_the_standard_loop_and_uvloop_is_refused_when_missing(
+        tmp_path: Path) -> None:
+    """``EVENT_LOOP`` (issue 12): ``asyncio`` runs asyncio's own loop; ``uvloop`` where it
+    cannot be imported is a start-up failure naming the setting, not a silent fallback."""
+    plain = wait_healthy(launch(tmp_path / "plain", EVENT_LOOP="asyncio"))
+    assert plain.stop() == 0
+    assert "event loop: asyncio" in plain.output()
+    blocker = tmp_path / "no_uvloop"
+    blocker.mkdir()
+    (blocker / "uvloop.py").write_text("raise ImportError('uvloop hidden by the test')\n")
+    refused = launch(tmp_path / "refused", EVENT_LOOP="uvloop",
+                     PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}")
+    assert refused.proc.wait(timeout=60) == 1
+    assert "EVENT_LOOP=uvloop, but uvloop is not installed" in refused.output()
