@@ -237,11 +237,17 @@ class _Notifier:
     that, so an append is either in what it reads or announced to it. After the connection
     is lost, it reconnects with backoff, subscribes again to every channel, and bumps each
     waiter's epoch so its follower re-reads the log.
+
+    Nothing here waits for Redis unbounded but the read of the next message: a
+    (un)subscribe that does not go out within ``send_timeout_s`` drops the connection,
+    and a failure of any kind (a bug in a callback included) is a lost connection, never
+    the end of the subscriber, which every follower of the process depends on.
     """
 
     def __init__(self, connect: Callable[[], Connection], *, retry_base_s: float,
-                 retry_max_s: float, stats: EventLogStats) -> None:
+                 retry_max_s: float, stats: EventLogStats, send_timeout_s: float = 2.0) -> None:
         self._connect = connect
+        self._send_timeout_s = send_timeout_s
         self._retry_base_s = retry_base_s
         self._retry_max_s = retry_max_s
         self._stats = stats
@@ -307,7 +313,13 @@ class _Notifier:
         if conn is None:
             return
         try:
-            await conn.send_command(*args)
+            async with asyncio.timeout(self._send_timeout_s):
+                await conn.send_command(*args)
+        except TimeoutError:  # a stuck connection: drop it, the reader reconnects
+            log.warning("event log: pub/sub %s got no answer within %.1fs; reconnecting",
+                        args[0], self._send_timeout_s)
+            if self._conn is conn:
+                await self._drop()
         except _FAILURES as exc:  # the reader notices too, reconnects and subscribes anew
             log.debug("event log: pub/sub %s failed: %s", args[0], exc)
 
@@ -341,10 +353,13 @@ class _Notifier:
                     self._dispatch(await conn.read_response(timeout=math.inf))
             except asyncio.CancelledError:
                 raise
-            except _FAILURES as exc:
+            except Exception as exc:  # a bug too: reconnect, never die
                 failures += 1
                 self._stats.follower_reconnects += 1
-                if failures == 1:
+                if not isinstance(exc, _FAILURES):
+                    log.error("event log: the pub/sub reader failed; reconnecting",
+                              exc_info=exc)
+                elif failures == 1:
                     log.warning("event log: pub/sub connection lost: %s", exc)
             await self._drop()
             await asyncio.sleep(min(self._retry_max_s, self._retry_base_s * 2 ** (failures - 1)))
@@ -456,7 +471,8 @@ class RedisEventLog:
         # RESP2 on the subscriber: pub/sub messages are plain replies to read, not pushes.
         pool_kwargs.update(socket_timeout=None, retry=Retry(NoBackoff(), 0), protocol=2)
         self._notifier = _Notifier(lambda: Connection(**pool_kwargs), retry_base_s=retry_base_s,
-                                   retry_max_s=retry_max_s, stats=self.stats)
+                                   retry_max_s=retry_max_s, stats=self.stats,
+                                   send_timeout_s=timeout_s)
         self._turns: dict[str, _TurnLog] = {}
         self._wakeup = asyncio.Event()
         self._suspect = False  # check every live turn's stream on the next flush
@@ -521,11 +537,16 @@ class RedisEventLog:
                         sum(len(t.pending) for t in self._turns.values()))
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self._notifier.aclose()
-        await self.client.aclose()
+        try:  # bounded: a process's stop must not hang on Redis or redis-py
+            async with asyncio.timeout(max(1.0, timeout_s)):
+                for task in self._tasks:
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await self._notifier.aclose()
+                await self.client.aclose()
+        except TimeoutError:
+            log.error("event log: disconnecting took over %.1fs; leaving the rest",
+                      max(1.0, timeout_s))
 
     # -- the writer -------------------------------------------------------------------
     def writer(self, request_id: str, *, history: Callable[[], Sequence[Event]],

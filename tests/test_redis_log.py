@@ -453,3 +453,32 @@ async def test_a_follower_with_a_read_gap_gets_everything_once_and_hurry_cuts_th
     hurry.set()  # somebody waits for this turn
     await asyncio.wait_for(follower, 10)
     assert dumps(got) == dumps(events)  # every event, in order, once
+
+
+async def test_a_failing_notification_callback_does_not_end_the_subscriber(
+        rlog: RedisEventLog, caplog: pytest.LogCaptureFixture) -> None:
+    """The one pub/sub connection serves every follower of the process: a failure that is
+    not Redis's (here a callback's bug) reconnects it like a lost connection, so later
+    notifications still arrive (it ended the subscriber for good before)."""
+    from sinks.event_log import _PatternWatch
+
+    heard: list[tuple[bytes, int]] = []
+    confirmed: list[int] = []
+
+    def on_message(channel: bytes, seq: int) -> None:
+        heard.append((channel, seq))
+        if len(heard) == 1:
+            raise KeyError("a bug in a callback")
+
+    watch = _PatternWatch(rlog.notify_pattern, on_message, lambda: confirmed.append(1))
+    await rlog._notifier.watch(watch)
+    await wait_for(lambda: watch.subscribed, "subscribed")
+    channel = rlog.channel("req_cb").encode()
+    with caplog.at_level(logging.ERROR, logger="sinks.event_log"):
+        await rlog.client.publish(channel, b"1")
+        await wait_for(lambda: len(confirmed) == 2, "subscribed again after the failure")
+    assert "the pub/sub reader failed; reconnecting" in caplog.text
+    await rlog.client.publish(channel, b"2")
+    await wait_for(lambda: len(heard) == 2, "the next notification")
+    assert heard == [(channel, 1), (channel, 2)]
+    await rlog._notifier.unwatch(watch)
