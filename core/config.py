@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     db_path: Path = Path("./data/events.duckdb")
     flush_interval_ms: float = Field(default=250.0, gt=0, description="max age of an unflushed event")
     flush_max_rows: int = Field(default=2048, ge=1, description="flush when this many rows wait")
+    store_threads: int = Field(
+        default=1, ge=0,
+        description="DuckDB worker threads of the store; 0 = DuckDB's default (one per core)")
     history_max_messages: int = Field(default=200, ge=0, description="earlier messages memory loads")
     # -- hot path (issue 12) --
     history_cache_max_bytes: int = Field(

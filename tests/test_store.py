@@ -379,3 +379,26 @@ async def test_events_inserted_by_position_land_in_their_columns(store: EventSto
     assert store.query("SELECT request_id, seq, type, stream_id, agent, depth, visibility, "
                        "data->>'delta' FROM events") == [
         ("r9", 7, "text", 1, "planner", 2, "public", "hi")]
+
+
+def test_the_store_runs_duckdb_on_the_threads_it_is_given(tmp_path: Path) -> None:
+    """``STORE_THREADS`` (default 1, issue 12) reaches DuckDB; 0 leaves DuckDB's default
+    (one per core), whatever the setting's default is."""
+    from core.config import Settings
+
+    assert Settings().store_threads == 1
+    default = EventStore.from_settings(Settings(db_path=tmp_path / "a.duckdb")).open()
+    try:
+        assert default.query("SELECT current_setting('threads')") == [(1,)]
+    finally:
+        default.close()
+    native = EventStore(tmp_path / "b.duckdb", threads=0).open()
+    try:
+        plain = duckdb.connect()
+        try:
+            expected = plain.execute("SELECT current_setting('threads')").fetchall()
+        finally:
+            plain.close()
+        assert native.query("SELECT current_setting('threads')") == expected
+    finally:
+        native.close()
