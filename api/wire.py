@@ -294,7 +294,8 @@ async def read_body(request: web.Request, model: type[_B]) -> _B:
     """
     limits = request.app.get(BODY_LIMITS) or BodyLimits()
     try:  # over client_max_size → 413 via the middleware
-        raw = await asyncio.wait_for(request.read(), limits.body_timeout_s)
+        async with asyncio.timeout(limits.body_timeout_s):  # (no task, as wait_for makes)
+            raw = await request.read()
     except TimeoutError as exc:
         raise ApiError(408, f"the body did not arrive within {limits.body_timeout_s:g}s "
                        "(BODY_TIMEOUT_S)", code="body_timeout", headers={"Connection": "close"}

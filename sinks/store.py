@@ -626,7 +626,8 @@ class EventStore:
         self._wake.set()
         timeout = self.barrier_timeout_s if timeout_s is None else timeout_s
         try:
-            await asyncio.wait_for(future, timeout)
+            async with asyncio.timeout(timeout):  # (no task per barrier, as wait_for makes)
+                await future
         except TimeoutError:
             health = self.health()
             raise StoreError(
