@@ -402,3 +402,18 @@ def test_the_store_runs_duckdb_on_the_threads_it_is_given(tmp_path: Path) -> Non
         assert native.query("SELECT current_setting('threads')") == expected
     finally:
         native.close()
+
+
+async def test_a_barrier_that_does_not_wake_the_writer_settles_with_the_next_write(
+        store: EventStore) -> None:
+    """``flush(wake=False)`` (the recorder's commit of a finished turn) forces no write of
+    its own: it waits for the next one (here another barrier's), and then it is settled
+    with everything queued before it on disk."""
+    store.append_event(text(1), agent="assistant", depth=0)
+    lazy = asyncio.ensure_future(store.flush(wake=False))
+    await asyncio.sleep(0.3)  # the writer's interval is a minute: nothing is written
+    assert not lazy.done() and count(store) == 0 and store.stats.flushes == 0
+    store.append_event(text(2), agent="assistant", depth=0)
+    await store.flush()
+    await asyncio.wait_for(lazy, 2.0)
+    assert count(store) == 2 and store.stats.flushes == 1
