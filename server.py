@@ -592,8 +592,9 @@ def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
 def loop_factory(settings: Settings) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop a server process runs on (``EVENT_LOOP``, issue 12): uvloop where it
     is installed, asyncio's own otherwise (None). uvloop's libuv loop costs less per
-    callback, per socket read and per write: about a sixth of the CPU per streamed token
-    and of a request's fixed cost here (``bench/proxy_bench.py`` measures both loops).
+    callback, per socket read and per write: about a tenth of the CPU per streamed token
+    here, and 1–2 ms of the time to first token (``bench/proxy_bench.py`` measures both
+    loops).
 
     Raises:
         StartupError: ``EVENT_LOOP=uvloop`` and uvloop cannot be imported.
