@@ -342,10 +342,11 @@ class _Notifier:
             try:
                 await conn.connect()  # type: ignore[no-untyped-call]
                 self._conn = conn  # from here a new channel is subscribed by register()
-                if self._waiters:
-                    await conn.send_command("SUBSCRIBE", *self._waiters)
-                if self._patterns:
-                    await conn.send_command("PSUBSCRIBE", *self._patterns)
+                async with asyncio.timeout(self._send_timeout_s):
+                    if self._waiters:
+                        await conn.send_command("SUBSCRIBE", *self._waiters)
+                    if self._patterns:
+                        await conn.send_command("PSUBSCRIBE", *self._patterns)
                 if failures:
                     log.info("event log: pub/sub connection back after %d failures", failures)
                 failures = 0

@@ -507,9 +507,7 @@ class EventStore:
             if self.path != ":memory:":
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 create_file(self.path, storage_version=self.storage_version)
-            self._con = duckdb.connect(self.path)
-            if self.threads:
-                self._con.execute(f"SET threads = {int(self.threads)}")
+            self._con = self._connect()
         except duckdb.Error as exc:
             raise StoreError(f"cannot open the event store {self.path!r}: {exc}") from exc
         self._con.execute(SCHEMA)
@@ -778,6 +776,12 @@ class EventStore:
         finally:
             con.close()
 
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        con = duckdb.connect(self.path)
+        if self.threads:
+            con.execute(f"SET threads = {int(self.threads)}")
+        return con
+
     def _reopen(self, con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
         """A new connection after DuckDB invalidated the database (a checkpoint failed on a
         full disk is FATAL for the instance): close every connection, connect again (the
@@ -788,9 +792,7 @@ class EventStore:
                     with contextlib.suppress(duckdb.Error):
                         old.close()
             self._con = self._read = None
-            self._con = duckdb.connect(self.path)
-            if self.threads:
-                self._con.execute(f"SET threads = {int(self.threads)}")
+            self._con = self._connect()
             harden(self._con)
             self._read = self._con.cursor()
             log.warning("the event store reopened its database after a fatal error")

@@ -45,7 +45,10 @@ def pytest_runtest_call(item: pytest.Item):  # type: ignore[no-untyped-def]
     import os
     import threading
 
-    limit = float(item.config.getini("timeout") or 0)
+    try:
+        limit = float(item.config.getini("timeout") or 0)
+    except ValueError:  # pytest-timeout is not installed: no limit to dump before
+        limit = 0.0
     after = float(os.environ.get("TASK_DUMP_S") or max(0.0, limit - 30))
     timer = threading.Timer(after, _dump_tasks) if after > 0 else None
     if timer is not None:

@@ -482,3 +482,43 @@ async def test_a_failing_notification_callback_does_not_end_the_subscriber(
     await wait_for(lambda: len(heard) == 2, "the next notification")
     assert heard == [(channel, 1), (channel, 2)]
     await rlog._notifier.unwatch(watch)
+
+
+async def test_a_subscribe_redis_never_answers_drops_the_connection_instead_of_hanging() -> None:
+    """An (un)subscribe that does not go out within the command timeout (a stuck
+    connection) drops that connection, and the subscriber reconnects; neither the
+    follower's ``register`` nor the re-subscription after the reconnect waits forever.
+    (A fake connection: a real Redis cannot be made to stall one write.)"""
+    from sinks.event_log import EventLogStats, _Notifier
+
+    made: list[StuckConnection] = []
+
+    class StuckConnection:
+        def __init__(self) -> None:
+            self.closed = asyncio.Event()
+            made.append(self)
+
+        async def connect(self) -> None:
+            return None
+
+        async def send_command(self, *args: Any) -> None:
+            await asyncio.Event().wait()  # the write never completes
+
+        async def read_response(self, **_: Any) -> Any:  # (timeout=math.inf)
+            await self.closed.wait()
+            raise ConnectionError("closed")
+
+        async def disconnect(self) -> None:
+            self.closed.set()
+
+    notifier = _Notifier(StuckConnection, retry_base_s=0.01,  # type: ignore[arg-type]
+                         retry_max_s=0.05, stats=EventLogStats(), send_timeout_s=0.2)
+    notifier.start()
+    try:
+        await wait_for(lambda: notifier._conn is not None, "connected")
+        await asyncio.wait_for(notifier.register(b"chan"), 2.0)  # bounded, not stuck
+        assert made[0].closed.is_set()  # the stuck connection was dropped
+        # Each new connection's SUBSCRIBE of the waiting channel is bounded too.
+        await wait_for(lambda: len(made) >= 3 and made[1].closed.is_set(), "reconnected")
+    finally:
+        await asyncio.wait_for(notifier.aclose(), 2.0)
