@@ -15,7 +15,6 @@ Both are ordinary turns: recorded, and replayable natively with
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -38,7 +37,7 @@ from api.wire import ApiError, read_body
 from core.errors import BufferOverflowError
 from core.turn import ChatMessage, ToolCallSpec, TurnInput
 from operators import to_seed_frames
-from sinks.sse import FrameWriter, data_frame, json_frame, open_sse
+from sinks.sse import FrameWriter, json_frame, open_sse
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +126,14 @@ async def _stream_data(
                 await writer.write(json_frame(item))
     except (BufferOverflowError, TimeoutError) as exc:
         app[CLIENTS].cut_off += 1
-        await _last_words(response, data_frame(json.dumps(
-            {"type": "error", "error": str(exc) or "client too slow"})))
+        await _last_words(response, json_frame(
+            {"type": "error", "error": str(exc) or "client too slow"}))
     except ConnectionResetError:
         pass  # the client left; the turn runs on and is recorded
     except Exception:
         log.exception("seed stream %s failed", request.path)
-        await _last_words(response, data_frame(json.dumps(
-            {"type": "error", "error": "internal server error"})))
+        await _last_words(response, json_frame(
+            {"type": "error", "error": "internal server error"}))
     finally:
         app[CLIENTS].open -= 1
     return response

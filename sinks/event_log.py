@@ -538,16 +538,16 @@ class RedisEventLog:
                         sum(len(t.pending) for t in self._turns.values()))
         for task in self._tasks:
             task.cancel()
+        bound = max(1.0, timeout_s)
         try:  # bounded: a process's stop must not hang on Redis or redis-py
-            async with asyncio.timeout(max(1.0, timeout_s)):
+            async with asyncio.timeout(bound):
                 for task in self._tasks:
                     with contextlib.suppress(asyncio.CancelledError):
                         await task
                 await self._notifier.aclose()
                 await self.client.aclose()
         except TimeoutError:
-            log.error("event log: disconnecting took over %.1fs; leaving the rest",
-                      max(1.0, timeout_s))
+            log.error("event log: disconnecting took over %.1fs; leaving the rest", bound)
 
     # -- the writer -------------------------------------------------------------------
     def writer(self, request_id: str, *, history: Callable[[], Sequence[Event]],

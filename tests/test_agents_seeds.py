@@ -102,3 +102,35 @@ async def test_api_chat_stream_sends_turn_updates(client: TestClient) -> None:
     _, second = await post_data(client, "/api/chat/stream", {"sessionId": "s-001",
                                                               "content": "again"})
     assert "Earlier you said" in second[-1]["content"]  # the session is the conversation
+
+
+async def test_a_seed_stream_that_fails_part_way_ends_with_an_error_object(
+        aiohttp_client: Any, tmp_path: Path) -> None:
+    """The seeds' ``data:`` wire: a source that fails after its first item gives that item,
+    then one error object (not a silent end, nor the exception's text), and the open-stream
+    count goes back to zero."""
+    from collections.abc import AsyncGenerator
+
+    from aiohttp import web
+
+    from api.common import CLIENTS, SETTINGS, ClientStats
+    from api.seeds import _stream_data
+
+    async def failing() -> AsyncGenerator[dict[str, Any]]:
+        yield {"type": "text", "text": "a\u2028b"}
+        raise RuntimeError("secret detail")
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await _stream_data(request, failing(), headers={})
+
+    app = web.Application()
+    app[SETTINGS] = Settings(db_path=tmp_path / "e.duckdb")
+    app[CLIENTS] = ClientStats()
+    app.router.add_post("/s", handler)
+    client = await aiohttp_client(app)
+    async with client.post("/s") as r:
+        raw = await r.read()
+    assert raw.split(b"\n\n")[:-1] == [
+        b'data: {"type":"text","text":"a\\u2028b"}',
+        b'data: {"type":"error","error":"internal server error"}']
+    assert app[CLIENTS].open == 0
