@@ -160,8 +160,10 @@ async def test_the_done_barrier_waits_for_a_restarting_recorder_within_its_time(
         await durable("req_a", 7)
         assert [(s["request_id"], s["seq"]) for s in syncs] == [("req_a", 7)]
     finally:
-        await (await late).cleanup()
+        # The client first: its health polls must not open a connection while the server
+        # shuts down (one accepted then was left unclosed: a ResourceWarning in the next test).
         await store.aclose()
+        await (await late).cleanup()
 
 
 async def test_the_done_barrier_fails_when_the_recorder_stays_away() -> None:
