@@ -135,7 +135,8 @@ async def remote_store_ctx(app: web.Application) -> AsyncIterator[None]:
     event_log = app[EVENT_LOG]
     remote = RemoteStore(settings.recorder_url, timeout_s=settings.recorder_timeout_s,
                          poll_s=settings.recorder_poll_s,
-                         settle=lambda: event_log.drained(within=settings.recorder_timeout_s))
+                         settle=lambda: event_log.drained(within=settings.recorder_timeout_s),
+                         token=settings.recorder_token)
     await remote.start()
     if not await remote.wait_reachable(within=settings.recorder_timeout_s):
         log.warning("worker: the recorder at %s does not answer yet; serving degraded",
@@ -191,6 +192,9 @@ async def serve_recorder(settings: Settings) -> None:
         tune_gc(settings)
         log.info("recorder serving its internal API on http://%s:%s (db %s)", host, port,
                  settings.db_path)
+        if not settings.recorder_token:
+            log.warning("RECORDER_TOKEN is not set: the recorder's internal API answers every "
+                        "process on this machine (--workers N sets one for its children)")
         await stop.wait()
         log.info("stopping the recorder")
     finally:

@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -63,8 +64,12 @@ def children(settings: Settings, *, server: str, port: int,
     """The processes the supervisor keeps running: the recorder, the only process that
     opens ``DB_PATH``, and ``WORKERS`` workers pointed at its internal API, each
     ``server.py`` with its settings in the environment."""
+    # The recorder's internal API reads and writes the whole store: only this plan's
+    # workers may call it (any local process could reach its loopback port otherwise).
+    token = settings.recorder_token or secrets.token_urlsafe(32)
     base = {**os.environ, "PYTHONUNBUFFERED": "1", "HOST": settings.host, "PORT": str(port),
-            "EVENT_LOG": settings.event_log, "WORKERS": "1", "ROLE": "single"}
+            "EVENT_LOG": settings.event_log, "WORKERS": "1", "ROLE": "single",
+            "RECORDER_TOKEN": token}
     if settings.allow_no_auth:
         base["ALLOW_NO_AUTH"] = "true"
     plan = [ChildSpec(

@@ -289,6 +289,10 @@ class Settings(BaseSettings):
                                description="the recorder's internal API port (loopback only)")
     recorder_url: str = Field(default="http://127.0.0.1:8091",
                               description="where a worker finds the recorder's internal API")
+    recorder_token: str | None = Field(
+        default=None, min_length=16, repr=False,
+        description="Bearer key of the recorder's internal API (workers send it); "
+        "--workers N makes a new one per start when unset")
     recorder_consumer: str = Field(default="recorder", min_length=1,
                                    description="the recorder's name in its consumer group; "
                                    "the same across restarts, so its pending entries are re-read")

@@ -21,6 +21,10 @@ the :class:`~sinks.log_recorder.LogRecorder` and answers the workers' store call
 ``GET|PUT|DELETE /internal/responses/{id}``     a row of ``responses`` (the Responses wire)
 ==============================================  ===============================================
 
+With ``RECORDER_TOKEN`` set (``--workers N`` makes one per start and gives it to its
+children), every route but the health needs ``Authorization: Bearer <RECORDER_TOKEN>``
+(else ``401``): the port is loopback only, but any process on the machine can reach it.
+
 Errors are JSON ``{"error": {"message", "type", "code"}}`` with a 4xx/5xx status. There is
 no start-up recovery here: a turn ``running`` in the store may be alive on a worker (an owner
 that died is closed through the log, by the worker that takes the turn over).
@@ -31,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -80,6 +85,28 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
     except Exception as exc:  # a bug: still a JSON answer, and the traceback in the log
         log.exception("recorder API: %s %s failed", request.method, request.path)
         return _error(500, f"{type(exc).__name__}: {exc}", "internal_error")
+
+
+#: What anyone on the machine may read without the key: the health (counters, no data).
+_OPEN_PATHS: frozenset[str] = frozenset({"/internal/health", "/healthz"})
+
+
+def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """Every route but the health needs ``Authorization: Bearer <RECORDER_TOKEN>``: the
+    internal API reads the whole store and writes ``responses``, and its loopback port is
+    open to every process on the machine."""
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def authorized(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in _OPEN_PATHS:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return _error(401, "the recorder's internal API needs its key "
+                              "(Authorization: Bearer RECORDER_TOKEN)", "invalid_api_key")
+        return await handler(request)
+
+    return authorized
 
 
 def _json(value: Any) -> web.Response:
@@ -304,7 +331,10 @@ async def _export_every(store: EventStore, lake: Path, interval_s: float) -> Non
 
 def create_recorder_app(settings: Settings) -> web.Application:
     """The recorder's application: its resources and the internal routes only."""
-    app = web.Application(middlewares=[_json_errors], client_max_size=16 * 1024 * 1024)
+    middlewares = [_json_errors]
+    if settings.recorder_token:
+        middlewares.insert(0, _auth(settings.recorder_token))
+    app = web.Application(middlewares=middlewares, client_max_size=16 * 1024 * 1024)
     app[RECORDER_SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
     app.router.add_get("/internal/health", health)

@@ -83,11 +83,14 @@ class RemoteStore:
         settle: Awaited before every read: this process's own appends to the log are in
             Redis (so a read after a turn's ``done`` finds the turn; see
             :meth:`sinks.event_log.RedisEventLog.drained`).
+        token: The recorder's key (``RECORDER_TOKEN``), sent on every call.
     """
 
     def __init__(self, url: str, *, timeout_s: float = 10.0, poll_s: float = 1.0,
-                 settle: Callable[[], Awaitable[object]] | None = None) -> None:
+                 settle: Callable[[], Awaitable[object]] | None = None,
+                 token: str | None = None) -> None:
         self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.settle = settle
@@ -102,7 +105,7 @@ class RemoteStore:
     async def start(self) -> None:
         """Open the HTTP session and start polling the recorder's health (it may be down)."""
         self._session = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s + 5))
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s + 5), headers=self._headers)
         await self._poll_once()
         self._task = asyncio.get_running_loop().create_task(self._poll(), name="recorder-health")
 

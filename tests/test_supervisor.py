@@ -35,6 +35,22 @@ def test_the_plan_is_one_recorder_owning_the_file_and_workers_pointing_at_it() -
         assert worker.env["EXPORT_DIR"] == "/data/lake"  # the recorder's: GET /v1/export
 
 
+
+def test_the_plan_gives_its_children_one_recorder_key_made_per_start_unless_set() -> None:
+    redis = "redis://127.0.0.1:6379/12"
+    first = children(Settings(workers=2, event_log=redis), server="server.py", port=8123,
+                     recorder_port=9100)
+    keys = {child.env["RECORDER_TOKEN"] for child in first}
+    assert len(keys) == 1 and len(next(iter(keys))) >= 32  # the recorder's and its workers'
+    again = children(Settings(workers=2, event_log=redis), server="server.py", port=8123,
+                     recorder_port=9100)
+    assert again[0].env["RECORDER_TOKEN"] not in keys  # a new one each start
+    given = "an-operators-own-recorder-key"
+    chosen = children(Settings(workers=2, event_log=redis, recorder_token=given),
+                      server="server.py", port=8123, recorder_port=9100)
+    assert {child.env["RECORDER_TOKEN"] for child in chosen} == {given}
+
+
 def test_who_supervises() -> None:
     redis = "redis://127.0.0.1:6379/12"
     assert not server.supervised(Settings())  # make run: one process

@@ -289,6 +289,49 @@ async def test_a_finished_turn_through_the_other_worker_comes_from_the_recorder(
         assert said["status"] == "completed", said
 
 
+
+# -- 6. the recorder's internal API answers the supervisor's children only ------------------------
+async def test_the_recorders_internal_api_needs_the_key_its_supervisor_gave_the_workers(
+        tmp_path: Path) -> None:
+    """Any process on the machine can reach the recorder's loopback port; only a call with
+    the key the supervisor made for this start (``RECORDER_TOKEN`` in its children's
+    environment) reads the store. The workers have it: a turn through them is recorded and
+    read back through the recorder."""
+    async with supervised(tmp_path) as srv:
+        found = recorder_of(srv)
+        assert found is not None, srv.output()
+        pid, port = found
+        with open(f"/proc/{pid}/environ", "rb") as env:
+            entries = dict(item.split(b"=", 1) for item in env.read().split(b"\0") if b"=" in item)
+        key = entries[b"RECORDER_TOKEN"].decode()
+        assert len(key) >= 32
+        request_id, _ = await start_turn(srv, max_tokens=3)
+        _, frames = await follow(srv, request_id)
+        assert frames[-1].event == "done", frames[-1]
+        query = {"sql": "SELECT count(*) FROM events WHERE request_id = ?",
+                 "params": [request_id]}
+        async with aiohttp.ClientSession() as session:
+            for headers in ({}, {"Authorization": "Bearer " + "x" * len(key)}):
+                async with session.post(f"http://127.0.0.1:{port}/internal/query", json=query,
+                                        headers=headers) as resp:
+                    assert resp.status == 401, await resp.text()
+                    assert (await resp.json())["error"]["code"] == "invalid_api_key"
+
+            async def counted() -> bool:
+                async with session.post(f"http://127.0.0.1:{port}/internal/query", json=query,
+                                        headers={"Authorization": f"Bearer {key}"}) as resp:
+                    assert resp.status == 200, await resp.text()
+                    # trace on: every event (done lands a moment after it was sent)
+                    return bool(await resp.json() == [[len(frames)]])
+
+            await until(counted, "every event of the turn read with the key")
+        # and through a worker, which sends the key: the recorder's answer
+        session, resp = await on_worker(srv, "GET", f"/v1/requests/{request_id}")
+        async with session:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["status"] == "completed"
+
+
 # -- 5. POST /v1/export through either worker -----------------------------------------------------
 async def test_post_export_through_either_worker_is_the_recorders_export(tmp_path: Path) -> None:
     """A worker has no file: POST /v1/export is run by the recorder, and the answer is the
