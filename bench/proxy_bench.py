@@ -20,7 +20,10 @@ Figures (medians over ``--reps`` interleaved repetitions; no figure is asserted 
 - server CPU per token and per request: for each N in ``--tokens`` (default 20,100,200), a
   batch of ``--batch`` concurrent requests of N tokens; the server's CPU (utime + stime from
   /proc) per request is fitted against N: the slope is the CPU per token, the intercept the
-  CPU per request;
+  CPU per request; the same fit of the main thread alone (the event loop) splits them, the
+  rest being other threads' (ours: the store's writer, whose flush every
+  ``FLUSH_INTERVAL_MS`` costs the same whatever the row count: a cost per second of
+  streaming, which a longer batch charges to its tokens);
 - time to first token (TTFT) over ``--ttft-requests`` (30) sequential requests, and what each
   proxy adds to the direct median;
 - fan-out: ``--fanout`` (400) concurrent streams of 100 tokens; p99 of the extra inter-token
@@ -118,6 +121,13 @@ def free_port() -> int:
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process and its threads, in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def loop_cpu_s(pid: int) -> float:
+    """utime + stime of a process's main thread alone (its event loop), in seconds: the
+    rest of :func:`proc_cpu_s` is its other threads' (ours: the store's writer)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -238,14 +248,15 @@ def fit(points: list[tuple[float, float]]) -> tuple[float, float]:
 
 # -- the measurements ------------------------------------------------------------------------
 async def cpu_batch(session: aiohttp.ClientSession, proc: Proc, pid: int, tokens: int,
-                    batch: int) -> tuple[float, int]:
-    """CPU seconds per request of ``pid`` over one batch; and how many failed."""
+                    batch: int) -> tuple[float, float, int]:
+    """CPU seconds per request of ``pid`` over one batch, in all and of its event-loop
+    thread alone; and how many requests failed."""
     streams = [Stream() for _ in range(batch)]
-    before = proc_cpu_s(pid)
+    before, loop_before = proc_cpu_s(pid), loop_cpu_s(pid)
     await asyncio.gather(*(stream_once(session, proc, tokens, s) for s in streams))
     await asyncio.sleep(0.3)  # the store's flush of this batch counts too
-    spent = proc_cpu_s(pid) - before
-    return spent / batch, sum(1 for s in streams if not s.done)
+    spent, loop_spent = proc_cpu_s(pid) - before, loop_cpu_s(pid) - loop_before
+    return spent / batch, loop_spent / batch, sum(1 for s in streams if not s.done)
 
 
 async def ttft(session: aiohttp.ClientSession, proc: Proc, n: int) -> list[float]:
@@ -377,15 +388,17 @@ async def drive(args: argparse.Namespace, procs: dict[str, Proc], pids: dict[str
                 await stream_once(session, proc, 5, Stream())
         for rep in range(args.reps):
             for name, proc in procs.items():  # interleaved: one rep of every variant in turn
-                points = []
+                points, loop_points = [], []
                 for tokens in args.tokens:
-                    per_request, failed = await cpu_batch(session, proc, pids[name], tokens,
-                                                          args.batch)
+                    per_request, in_loop, failed = await cpu_batch(
+                        session, proc, pids[name], tokens, args.batch)
                     points.append((tokens, per_request))
+                    loop_points.append((tokens, in_loop))
                     if failed:
                         print(f"  {name}: {failed} of {args.batch} failed at N={tokens}",
                               file=sys.stderr)
                 results[name]["cpu"].append(fit(points))
+                results[name].setdefault("cpu_loop", []).append(fit(loop_points))
                 results[name]["ttft"].append(statistics.median(
                     await ttft(session, proc, args.ttft_requests) or [float("nan")]))
                 if name == "ours":  # memory and the native wire: ours only
@@ -409,6 +422,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
         intercepts = [i for _, i in r["cpu"]]
         rows[name] = {
             "cpu_token_us": med(slopes) * 1e6, "cpu_request_ms": med(intercepts) * 1e3,
+            "loop_token_us": med([s for s, _ in r["cpu_loop"]]) * 1e6,
+            "loop_request_ms": med([i for _, i in r["cpu_loop"]]) * 1e3,
             "ttft_ms": med(r["ttft"]),
             "p99_gap_ms": med([f[0] for f in r["fanout"]]) if r["fanout"] else float("nan"),
             "unfinished": max([f[1] for f in r["fanout"]], default=0),
@@ -424,7 +439,9 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
     print(f"{'figure':<42}" + "".join(f"{n:>14}" for n in names))
     lines = [
         ("server CPU per token (slope), µs", "cpu_token_us", ".0f"),
+        ("  … of it the event loop's thread, µs", "loop_token_us", ".0f"),
         ("server CPU per request (intercept), ms", "cpu_request_ms", ".1f"),
+        ("  … of it the event loop's thread, ms", "loop_request_ms", ".1f"),
         ("TTFT added vs direct (median), ms", None, ".1f"),
         ("  … chat, a conversation with history", "ttft_chat_history", ".1f"),
         ("  … /v1/orchestrate, history, trace on", "ttft_native_history", ".1f"),
