@@ -86,7 +86,7 @@ from pipeline.wiring import agent_options
 from sinks.event_log import RedisEventLog
 from sinks.recorder_api import create_recorder_app
 from sinks.recovery import recover_interrupted
-from sinks.remote_store import RemoteStore, log_barrier
+from sinks.remote_store import RecorderUnavailableError, RemoteStore, log_barrier
 from sinks.store import EventStore
 
 log = logging.getLogger("server")
@@ -141,6 +141,16 @@ async def remote_store_ctx(app: web.Application) -> AsyncIterator[None]:
     if not await remote.wait_reachable(within=settings.recorder_timeout_s):
         log.warning("worker: the recorder at %s does not answer yet; serving degraded",
                     settings.recorder_url)
+    else:
+        try:
+            await remote.check_key()
+        except RecorderUnavailableError as exc:
+            if exc.status == 401:  # every store call would fail: do not pretend to serve
+                await remote.aclose()
+                raise StartupError(
+                    f"the recorder at {settings.recorder_url} refuses this worker's key: "
+                    "give the recorder and its workers the same RECORDER_TOKEN") from exc
+            log.warning("worker: the recorder at %s: %s", settings.recorder_url, exc)
     app[STORE] = remote
     # /v1/query and POST /v1/export are answered by the recorder, which has the file
     app[ANALYTICS] = Analytics(connect=remote.cursor, flush=remote.flush, settings=settings,
@@ -510,8 +520,10 @@ def _describe_invalid(exc: ValidationError) -> str:
     """One short clause per invalid setting, named as its environment variable."""
     parts = []
     for error in exc.errors():
-        name = "_".join(str(part) for part in error["loc"][:1]).upper() or "settings"
-        got = repr(error.get("input"))
+        field = str(error["loc"][0]) if error["loc"] else ""
+        name = field.upper() or "settings"
+        secret = field in Settings.model_fields and not Settings.model_fields[field].repr
+        got = "<redacted>" if secret else repr(error.get("input"))  # a key is never logged
         parts.append(f"{name}: {error['msg']} (got {got[:60]})")
     return "; ".join(parts)
 

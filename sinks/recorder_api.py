@@ -95,13 +95,15 @@ def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamRe
     """Every route but the health needs ``Authorization: Bearer <RECORDER_TOKEN>``: the
     internal API reads the whole store and writes ``responses``, and its loopback port is
     open to every process on the machine."""
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def authorized(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path not in _OPEN_PATHS:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # (bytes a client sent that are not UTF-8 are compared as they came, not a 500)
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    given.encode("utf-8", "surrogateescape"), expected):
                 return _error(401, "the recorder's internal API needs its key "
                               "(Authorization: Bearer RECORDER_TOKEN)", "invalid_api_key")
         return await handler(request)

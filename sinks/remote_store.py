@@ -73,6 +73,10 @@ def decode(text: str | bytes) -> Any:
     return json.loads(text, object_hook=_decode_hook)
 
 
+#: ``last_error`` of a worker whose key the recorder refuses.
+KEY_REFUSED = "the recorder refuses this worker's key (RECORDER_TOKEN differs)"
+
+
 class RemoteStore:
     """The read side of the recorder's store, over HTTP (:class:`sinks.store.StoreApi`).
 
@@ -91,6 +95,7 @@ class RemoteStore:
                  token: str | None = None) -> None:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._key_refused = False  # the recorder answered 401: this worker's key is not its
         self.timeout_s = timeout_s
         self.poll_s = poll_s
         self.settle = settle
@@ -153,6 +158,13 @@ class RemoteStore:
                     headers={"Content-Type": "application/json"},
                     timeout=client_timeout or session.timeout) as resp:
                 text = await resp.text()
+                if resp.status == 401:  # (the health needs no key: only the others say it)
+                    if not self._key_refused:
+                        log.error("the recorder at %s refuses this worker's key: give both the "
+                                  "same RECORDER_TOKEN", self.url)
+                    self._key_refused = True
+                elif path != "/internal/health" and resp.status < 500:
+                    self._key_refused = False
                 if resp.status >= 400:
                     try:
                         message = json.loads(text)["error"]["message"]
@@ -192,6 +204,11 @@ class RemoteStore:
         self._reachable = False
         self._error = f"recorder unreachable: {type(exc).__name__}: {exc}"
 
+    async def check_key(self) -> None:
+        """Raise :class:`RecorderUnavailableError` (``status`` 401) when the recorder
+        refuses this worker's key: one call of a route that needs it (the health does not)."""
+        await self._call("GET", "/internal/requests/req_key_check")
+
     async def _settled(self) -> None:
         if self.settle is not None:
             await self.settle()
@@ -202,6 +219,11 @@ class RemoteStore:
         recorder cannot be reached. New turns are still accepted then: their events wait
         in the log, and the recorder records them when it is back."""
         store = self._health or {}
+        if self._key_refused:  # it answers, but no store call of this worker can succeed
+            return StoreHealth(writable=False, backlog_rows=int(store.get("backlog_rows", 0)),
+                               backlog_max_rows=int(store.get("backlog_max_rows", 0)),
+                               accepting=True, dead_letters=int(store.get("dead_letters", 0)),
+                               last_error=KEY_REFUSED, retry_in_s=self.poll_s)
         if not self._reachable:
             return StoreHealth(writable=False, backlog_rows=int(store.get("backlog_rows", 0)),
                                backlog_max_rows=int(store.get("backlog_max_rows", 0)),

@@ -8,6 +8,7 @@ The same properties against real supervised processes: ``tests/test_workers_e2e_
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aiohttp.test_utils import TestClient
 
 from core.config import Settings
 from sinks.recorder_api import create_recorder_app
-from sinks.remote_store import RecorderUnavailableError, RemoteStore
+from sinks.remote_store import KEY_REFUSED, RecorderUnavailableError, RemoteStore
 from tests.redis_helpers import REDIS_HOST, REDIS_PORT, delete_prefix, new_prefix, require_redis
 
 URL = f"redis://{REDIS_HOST}:{REDIS_PORT}/11"
@@ -39,25 +40,54 @@ async def recorder(tmp_path: Path, aiohttp_client: Any) -> AsyncIterator[TestCli
         await delete_prefix(URL, prefix)
 
 
-@pytest.mark.parametrize(("method", "path", "body"), [
-    ("POST", "/internal/query", {"sql": "SELECT count(*) FROM events", "params": []}),
-    ("POST", "/internal/v1/query", {"sql": "SELECT 1"}),
-    ("POST", "/internal/history", {"conversation_id": "c", "limit": 5}),
-    ("GET", "/internal/requests/req_x", None),
-    ("GET", "/internal/requests/req_x/events", None),
-    ("PUT", "/internal/responses/resp_x", {"response_id": "resp_x"}),
-    ("DELETE", "/internal/responses/resp_x", None),
-    ("POST", "/internal/sync", {}),
-    ("POST", "/internal/export", {}),
-])
+def _keyed_routes() -> list[tuple[str, str]]:
+    """Every route of the recorder app but the health, with its path parameters filled."""
+    app = create_recorder_app(Settings())
+    routes = []
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter", "")
+        if route.method == "HEAD" or path in ("/internal/health", "/healthz"):
+            continue
+        routes.append((route.method, path.replace("{request_id}", "req_x")
+                       .replace("{response_id}", "resp_x")))
+    assert len(routes) >= 11, routes  # (a route table that changed shape fails here)
+    return routes
+
+
+@pytest.mark.parametrize(("method", "path"), _keyed_routes())
 async def test_every_route_but_the_health_refuses_a_call_without_the_key(
-        recorder: TestClient, method: str, path: str, body: Any) -> None:
+        recorder: TestClient, method: str, path: str) -> None:
+    body = {"sql": "SELECT 1", "params": [], "conversation_id": "c", "limit": 5,
+            "response_id": "resp_x"}
     for headers in ({}, {"Authorization": "Bearer wrong-key-of-the-same-shape"},
-                    {"Authorization": TOKEN}):  # (the key without "Bearer" is not the key)
+                    {"Authorization": TOKEN},  # (the key without its scheme is not the key)
+                    {"Authorization": f"Basic {TOKEN}"},
+                    {"Authorization": "Bearer " + TOKEN[:-1]}):
         resp = await recorder.request(method, path, json=body, headers=headers)
         assert resp.status == 401, (headers, await resp.text())
         error = (await resp.json())["error"]
         assert error["code"] == "invalid_api_key" and "RECORDER_TOKEN" in error["message"]
+
+
+async def test_a_key_of_bytes_that_are_not_utf8_is_refused_not_a_server_error(
+        recorder: TestClient) -> None:
+    reader, writer = await asyncio.open_connection(recorder.host, recorder.port)
+    try:
+        writer.write(b"GET /internal/requests/req_x HTTP/1.1\r\nHost: x\r\n"
+                     b"Authorization: Bearer \xff\xfe" + TOKEN.encode() + b"\r\n"
+                     b"Connection: close\r\n\r\n")
+        await writer.drain()
+        answer = await reader.read()
+    finally:
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+    assert b"invalid_api_key" in answer
+
+
+async def test_the_scheme_is_case_insensitive(recorder: TestClient) -> None:
+    resp = await recorder.get("/internal/requests/req_x", headers={"Authorization": f"bearer {TOKEN}"})
+    assert resp.status == 200 and await resp.json() is None
 
 
 async def test_the_health_is_open_and_the_key_opens_the_rest(recorder: TestClient) -> None:
@@ -81,10 +111,19 @@ async def test_a_remote_store_sends_its_key_and_one_without_it_is_refused(
     try:
         assert await keyed.request_row("req_nobody") is None
         assert await keyed.load_history("conv_nobody", limit=5) == []
+        assert keyless.health().writable  # its health poll needs no key: it answers
         with pytest.raises(RecorderUnavailableError) as refused:
             await keyless.request_row("req_nobody")
         assert refused.value.status == 401
         assert "RECORDER_TOKEN" in str(refused.value)
+        # refused once, its health says so (not ok), though the recorder answers its polls
+        await keyless._poll_once()
+        health = keyless.health()
+        assert not health.writable and health.last_error == KEY_REFUSED
+        with pytest.raises(RecorderUnavailableError):
+            await keyless.check_key()
+        await keyed.check_key()  # the right key: no error
+        assert keyed.health().writable and keyed.health().last_error is None
     finally:
         await keyed.aclose()
         await keyless.aclose()

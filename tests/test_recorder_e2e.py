@@ -352,3 +352,44 @@ async def test_the_responses_wire_through_a_worker_keeps_its_rows_in_the_recorde
     memory = stored(s.db, "SELECT data->>'messages_loaded' FROM events WHERE type = 'memory' "
                           "AND request_id = ?", ["req_" + second.id.removeprefix("resp_")])
     assert memory == [("2",)]
+
+
+async def test_a_worker_with_another_key_than_its_recorders_refuses_to_start(
+        tmp_path: Path) -> None:
+    """Hand-run roles with different ``RECORDER_TOKEN``s: the recorder answers the worker's
+    health polls (they need no key) but none of its store calls, so the worker does not
+    serve as if all were well: it exits at start naming the setting, and never logs a key."""
+    mine, other = "the-recorders-own-key-0123", "a-workers-other-key-4567"
+    async with stack(tmp_path, RECORDER_TOKEN=mine) as s:
+        recorder = await s.start_recorder()
+        port = free_port()
+        worker = spawn(s.folder, "worker", [
+            "--role", "worker", "--host", "127.0.0.1", "--port", str(port), "--event-log", URL,
+            "--recorder-url", f"http://127.0.0.1:{s.recorder_port}"],
+            f"http://127.0.0.1:{port}/healthz", {**s.env, "RECORDER_TOKEN": other})
+        assert worker.proc.wait(timeout=START_S) == 1, worker.output()
+        output = worker.output()
+        assert "refuses this worker's key" in output and "RECORDER_TOKEN" in output, output
+        assert mine not in output and other not in output
+        assert mine not in recorder.output() and other not in recorder.output()
+        # the same worker with the recorder's key starts and serves
+        s.env["RECORDER_TOKEN"] = mine
+        started = await s.start_worker()
+        async with aiohttp.ClientSession() as session:
+            frames = await orchestrate(session, started, {
+                "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
+        assert frames[-1].event == "done" and frames[-1].json["ok"] is True, frames[-1]
+
+
+def test_an_invalid_recorder_token_is_refused_at_start_without_being_logged(
+        tmp_path: Path) -> None:
+    secret = "shortSECRET"
+    variables = {k: v for k, v in os.environ.items() if k.lower() not in Settings.model_fields}
+    done = subprocess.run(
+        [sys.executable, "server.py", "--db", str(tmp_path / "e.duckdb")], cwd=ROOT,
+        env={**variables, "RECORDER_TOKEN": secret, "PYTHONPATH": str(ROOT)},
+        capture_output=True, timeout=60)
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 2, output
+    assert "RECORDER_TOKEN" in output and "<redacted>" in output, output
+    assert secret not in output
