@@ -410,8 +410,9 @@ class _DoorSite(web.TCPSite):
     """A TCP site whose connections are :class:`_DoorHandler` s."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 header_timeout_s: float, reuse_port: bool = False, worker_id: str = "") -> None:
-        super().__init__(runner, host, port)
+                 header_timeout_s: float, reuse_port: bool = False, worker_id: str = "",
+                 backlog: int = 1024) -> None:
+        super().__init__(runner, host, port, backlog=backlog)
         self._header_timeout_s = header_timeout_s
         self._door_reuse_port = reuse_port  # workers share one port (SO_REUSEPORT, issue 13)
         self._door_worker = worker_id
@@ -426,8 +427,10 @@ class _DoorSite(web.TCPSite):
             return _DoorHandler(server, loop=loop, header_timeout_s=self._header_timeout_s,
                                 worker_id=self._door_worker, access_log=None)
 
+        # The backlog is LISTEN_BACKLOG: asyncio's default of 100 reset connections of a burst
+        # of 400 stream starts while the loop was busy starting the first ones.
         self._server = await loop.create_server(connection, self._host, self._port,
-                                                reuse_address=True,
+                                                reuse_address=True, backlog=self._backlog,
                                                 reuse_port=self._door_reuse_port or None)
 
 
@@ -468,7 +471,8 @@ async def serve(settings: Settings) -> None:
     try:
         site = _DoorSite(runner, settings.host, settings.port,
                          header_timeout_s=settings.header_timeout_s,
-                         reuse_port=settings.reuse_port, worker_id=app[WORKER_ID])
+                         reuse_port=settings.reuse_port, worker_id=app[WORKER_ID],
+                         backlog=settings.listen_backlog)
         try:
             await site.start()
         except OSError as exc:

@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=2048, ge=1, description="messages per request; more → 400")
     max_json_depth: int = Field(default=64, ge=2, le=500, description="deeper JSON bodies → 400")
     header_timeout_s: float = Field(default=10.0, gt=0, description="headers must arrive within it")
+    listen_backlog: int = Field(
+        default=1024, ge=1, le=65535, description="connections the kernel queues before the "
+        "server accepts them (capped by net.core.somaxconn); past it, a burst is reset")
     body_timeout_s: float = Field(default=30.0, gt=0, description="a body must arrive within it → 408")
     allowed_hosts: list[str] | None = Field(
         default=None, description="Host names answered; default: loopback names when bound there")

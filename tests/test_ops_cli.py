@@ -121,3 +121,27 @@ def test_event_loop_asyncio_keeps_the_standard_loop_and_uvloop_is_refused_when_m
                      PYTHONPATH=f"{blocker}{os.pathsep}{ROOT}")
     assert refused.proc.wait(timeout=60) == 1
     assert "EVENT_LOOP=uvloop, but uvloop is not installed" in refused.output()
+
+
+def _listen_backlog(port: int) -> int:
+    """The backlog of the socket listening on ``port`` (``ss``: Send-Q of a LISTEN socket)."""
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out and out[0] == "LISTEN", out
+    return int(out[2])
+
+
+def test_the_listen_backlog_is_listen_backlog_not_asyncios_100(tmp_path: Path) -> None:
+    """A burst of stream starts queues in the kernel while the loop starts the first ones:
+    with asyncio's default backlog (100), 5-15 of 400 streams ramped over a second were
+    reset before their first token (proxy_bench's fan-out, issue 12)."""
+    default = wait_healthy(launch(tmp_path / "default"))
+    try:
+        assert _listen_backlog(int(default.base.rsplit(":", 1)[1])) == 1024
+    finally:
+        assert default.stop() == 0
+    chosen = wait_healthy(launch(tmp_path / "chosen", LISTEN_BACKLOG="77"))
+    try:
+        assert _listen_backlog(int(chosen.base.rsplit(":", 1)[1])) == 77
+    finally:
+        assert chosen.stop() == 0
