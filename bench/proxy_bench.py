@@ -28,7 +28,8 @@ Figures (medians over ``--reps`` interleaved repetitions; no figure is asserted 
   proxy adds to the direct median;
 - fan-out: ``--fanout`` (400) concurrent streams of 100 tokens; p99 of the extra inter-token
   gap (the gap minus the token delay), streams refused at the door (a 503 or 429, e.g.
-  ``MAX_LIVE_TURNS``) and streams admitted but unfinished;
+  ``MAX_LIVE_TURNS``), streams admitted but unfinished, and the median and p99 time to
+  first token under that burst of starts (which the gaps between tokens do not show);
 - a per-stage breakdown of our hot path in this process (µs per event): parse (one SDK chunk),
   pipeline (the Rx chain), store (building the Arrow row), frame (SSE framing), so the next
   regression names its stage.
@@ -310,9 +311,11 @@ async def ttft_conversation(session: aiohttp.ClientSession, proc: Proc, n: int, 
 
 
 async def fanout(session: aiohttp.ClientSession, proc: Proc, n: int, tokens: int,
-                 delay_ms: float) -> tuple[float, int, float, int]:
-    """(p99 extra gap ms, unfinished streams, tokens/s delivered, refused streams) for n
-    concurrent streams; a refused stream (503/429) is not counted as unfinished."""
+                 delay_ms: float) -> tuple[float, int, float, int, float, float]:
+    """(p99 extra gap ms, unfinished streams, tokens/s delivered, refused streams, median and
+    p99 time to first token ms) for n concurrent streams; a refused stream (503/429) is not
+    counted as unfinished. The gaps are between tokens only: what the burst of starts costs
+    shows in the time to first token."""
     streams = [Stream() for _ in range(n)]
 
     async def one(i: int, s: Stream) -> None:
@@ -328,7 +331,9 @@ async def fanout(session: aiohttp.ClientSession, proc: Proc, n: int, tokens: int
     delivered = sum(len(s.arrivals) for s in streams)
     refused = sum(1 for s in streams if s.error and s.error.startswith(("HTTP 503", "HTTP 429")))
     unfinished = sum(1 for s in streams if not s.done) - refused
-    return percentile(gaps, 0.99), unfinished, delivered / wall, refused
+    firsts = [(s.first - s.started) * 1000 for s in streams if s.first is not None]
+    return (percentile(gaps, 0.99), unfinished, delivered / wall, refused,
+            percentile(firsts, 0.5), percentile(firsts, 0.99))
 
 
 def stage_breakdown(n: int = 20_000) -> dict[str, float]:
@@ -429,6 +434,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
             "unfinished": max([f[1] for f in r["fanout"]], default=0),
             "refused": max([f[3] for f in r["fanout"]], default=0),
             "tokens_s": med([f[2] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+            "fan_ttft_ms": med([f[4] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+            "fan_ttft_p99_ms": med([f[5] for f in r["fanout"]]) if r["fanout"] else float("nan"),
             "ttft_chat_history": med(r.get("ttft_chat_history") or [float("nan")]),
             "ttft_native_history": med(r.get("ttft_native_history") or [float("nan")]),
         }
@@ -449,6 +456,8 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
         (f"streams refused (503/429) at N={args.fanout}", "refused", ".0f"),
         (f"streams admitted, unfinished at N={args.fanout}", "unfinished", ".0f"),
         (f"tokens/s delivered at N={args.fanout}", "tokens_s", ",.0f"),
+        (f"time to first token at N={args.fanout}, median, ms", "fan_ttft_ms", ",.0f"),
+        (f"time to first token at N={args.fanout}, p99, ms", "fan_ttft_p99_ms", ",.0f"),
     ]
     for label, key, spec in lines:
         cells = []
