@@ -410,8 +410,8 @@ class _DoorSite(web.TCPSite):
     """A TCP site whose connections are :class:`_DoorHandler` s."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *,
-                 header_timeout_s: float, reuse_port: bool = False, worker_id: str = "",
-                 backlog: int = 1024) -> None:
+                 header_timeout_s: float, backlog: int, reuse_port: bool = False,
+                 worker_id: str = "") -> None:
         super().__init__(runner, host, port, backlog=backlog)
         self._header_timeout_s = header_timeout_s
         self._door_reuse_port = reuse_port  # workers share one port (SO_REUSEPORT, issue 13)

@@ -219,16 +219,13 @@ class RemoteStore:
         recorder cannot be reached. New turns are still accepted then: their events wait
         in the log, and the recorder records them when it is back."""
         store = self._health or {}
-        if self._key_refused:  # it answers, but no store call of this worker can succeed
+        # A refused key: the recorder answers, but no store call of this worker can succeed.
+        down = KEY_REFUSED if self._key_refused else None if self._reachable else self._error
+        if self._key_refused or not self._reachable:
             return StoreHealth(writable=False, backlog_rows=int(store.get("backlog_rows", 0)),
                                backlog_max_rows=int(store.get("backlog_max_rows", 0)),
                                accepting=True, dead_letters=int(store.get("dead_letters", 0)),
-                               last_error=KEY_REFUSED, retry_in_s=self.poll_s)
-        if not self._reachable:
-            return StoreHealth(writable=False, backlog_rows=int(store.get("backlog_rows", 0)),
-                               backlog_max_rows=int(store.get("backlog_max_rows", 0)),
-                               accepting=True, dead_letters=int(store.get("dead_letters", 0)),
-                               last_error=self._error, retry_in_s=self.poll_s)
+                               last_error=down, retry_in_s=self.poll_s)
         return StoreHealth(
             writable=bool(store.get("writable", True)),
             backlog_rows=int(store.get("backlog_rows", 0)),
