@@ -119,17 +119,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _stat_cpu_s(stat: Path) -> float:
+    """utime + stime of a /proc ``stat`` file, in seconds."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def proc_cpu_s(pid: int) -> float:
     """utime + stime of a process and its threads, in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return _stat_cpu_s(Path(f"/proc/{pid}/stat"))
 
 
 def loop_cpu_s(pid: int) -> float:
     """utime + stime of a process's main thread alone (its event loop), in seconds: the
     rest of :func:`proc_cpu_s` is its other threads' (ours: the store's writer)."""
-    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return _stat_cpu_s(Path(f"/proc/{pid}/task/{pid}/stat"))
 
 
 @dataclass
@@ -384,8 +388,8 @@ async def drive(args: argparse.Namespace, procs: dict[str, Proc], pids: dict[str
                 ) -> dict[str, dict[str, Any]]:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
-    results: dict[str, dict[str, Any]] = {name: {"cpu": [], "ttft": [], "fanout": []}
-                                          for name in procs}
+    results: dict[str, dict[str, Any]] = {
+        name: {"cpu": [], "cpu_loop": [], "ttft": [], "fanout": []} for name in procs}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         for proc in procs.values():
             await wait_ready(session, proc)
@@ -403,7 +407,7 @@ async def drive(args: argparse.Namespace, procs: dict[str, Proc], pids: dict[str
                         print(f"  {name}: {failed} of {args.batch} failed at N={tokens}",
                               file=sys.stderr)
                 results[name]["cpu"].append(fit(points))
-                results[name].setdefault("cpu_loop", []).append(fit(loop_points))
+                results[name]["cpu_loop"].append(fit(loop_points))
                 results[name]["ttft"].append(statistics.median(
                     await ttft(session, proc, args.ttft_requests) or [float("nan")]))
                 if name == "ours":  # memory and the native wire: ours only
@@ -425,17 +429,22 @@ def report(results: dict[str, dict[str, Any]], args: argparse.Namespace, skipped
     for name, r in results.items():
         slopes = [s for s, _ in r["cpu"]]
         intercepts = [i for _, i in r["cpu"]]
+
+        def fan(i: int, runs: list[tuple[Any, ...]] = r["fanout"]) -> float:
+            """The median over the reps of the fan-out's ``i``-th figure."""
+            return med([f[i] for f in runs]) if runs else float("nan")
+
         rows[name] = {
             "cpu_token_us": med(slopes) * 1e6, "cpu_request_ms": med(intercepts) * 1e3,
             "loop_token_us": med([s for s, _ in r["cpu_loop"]]) * 1e6,
             "loop_request_ms": med([i for _, i in r["cpu_loop"]]) * 1e3,
             "ttft_ms": med(r["ttft"]),
-            "p99_gap_ms": med([f[0] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+            "p99_gap_ms": fan(0),
             "unfinished": max([f[1] for f in r["fanout"]], default=0),
             "refused": max([f[3] for f in r["fanout"]], default=0),
-            "tokens_s": med([f[2] for f in r["fanout"]]) if r["fanout"] else float("nan"),
-            "fan_ttft_ms": med([f[4] for f in r["fanout"]]) if r["fanout"] else float("nan"),
-            "fan_ttft_p99_ms": med([f[5] for f in r["fanout"]]) if r["fanout"] else float("nan"),
+            "tokens_s": fan(2),
+            "fan_ttft_ms": fan(4),
+            "fan_ttft_p99_ms": fan(5),
             "ttft_chat_history": med(r.get("ttft_chat_history") or [float("nan")]),
             "ttft_native_history": med(r.get("ttft_native_history") or [float("nan")]),
         }

@@ -50,7 +50,7 @@ from sinks.event_log import RedisEventLog
 from sinks.lake import export_lake
 from sinks.log_recorder import LogRecorder
 from sinks.query import QueryError, QueryRefusedError, answer_query, check_query
-from sinks.remote_store import encode
+from sinks.remote_store import HEALTH_PATH, encode
 from sinks.responses_table import ResponseRecord
 from sinks.store import EventStore
 
@@ -88,7 +88,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
 
 
 #: What anyone on the machine may read without the key: the health (counters, no data).
-_OPEN_PATHS: frozenset[str] = frozenset({"/internal/health", "/healthz"})
+_OPEN_PATHS: frozenset[str] = frozenset({HEALTH_PATH, "/healthz"})
 
 
 def _auth(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
@@ -339,7 +339,7 @@ def create_recorder_app(settings: Settings) -> web.Application:
     app = web.Application(middlewares=middlewares, client_max_size=16 * 1024 * 1024)
     app[RECORDER_SETTINGS] = settings
     app.cleanup_ctx.append(_resources)
-    app.router.add_get("/internal/health", health)
+    app.router.add_get(HEALTH_PATH, health)
     app.router.add_get("/healthz", health)
     app.router.add_post("/internal/sync", sync)
     app.router.add_post("/internal/history", history)

@@ -73,6 +73,8 @@ def decode(text: str | bytes) -> Any:
     return json.loads(text, object_hook=_decode_hook)
 
 
+#: The recorder's one route that needs no key (what its answer says of a key: nothing).
+HEALTH_PATH = "/internal/health"
 #: ``last_error`` of a worker whose key the recorder refuses.
 KEY_REFUSED = "the recorder refuses this worker's key (RECORDER_TOKEN differs)"
 
@@ -138,7 +140,7 @@ class RemoteStore:
 
     async def _poll_once(self) -> None:
         try:
-            body = await self._call("GET", "/internal/health")
+            body = await self._call("GET", HEALTH_PATH)
         except RecorderUnavailableError:
             return  # _call noted it
         store = body.get("store", {})
@@ -163,7 +165,7 @@ class RemoteStore:
                         log.error("the recorder at %s refuses this worker's key: give both the "
                                   "same RECORDER_TOKEN", self.url)
                     self._key_refused = True
-                elif path != "/internal/health" and resp.status < 500:
+                elif path != HEALTH_PATH and resp.status < 500:
                     self._key_refused = False
                 if resp.status >= 400:
                     try:
