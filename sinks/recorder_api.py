@@ -50,7 +50,7 @@ from sinks.event_log import RedisEventLog
 from sinks.lake import export_lake
 from sinks.log_recorder import LogRecorder
 from sinks.query import QueryError, QueryRefusedError, answer_query, check_query
-from sinks.remote_store import HEALTH_PATH, encode
+from sinks.remote_store import HEALTH_PATH, QUERY_PATH, encode
 from sinks.responses_table import ResponseRecord
 from sinks.store import EventStore
 
@@ -347,7 +347,7 @@ def create_recorder_app(settings: Settings) -> web.Application:
     app.router.add_get("/internal/requests/{request_id}/messages", messages_of)
     app.router.add_get("/internal/requests/{request_id}/events", events)
     app.router.add_post("/internal/query", query)
-    app.router.add_post("/internal/v1/query", analysts_query)
+    app.router.add_post(QUERY_PATH, analysts_query)
     app.router.add_post("/internal/export", export_now)
     app.router.add_get("/internal/responses/{response_id}", response_get)
     app.router.add_put("/internal/responses/{response_id}", response_put)

@@ -75,6 +75,8 @@ def decode(text: str | bytes) -> Any:
 
 #: The recorder's one route that needs no key (what its answer says of a key: nothing).
 HEALTH_PATH = "/internal/health"
+#: The recorder's route that answers a worker's ``/v1/query`` in the format asked for.
+QUERY_PATH = "/internal/v1/query"
 #: ``last_error`` of a worker whose key the recorder refuses.
 KEY_REFUSED = "the recorder refuses this worker's key (RECORDER_TOKEN differs)"
 
@@ -160,13 +162,7 @@ class RemoteStore:
                     headers={"Content-Type": "application/json"},
                     timeout=client_timeout or session.timeout) as resp:
                 text = await resp.text()
-                if resp.status == 401:  # (the health needs no key: only the others say it)
-                    if not self._key_refused:
-                        log.error("the recorder at %s refuses this worker's key: give both the "
-                                  "same RECORDER_TOKEN", self.url)
-                    self._key_refused = True
-                elif path != HEALTH_PATH and resp.status < 500:
-                    self._key_refused = False
+                self._answered(path, resp.status)
                 if resp.status >= 400:
                     try:
                         message = json.loads(text)["error"]["message"]
@@ -178,6 +174,17 @@ class RemoteStore:
                                                    status=resp.status)
                 result = decode(text)
         return result
+
+    def _answered(self, path: str, status: int) -> None:
+        """Note what the recorder's answer to a call of ``path`` says of this worker's key:
+        a 401 is a refused key (health says so until a keyed call succeeds)."""
+        if status == 401:  # (the health needs no key: only the others say it)
+            if not self._key_refused:
+                log.error("the recorder at %s refuses this worker's key: give both the "
+                          "same RECORDER_TOKEN", self.url)
+            self._key_refused = True
+        elif path != HEALTH_PATH and status < 500:
+            self._key_refused = False
 
     @contextlib.asynccontextmanager
     async def _reaching(self) -> AsyncIterator[aiohttp.ClientSession]:
@@ -301,9 +308,10 @@ class RemoteStore:
         await self._settled()
         timeout = aiohttp.ClientTimeout(total=float(limits.get("timeout_s", 10)) + self.timeout_s)
         async with self._reaching() as session:
-            async with session.post(self.url + "/internal/v1/query", timeout=timeout,
+            async with session.post(self.url + QUERY_PATH, timeout=timeout,
                                     json={"sql": sql, "format": fmt, **limits}) as resp:
                 payload = await resp.read()
+                self._answered(QUERY_PATH, resp.status)
                 if resp.status in (400, 403):
                     self._up()
                     error = json.loads(payload)["error"]
@@ -312,7 +320,8 @@ class RemoteStore:
                     raise failure
                 if resp.status >= 400:
                     self._up()
-                    raise RecorderUnavailableError(f"the recorder: {payload[:200]!r}")
+                    raise RecorderUnavailableError(f"the recorder: {payload[:200]!r}",
+                                                   status=resp.status)
                 answer = QueryAnswer(body=payload, content_type=resp.content_type,
                                      rows=int(resp.headers.get("X-Row-Count", "0")),
                                      truncated=resp.headers.get("X-Truncated") == "true")

@@ -486,6 +486,9 @@ class EventStore:
         self._retry_s = self.retry_min_s
         self._dead_lock = threading.Lock()
         self._dead_by_request: dict[str | None, int] = {}
+        # The writer's keys of each upsert table it has committed (oldest first): their
+        # next rows are UPDATEs, the others plain appends (an upsert costs 2–3 times more).
+        self._written: dict[str, dict[Any, None]] = {table: {} for table in _ROW_TYPES}
 
     @classmethod
     def from_settings(cls, settings: Settings) -> EventStore:
@@ -946,20 +949,23 @@ class EventStore:
         try:
             if batch.events:
                 batches["event_batch"] = _events_table(batch.events)
-            if batch.requests:
-                batches["requests"] = _upsert_rows(list(batch.requests.values()), RequestRow)
-            if batch.messages:
-                batches["messages"] = _upsert_rows(list(batch.messages.values()), MessageRow)
-            if batch.tools:
-                batches["tool_executions"] = _upsert_rows(list(batch.tools.values()),
-                                                          ToolExecutionRow)
+            for table, rows in (("requests", batch.requests), ("messages", batch.messages),
+                                ("tool_executions", batch.tools)):
+                if rows:
+                    batches[table] = _upserts(rows, _ROW_TYPES[table], self._written[table])
             try:
                 _apply(con, batches, strict=True, by_position=self._events_by_position)
-            except duckdb.ConstraintException:
-                # A duplicate (request_id, seq) must not cost the rest of the batch.
-                log.warning("duplicate event keys in a batch; keeping the stored ones")
+            except (duckdb.ConstraintException, _Stale) as exc:
+                # A duplicate (request_id, seq) must not cost the rest of the batch; a row
+                # this store had not written before but the file holds (a previous
+                # process's, or one whose key it forgot) is replaced after all.
+                log.warning("keys already stored in a batch (%s); keeping the stored events, "
+                            "replacing the other rows", type(exc).__name__)
                 _rollback(con)
                 _apply(con, batches, strict=False, by_position=self._events_by_position)
+            for table in _ROW_TYPES:
+                if table in batches:
+                    self._remember(table, batches[table])
             self.stats.events_written += len(batch.events)
         except Exception as exc:  # keep the writer alive: the caller splits or keeps the rows
             error = exc
@@ -972,6 +978,47 @@ class EventStore:
         self.stats.last_flush_ms = (time.perf_counter() - started) * 1000
         return error
 
+    def _remember(self, table: str, upserts: _Upserts) -> None:
+        """Note the keys just committed to ``table`` (the next write of one is an UPDATE),
+        forgetting the oldest past :data:`_WRITTEN_KEYS_MAX`."""
+        written = self._written[table]
+        for key in upserts.keys():
+            written.pop(key, None)  # to the young end: a live turn's rows stay known
+            written[key] = None
+        while len(written) > _WRITTEN_KEYS_MAX:
+            del written[next(iter(written))]
+
+
+class _Stale(Exception):
+    """An UPDATE of rows this store wrote found fewer of them than it updates."""
+
+
+#: Keys of each upsert table a store remembers having written (about 100 bytes each).
+_WRITTEN_KEYS_MAX: Final = 50_000
+#: Known rows up to this many go in as one ``UPDATE … FROM (VALUES …)``, more by an upsert.
+_UPDATE_MAX_ROWS: Final = 64
+
+
+@dataclasses.dataclass(slots=True)
+class _Upserts:
+    """One upsert table's rows of a batch, as columns and value tuples (key first): the
+    ``fresh`` ones this store has not written before, the ``known`` ones it has."""
+
+    columns: list[str]
+    fresh: list[tuple[Any, ...]]
+    known: list[tuple[Any, ...]]
+
+    def keys(self) -> list[Any]:
+        return [row[0] for row in self.fresh] + [row[0] for row in self.known]
+
+
+def _upserts(rows: dict[str, Any], cls: type[Any], written: dict[Any, None]) -> _Upserts:
+    columns, values = _upsert_rows(list(rows.values()), cls)
+    fresh, known = [], []
+    for row in values:
+        (known if row[0] in written else fresh).append(row)
+    return _Upserts(columns, fresh, known)
+
 
 def _rollback(con: duckdb.DuckDBPyConnection) -> None:
     try:
@@ -983,15 +1030,18 @@ def _rollback(con: duckdb.DuckDBPyConnection) -> None:
 def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, Any], *, strict: bool,
            by_position: bool = True) -> None:
     """Write the batches in one transaction: ``event_batch`` (an Arrow table) and the
-    upserts (``requests``, ``messages``, ``tool_executions``: columns and row tuples).
+    upserts (``requests``, ``messages``, ``tool_executions``: :class:`_Upserts`).
 
-    Each statement costs DuckDB 2.0 about 0.5–1 ms of CPU however few its rows, and a
-    registered view about 0.5 ms more to register and drop: the hot path avoids both.
-    The events go in through a relation over their Arrow table (``from_arrow(…)
-    .insert_into``), in the order of the events table (:data:`EVENT_COLUMNS`; a file whose
-    columns differ is written by name, as is the rare retry that skips duplicates); the
-    upserts through an appender each (``action="upsert"``: a row replaces the one with
-    its key, as ``INSERT OR REPLACE`` does).
+    Each statement costs DuckDB 2.0 about 1 ms of CPU however few its rows (2–3 on a slow
+    machine), a registered view about 0.5 ms more to register and drop, an upsert (an
+    appender's ``action="upsert"``, or ``INSERT … ON CONFLICT``) 2–3 times a plain insert:
+    the hot path avoids all three. The events go in through a relation over their Arrow
+    table (``from_arrow(…).insert_into``), in the order of the events table
+    (:data:`EVENT_COLUMNS`; a file whose columns differ is written by name). A table's
+    ``fresh`` rows are appended (a key already in the file raises ``ConstraintException``),
+    its ``known`` ones updated by key in one statement (:class:`_Stale` when one is
+    missing). Not ``strict`` (the retry after either): events already stored are skipped
+    and every other row goes through an upsert appender (it replaces the row with its key).
     """
     con.begin()
     events = batches.get("event_batch")
@@ -1006,17 +1056,42 @@ def _apply(con: duckdb.DuckDBPyConnection, batches: dict[str, Any], *, strict: b
             finally:
                 with contextlib.suppress(duckdb.Error):
                     con.unregister("event_batch")
-    for table in ("requests", "messages", "tool_executions"):
-        if table in batches:
-            columns, rows = batches[table]
-            appender = con.appender(table, columns=columns, action="upsert")
+    for table in _ROW_TYPES:
+        upserts: _Upserts | None = batches.get(table)
+        if upserts is None:
+            continue
+        if not strict or len(upserts.known) > _UPDATE_MAX_ROWS:
+            rows, known = upserts.fresh + upserts.known, []
+            action = "upsert"
+        else:
+            rows, known, action = upserts.fresh, upserts.known, None
+        if rows:
+            appender = (con.appender(table, columns=upserts.columns, action=action) if action
+                        else con.appender(table, columns=upserts.columns))
             try:
                 appender.append_rows(rows)
                 appender.flush()
             except BaseException:
                 appender.clear()  # the batch is split and retried: never apply these later
                 raise
+        if known:
+            _update(con, table, upserts.columns, known)
     con.commit()
+
+
+def _update(con: duckdb.DuckDBPyConnection, table: str, columns: list[str],
+            rows: list[tuple[Any, ...]]) -> None:
+    """Replace rows by their key (the first column) in one statement; :class:`_Stale`
+    unless every one of them was there."""
+    key = columns[0]
+    row = "(" + ", ".join("?" * len(columns)) + ")"
+    sets = ", ".join(f"{column} = v.{column}" for column in columns[1:])
+    ((updated,),) = con.execute(
+        f"UPDATE {table} SET {sets} FROM (VALUES {', '.join([row] * len(rows))}) "
+        f"AS v({', '.join(columns)}) WHERE {table}.{key} = v.{key}",
+        [value for values in rows for value in values]).fetchall()
+    if updated != len(rows):
+        raise _Stale(f"{table}: {updated} of {len(rows)} rows found to update")
 
 
 _EPOCH: Final = datetime.datetime(1970, 1, 1)
@@ -1058,6 +1133,8 @@ def _events_table(rows: list[_EventRow]) -> pa.Table:
     )
 
 
+_ROW_TYPES: Final[dict[str, type[Any]]] = {
+    "requests": RequestRow, "messages": MessageRow, "tool_executions": ToolExecutionRow}
 _TIME_FIELDS: Final = frozenset({"started_at", "finished_at", "created_at", "updated_at"})
 # A conversation's earlier messages for memory, oldest first (see load_history).
 HISTORY_SQL: Final = """

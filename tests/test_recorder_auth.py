@@ -101,32 +101,53 @@ async def test_the_health_is_open_and_the_key_opens_the_rest(recorder: TestClien
     assert await resp.json() == [[0]]
 
 
-async def test_a_remote_store_sends_its_key_and_one_without_it_is_refused(
-        recorder: TestClient) -> None:
+@pytest_asyncio.fixture
+async def stores(recorder: TestClient) -> AsyncIterator[tuple[RemoteStore, RemoteStore]]:
+    """Two workers' stores of the recorder: one with its key, one without."""
     url = str(recorder.make_url("")).rstrip("/")
     keyed = RemoteStore(url, timeout_s=2, poll_s=5, token=TOKEN)
     keyless = RemoteStore(url, timeout_s=2, poll_s=5)
     await keyed.start()
     await keyless.start()
     try:
-        assert await keyed.request_row("req_nobody") is None
-        assert await keyed.load_history("conv_nobody", limit=5) == []
-        assert keyless.health().writable  # its health poll needs no key: it answers
-        with pytest.raises(RecorderUnavailableError) as refused:
-            await keyless.request_row("req_nobody")
-        assert refused.value.status == 401
-        assert "RECORDER_TOKEN" in str(refused.value)
-        # refused once, its health says so (not ok), though the recorder answers its polls
-        await keyless._poll_once()
-        health = keyless.health()
-        assert not health.writable and health.last_error == KEY_REFUSED
-        with pytest.raises(RecorderUnavailableError):
-            await keyless.check_key()
-        await keyed.check_key()  # the right key: no error
-        assert keyed.health().writable and keyed.health().last_error is None
+        yield keyed, keyless
     finally:
         await keyed.aclose()
         await keyless.aclose()
+
+
+async def test_a_remote_store_sends_its_key_and_one_without_it_is_refused(
+        stores: tuple[RemoteStore, RemoteStore]) -> None:
+    keyed, keyless = stores
+    assert await keyed.request_row("req_nobody") is None
+    assert await keyed.load_history("conv_nobody", limit=5) == []
+    assert keyless.health().writable  # its health poll needs no key: it answers
+    with pytest.raises(RecorderUnavailableError) as refused:
+        await keyless.request_row("req_nobody")
+    assert refused.value.status == 401
+    assert "RECORDER_TOKEN" in str(refused.value)
+    # refused once, its health says so (not ok), though the recorder answers its polls
+    await keyless._poll_once()
+    health = keyless.health()
+    assert not health.writable and health.last_error == KEY_REFUSED
+    with pytest.raises(RecorderUnavailableError):
+        await keyless.check_key()
+    await keyed.check_key()  # the right key: no error
+    assert keyed.health().writable and keyed.health().last_error is None
+
+
+async def test_a_refused_key_on_the_analysts_query_degrades_the_health_too(
+        stores: tuple[RemoteStore, RemoteStore]) -> None:
+    keyed, keyless = stores
+    limits = {"timeout_s": 5, "max_rows": 10}
+    answer = await keyed.answer_query("SELECT 42 AS x", "json", limits)
+    assert b"42" in answer.body and answer.rows == 1
+    with pytest.raises(RecorderUnavailableError) as refused:
+        await keyless.answer_query("SELECT 42 AS x", "json", limits)
+    assert refused.value.status == 401
+    health = keyless.health()  # (no other call of this store was refused)
+    assert not health.writable and health.last_error == KEY_REFUSED
+    assert keyed.health().writable
 
 
 def test_a_short_recorder_token_is_refused_at_start() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Iterator
@@ -13,7 +14,8 @@ import pytest
 
 from core.errors import StoreError
 from core.events import Route, Text
-from sinks.store import EventStore, MessageRow, RequestRow, _EventRow
+import sinks.store as store_module
+from sinks.store import EventStore, MessageRow, RequestRow, ToolExecutionRow, _EventRow
 
 T0 = 1_700_000_000.0
 
@@ -142,6 +144,114 @@ async def test_request_and_message_upserts_coalesce_latest_wins(store: EventStor
     await store.flush()
     assert store.query("SELECT status, error, model FROM requests") == [("error", "boom", None)]
     assert count(store, "requests") == 1
+
+
+def _replaced(caplog: pytest.LogCaptureFixture) -> bool:
+    """Whether a write fell back to upserting its rows (the slow path)."""
+    return "keys already stored in a batch" in caplog.text
+
+
+async def test_a_row_written_before_is_updated_in_place_with_every_column(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The first write appends; the next ones of the same keys update them by key (not an
+    # upsert): every column takes the new value, NULLs included, in every upsert table.
+    store.put_request(request(model="m", total_tokens=7, error="early"))
+    store.put_message(message("r1", 1, "assistant", "", status="pending"))
+    tool = ToolExecutionRow(execution_id="x1", request_id="r1", conversation_id="c1",
+                            tool="fs.read", params='{"path": "a"}', status="running",
+                            started_at=T0)
+    store.put_tool_execution(tool)
+    await store.flush()
+    store.put_request(request(status="completed", finished_at=T0 + 2, duration_ms=2000,
+                              last_seq=9))
+    store.put_message(message("r1", 1, "assistant", "Hello", status="complete",
+                              created_at=T0 + 1))
+    store.put_request(request("r2"))  # a new key in the same batch: appended
+    store.put_tool_execution(dataclasses.replace(
+        tool, status="ok", ok=True, result='{"text": "hi"}', finished_at=T0 + 1, duration_ms=3))
+    await store.flush()
+
+    assert store.stats.failed_flushes == 0 and not _replaced(caplog)
+    assert store.query(
+        "SELECT request_id, status, model, total_tokens, error, finished_at IS NOT NULL, "
+        "duration_ms, last_seq FROM requests ORDER BY request_id") == [
+        ("r1", "completed", None, None, None, True, 2000, 9),
+        ("r2", "running", None, None, None, False, None, None)]
+    assert store.query("SELECT content, status, epoch(created_at) FROM messages") == [
+        ("Hello", "complete", T0 + 1)]
+    assert store.query("SELECT status, ok, result->>'text', duration_ms FROM tool_executions"
+                       ) == [("ok", True, "hi", 3)]
+
+
+async def test_a_key_the_file_holds_from_another_store_is_replaced_not_duplicated(
+    path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A new process's store does not know the keys its file holds (recovery re-puts the
+    # rows of interrupted turns): the append is refused by the key, and the batch goes in
+    # again with upserts, its events kept.
+    with EventStore(path, flush_interval_ms=60_000) as first:
+        first.put_request(request())
+        first.put_message(message("r1", 0, "user", "hi"))
+        await first.flush()
+    with EventStore(path, flush_interval_ms=60_000) as second:
+        second.put_request(request(status="interrupted"))
+        second.put_message(message("r1", 0, "user", "hi again"))
+        second.append_event(text(1), agent="assistant", depth=0)
+        await second.flush()
+        assert _replaced(caplog) and second.stats.failed_flushes == 0
+        assert second.query("SELECT status FROM requests") == [("interrupted",)]
+        assert second.query("SELECT content FROM messages") == [("hi again",)]
+        assert count(second) == 1
+        caplog.clear()
+        second.put_request(request(status="completed"))  # now known: updated in place
+        await second.flush()
+        assert not _replaced(caplog)
+        assert second.query("SELECT status FROM requests") == [("completed",)]
+
+
+async def test_a_known_key_missing_from_the_file_is_written_not_lost(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Should the store believe it wrote a row the file does not hold, its UPDATE finds
+    # fewer rows than it updates: the batch goes in with upserts, the row is not lost.
+    store._written["requests"]["r1"] = None
+    store.put_request(request(status="completed"))
+    await store.flush()
+    assert _replaced(caplog)
+    assert store.query("SELECT status FROM requests") == [("completed",)]
+
+
+async def test_the_store_forgets_its_oldest_keys_and_still_writes_them_right(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(store_module, "_WRITTEN_KEYS_MAX", 2)
+    for request_id in ("r1", "r2", "r3"):
+        store.put_request(request(request_id))
+        await store.flush()
+    assert list(store._written["requests"]) == ["r2", "r3"]
+    store.put_request(request("r1", status="completed"))  # forgotten: appended, refused
+    await store.flush()
+    assert _replaced(caplog)
+    assert store.query("SELECT request_id, status FROM requests ORDER BY 1") == [
+        ("r1", "completed"), ("r2", "running"), ("r3", "running")]
+
+
+async def test_many_known_rows_in_one_batch_are_all_updated(
+    store: EventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # More known rows than one UPDATE statement takes go through an upsert appender.
+    n = store_module._UPDATE_MAX_ROWS + 6
+    for i in range(n):
+        store.put_request(request(f"r{i}"))
+    await store.flush()
+    for i in range(n):
+        store.put_request(request(f"r{i}", status="completed", total_tokens=i))
+    await store.flush()
+    assert not _replaced(caplog) and store.stats.failed_flushes == 0
+    assert store.query("SELECT count(*), sum(total_tokens) FROM requests "
+                       "WHERE status = 'completed'") == [(n, n * (n - 1) // 2)]
+    assert count(store, "requests") == n
 
 
 async def test_put_takes_a_copy_of_the_row(store: EventStore) -> None:
