@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import logging
 import os
@@ -18,7 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -429,9 +430,122 @@ class _DoorSite(web.TCPSite):
 
         # The backlog is LISTEN_BACKLOG: asyncio's default of 100 reset connections of a burst
         # of 400 stream starts while the loop was busy starting the first ones.
-        self._server = await loop.create_server(connection, self._host, self._port,
-                                                reuse_address=True, backlog=self._backlog,
-                                                reuse_port=self._door_reuse_port or None)
+        self._server = _Listener(loop, connection, self._host, self._port,
+                                 backlog=self._backlog, reuse_port=self._door_reuse_port)
+
+
+class _Listener(asyncio.AbstractServer):
+    """The door's listening sockets, with an accept loop of our own: every connection
+    waiting is taken at each readiness of a socket (up to the backlog), on any loop.
+
+    Not ``loop.create_server``: under uvloop, a burst of new connections into a busy loop
+    was taken a little at a time (the first token of the last of 200 streams ramped over a
+    second came after 2.4 s, 0.9 s with this loop; of 400, after 9.9 s rather than 3.0 s;
+    asyncio's own loop was unaffected; bench/README.md, issue 12). A connection is handed to
+    the loop's transport by ``connect_accepted_socket``. Out of file descriptors, accepting
+    pauses for :data:`ACCEPT_RETRY_S` (as asyncio's own server does) rather than spinning.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, factory: Callable[[], asyncio.BaseProtocol],
+                 host: str | None, port: int, *, backlog: int, reuse_port: bool) -> None:
+        self._loop, self._factory, self._backlog = loop, factory, backlog
+        self._sockets = _listening_sockets(host, port, backlog=backlog, reuse_port=reuse_port)
+        self._serving = True
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept, sock)
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return tuple(self._sockets)
+
+    def _accept(self, sock: socket.socket) -> None:
+        for _ in range(self._backlog):
+            try:
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return  # none waiting (or the client left before we took it)
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_RESOURCES:  # (e.g. EPERM from a firewall rule)
+                    log.warning("cannot accept a connection: %s", exc)
+                    return
+                log.error("cannot accept a connection (%s); accepting again in %gs",
+                          os.strerror(exc.errno or 0), ACCEPT_RETRY_S)
+                self._loop.remove_reader(sock.fileno())
+                self._loop.call_later(ACCEPT_RETRY_S, self._resume, sock)
+                return
+            conn.setblocking(False)
+            if conn.family in (socket.AF_INET, socket.AF_INET6):
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._loop.connect_accepted_socket(self._factory, conn))
+            self._handshakes.add(task)
+            task.add_done_callback(functools.partial(self._handed_over, conn))
+
+    def _handed_over(self, conn: socket.socket, task: asyncio.Task[Any]) -> None:
+        self._handshakes.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            if not task.cancelled():
+                log.warning("a connection could not be served: %s", task.exception())
+            conn.close()
+
+    def _resume(self, sock: socket.socket) -> None:
+        if self._serving:
+            self._loop.add_reader(sock.fileno(), self._accept, sock)
+
+    def close(self) -> None:
+        if not self._serving:
+            return
+        self._serving = False
+        for sock in self._sockets:
+            self._loop.remove_reader(sock.fileno())
+            sock.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    async def start_serving(self) -> None:
+        return None  # serving from the start
+
+    async def serve_forever(self) -> None:
+        raise NotImplementedError("the door's listener is run by aiohttp's runner")
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+#: How long accepting pauses when the process is out of file descriptors (or memory).
+ACCEPT_RETRY_S: float = 1.0
+_OUT_OF_RESOURCES: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _listening_sockets(host: str | None, port: int, *, backlog: int,
+                       reuse_port: bool) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for every address ``host`` resolves to (all
+    interfaces when it is empty), as ``loop.create_server`` makes them. Raises ``OSError``
+    (a port in use: ``EADDRINUSE``) with none left open."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:  # (as asyncio: the IPv4 address gets its own)
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
 
 
 def refuse_exposure(settings: Settings) -> str | None:
