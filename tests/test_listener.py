@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import time
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -144,7 +145,7 @@ def test_every_address_of_the_host_is_listened_on() -> None:
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_a_burst_of_new_connections_is_served_on_either_loop(tmp_path: Path, loop: str) -> None:
     """A real server process: 300 new connections at once, each a request of its own,
-    every one answered (none reset, none left waiting)."""
+    every one answered (none reset, none left waiting), and no descriptor left open."""
     running = wait_healthy(launch(tmp_path, EVENT_LOOP=loop))
     host, port = running.base.removeprefix("http://").split(":")
 
@@ -159,8 +160,15 @@ def test_a_burst_of_new_connections_is_served_on_either_loop(tmp_path: Path, loo
 
         return await asyncio.gather(*(one() for _ in range(300)))
 
+    fds = Path(f"/proc/{running.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
     try:
         assert asyncio.run(burst()) == [200] * 300
+        # every accepted socket is closed with its connection (none left behind the loop)
+        deadline = time.monotonic() + 10
+        while len(list(fds.iterdir())) > before + 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(list(fds.iterdir())) <= before + 5, (before, len(list(fds.iterdir())))
     finally:
         assert running.stop() == 0
     assert f"event loop: {loop}" in running.output()
